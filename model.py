@@ -1,0 +1,516 @@
+"""
+DiT and STDiT diffusion transformers for videos of any size.
+
+Shape letters, used in every comment and einops pattern of this file:
+  B batch, C channels, T frames (latent), H W latent height and width, p patch size,
+  S = (H/p)(W/p) spatial tokens per frame, N = T*S video tokens, D hidden size, L condition tokens,
+  h attention heads, d head size (D = h*d).
+
+DiT (Peebles & Xie, 2023) runs full self-attention over all N = T*S tokens; an image is T = 1.
+STDiT (Open-Sora v1.0) factorises attention: spatial attention inside each frame, temporal attention
+along each spatial position, then cross-attention to the caption tokens.
+Conditioning of DiT is one of three structures (the March 2024 Open-Sora study):
+  adaln  - a pooled condition is added to the timestep embedding and drives every block's modulation
+  cross  - self-attention over video tokens, then cross-attention to the condition tokens
+  concat - the condition tokens are prepended to the video tokens and dropped before the final layer
+Conditions are class labels (B,) or text-token states (B, L, C_text) with a mask (B, L).
+
+Sizes are read from tensor shapes, never stored at construction: one model trains on images, short clips
+and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
+Every attention goes through one function, `attention`, so that file has exactly one seam to wrap.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, so SDPA is the default
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+def modulate(x, shift, scale):
+    # adaLN: the "1 +" makes a zero-initialised modulation the identity, so training starts from LN(x)
+    return x * (1 + scale) + shift
+
+
+ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
+
+
+def attention(q, k, v, mask=None, impl="auto"):
+    """The single attention seam. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool, True = attend.
+
+    flash: flash-attn (CUDA, half precision, no mask); sdpa: torch's fused kernels (flash, cuDNN or
+    memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks.
+    """
+    if impl == "auto":
+        usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        impl = "flash" if usable and mask is None else "sdpa"
+    if impl == "flash":
+        return flash_attn_func(q, k, v)
+    q, k, v = (rearrange(t, "B N h d -> B h N d") for t in (q, k, v))
+    bias = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): one key mask for all heads
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    else:
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, M)
+        if bias is not None:
+            scores = scores.masked_fill(~bias, float("-inf"))
+        out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # softmax in fp32 even under bf16/fp16
+    return rearrange(out, "B h N d -> B N h d")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; used for DiT's full attention and STDiT's spatial and temporal ones."""
+
+    def __init__(self, dim, heads, impl="auto"):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):  # x (B, N, D)
+        q, k, v = rearrange(self.qkv(x), "B N (three h d) -> three B N h d", three=3, h=self.heads)
+        x = attention(q, k, v, mask, self.impl)
+        return self.proj(rearrange(x, "B N h d -> B N (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the video tokens, keys and values from the condition tokens (PixArt-alpha's layout)."""
+
+    def __init__(self, dim, heads, impl="auto"):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, y, mask=None):  # x (B, N, D), y (B, L, D), mask (B, L)
+        q = rearrange(self.q_linear(x), "B N (h d) -> B N h d", h=self.heads)
+        k, v = rearrange(self.kv_linear(y), "B L (two h d) -> two B L h d", two=2, h=self.heads)
+        x = attention(q, k, v, mask, self.impl)
+        return self.proj(rearrange(x, "B N h d -> B N (h d)"))
+
+
+class Mlp(nn.Module):
+    """Linear, GELU (tanh approximation, as DiT and PixArt use), Linear."""
+
+    def __init__(self, dim, hidden, out=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PatchEmbed(nn.Module):
+    """Cuts (B, C, T, H, W) into patches and projects each to D: Conv2d per frame for DiT (the published
+    DiT key has a 2D kernel), Conv3d for STDiT (patch (1, 2, 2) in Open-Sora v1.0)."""
+
+    def __init__(self, patch, in_channels, dim):
+        super().__init__()
+        self.patch = patch
+        if len(patch) == 2:
+            self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        else:
+            self.proj = nn.Conv3d(in_channels, dim, patch, stride=patch)
+
+    def forward(self, x):  # (B, C, T, H, W) -> (B, T, S, D)
+        B = x.shape[0]
+        if self.proj.weight.dim() == 4:
+            x = self.proj(rearrange(x, "B C T H W -> (B T) C H W"))
+            return rearrange(x, "(B T) D H W -> B T (H W) D", B=B)
+        return rearrange(self.proj(x), "B D T H W -> B T (H W) D")
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step -> 256 sinusoidal frequencies -> MLP -> D (DiT's embedder)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, as in DiT's checkpoints
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> one condition token. Row `num_classes` is the learned null class for
+    classifier-free guidance (DiT drops labels with probability 0.1)."""
+
+    def __init__(self, num_classes, dim, dropout):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + (dropout > 0), dim)
+
+    def forward(self, labels, mask, drop):  # labels (B,) -> tokens (B, 1, D), mask None (always valid)
+        labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)[:, None], None
+
+
+class CaptionEmbedder(nn.Module):
+    """Text-token states (B, L, C_text) -> (B, L, D) through an MLP (PixArt-alpha). A dropped caption is
+    replaced by a null caption of L tokens, all valid. STDiT keeps it as a fixed random buffer, as
+    Open-Sora v1.0 does (so its checkpoint key is a buffer); DiT's text variants learn it."""
+
+    def __init__(self, caption_channels, dim, length, dropout, learn_null):
+        super().__init__()
+        self.dropout = dropout
+        self.y_proj = Mlp(caption_channels, dim, dim)
+        null = torch.randn(length, caption_channels) / caption_channels**0.5
+        if learn_null:
+            self.y_embedding = nn.Parameter(null)
+        else:
+            self.register_buffer("y_embedding", null)
+
+    def forward(self, y, mask, drop):  # y (B, L, C_text), mask (B, L) or None, drop (B,)
+        if y.shape[1:] != self.y_embedding.shape:
+            raise ValueError(f"caption states have shape {tuple(y.shape[1:])} but the model expects "
+                             f"{tuple(self.y_embedding.shape)}: set caption_len/caption_channels to the text encoder's")
+        y = torch.where(drop[:, None, None], self.y_embedding.to(y.dtype), y)
+        if mask is not None:
+            mask = mask.bool() | drop[:, None]
+        return self.y_proj(y), mask
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero block: modulated self-attention and MLP, each gated; optional cross-attention."""
+
+    def __init__(self, dim, heads, mlp_ratio, cross, impl):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # eps 1e-6 as in DiT
+        self.attn = Attention(dim, heads, impl)
+        self.cross_attn = CrossAttention(dim, heads, impl) if cross else None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, y=None, y_mask=None, x_mask=None):  # x (B, N, D), c (B, D), y (B, L, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), x_mask)
+        if self.cross_attn is not None:  # ungated, like PixArt; its zero-initialised proj starts it at 0
+            x = x + self.cross_attn(x, y, y_mask)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class STDiTBlock(nn.Module):
+    """Open-Sora v1.0 block on x (B, T, S, D); the block order follows SPEC.md step by step."""
+
+    def __init__(self, dim, heads, mlp_ratio, impl):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, impl)
+        self.cross_attn = CrossAttention(dim, heads, impl)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # adaLN-single (PixArt-alpha): one t_block shared by all blocks, plus this per-block learned table
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.attn_temp = Attention(dim, heads, impl)
+
+    def forward(self, x, t0, y, y_mask=None, tpe=None):  # x (B, T, S, D), t0 (B, 6D), y (B, L, D), tpe (1, T, D)
+        B, T, S, D = x.shape
+        mod = self.scale_shift_table[None] + t0.reshape(B, 6, D)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None, None].unbind(1)  # (B, 1, 1, D)
+        # 1. spatial self-attention inside each frame
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        h = self.attn(rearrange(h, "B T S D -> (B T) S D"))
+        x = x + gate_msa * rearrange(h, "(B T) S D -> B T S D", B=B)
+        # 2. temporal self-attention along each spatial position, on the un-normalised, un-modulated x;
+        #    the temporal position embedding enters block 0's attention input only
+        h = rearrange(x, "B T S D -> (B S) T D")
+        if tpe is not None:
+            h = h + tpe
+        h = self.attn_temp(h)
+        # the spatial gate is reused here: a quirk of Open-Sora v1.0, reproduced on purpose for its checkpoints
+        x = x + gate_msa * rearrange(h, "(B S) T D -> B T S D", B=B)
+        # 3. cross-attention to the caption tokens: no norm, no gate
+        x = x + self.cross_attn(rearrange(x, "B T S D -> B (T S) D"), y, y_mask).view(B, T, S, D)
+        # 4. modulated, gated MLP
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LN, modulate, Linear to p_t*p_h*p_w*C_out values per token. DiT computes shift and scale from c
+    through adaLN_modulation; STDiT (T2IFinalLayer) adds t to a learned (2, D) table."""
+
+    def __init__(self, dim, patch_volume, out_channels, adaln_single):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_volume * out_channels)
+        if adaln_single:
+            self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
+        if hasattr(self, "scale_shift_table"):
+            shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        else:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Saved into every checkpoint, so sample.py rebuilds the model from it alone."""
+    arch: str = "stdit"            # "dit" (full attention) or "stdit" (spatial + temporal attention)
+    depth: int = 28
+    hidden: int = 1152
+    heads: int = 16
+    patch: tuple = (1, 2, 2)       # (p_t, p_h, p_w); DiT's patch is always (1, p, p)
+    mlp_ratio: float = 4.0
+    in_channels: int = 4           # SD-VAE latents
+    learn_sigma: bool = True       # predict the IDDPM variance interpolation too: out channels = 2 x in
+    cond: str = "cross"            # DiT: adaln | cross | concat; STDiT: cross (its only structure)
+    num_classes: int = 0           # > 0: class labels; 0: text-token states
+    caption_channels: int = 4096   # T5-v1.1-XXL's d_model
+    caption_len: int = 120         # T5 tokens per caption in PixArt-alpha and Open-Sora
+    dropout: float = 0.1           # condition dropout for classifier-free guidance
+    space_scale: float = 1.0       # positions are divided by these (Open-Sora v1.0 uses 0.5 at 256px)
+    time_scale: float = 1.0
+    attn: str = "auto"             # attention implementation: auto | flash | sdpa | math
+    grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
+
+    def __post_init__(self):
+        self.patch = tuple(self.patch)
+        if self.arch not in ("dit", "stdit"):
+            raise ValueError(f"unknown arch {self.arch!r}: use 'dit' or 'stdit'")
+        if self.cond not in ("adaln", "cross", "concat") or (self.arch == "stdit" and self.cond != "cross"):
+            raise ValueError(f"cond {self.cond!r} is not available for {self.arch}: DiT takes adaln|cross|concat, STDiT only cross")
+        if self.arch == "stdit" and self.num_classes:
+            raise ValueError("STDiT is text-conditioned: set num_classes=0 and give caption states")
+        if self.attn not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attn!r}: use one of {ATTENTION_IMPLS}")
+        if self.attn == "flash" and flash_attn_func is None:
+            raise ValueError("attn='flash' needs the flash-attn package: install it or use attn='sdpa'")
+        if self.arch == "dit" and self.patch[0] != 1:
+            raise ValueError(f"DiT patches frames one by one: use patch (1, p, p), not {self.patch}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+
+
+class DiffusionTransformer(nn.Module):
+    """What DiT and STDiT share: embedders, patchify/unpatchify, position embeddings, the forward skeleton."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.x_embedder = PatchEmbed(cfg.patch[1:] if cfg.arch == "dit" else cfg.patch, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        if cfg.num_classes:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.dropout)
+        else:
+            self.y_embedder = CaptionEmbedder(cfg.caption_channels, D, cfg.caption_len, cfg.dropout, learn_null=cfg.arch == "dit")
+
+    def grid(self, x):
+        """Token grid (T/p_t, H/p_h, W/p_w) of latents x (B, C, T, H, W), read from its shape."""
+        if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected latents (B, {self.cfg.in_channels}, T, H, W), got {tuple(x.shape)}")
+        if any(n % p for n, p in zip(x.shape[2:], self.cfg.patch)):
+            raise ValueError(f"latent size (T, H, W) = {tuple(x.shape[2:])} is not divisible by the patch "
+                             f"{self.cfg.patch}: crop or resize the video so each side is a multiple")
+        return tuple(n // p for n, p in zip(x.shape[2:], self.cfg.patch))
+
+    def unpatchify(self, x, grid):  # (B, N, p_t*p_h*p_w*C_out) -> (B, C_out, T, H, W)
+        (T, H, W), (pt, ph, pw) = grid, self.cfg.patch
+        return rearrange(x, "B (T H W) (pt ph pw C) -> B C (T pt) (H ph) (W pw)", T=T, H=H, W=W, pt=pt, ph=ph, pw=pw)
+
+    def embed_condition(self, y, mask, force_drop):
+        """Condition tokens (B, L, D) and their mask; drops conditions for classifier-free guidance:
+        at random with probability cfg.dropout while training, and wherever force_drop is True."""
+        B = y.shape[0]
+        drop = torch.zeros(B, dtype=torch.bool, device=y.device) if force_drop is None else force_drop.bool()
+        if self.training and self.cfg.dropout > 0:
+            drop = drop | (torch.rand(B, device=y.device) < self.cfg.dropout)
+        return self.y_embedder(y, mask, drop)
+
+    def run_block(self, block, *args):
+        if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def initialize_weights(self):
+        # xavier-uniform linears with zero biases, the patch conv like a linear (DiT, PixArt-alpha)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.cfg.hidden, -1))
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.cfg.num_classes:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:
+            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        # zero-initialised output: the model starts by predicting 0, and every new branch starts closed
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        for block in self.blocks:
+            if getattr(block, "cross_attn", None) is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+
+
+class DiT(DiffusionTransformer):
+    """Full self-attention over all N = T*S tokens (DiT; OpenDiT's video DiT when T > 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.cond == "cross", cfg.attn)
+                                    for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.hidden, math.prod(cfg.patch), self.out_channels, adaln_single=False)
+        self.initialize_weights()
+        for block in self.blocks:  # adaLN-zero: every residual branch starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+
+    def forward(self, x, t, y, mask=None, force_drop=None):
+        """x (B, C, T, H, W) latents, t (B,) steps, y labels (B,) or caption states (B, L, C_text),
+        mask (B, L) bool, force_drop (B,) bool: use the null condition. Returns (B, C_out, T, H, W)."""
+        grid = self.grid(x)
+        x = self.x_embedder(x)  # (B, T, S, D)
+        x = x + pos_embed_3d(self.cfg.hidden, grid, self.cfg.space_scale, self.cfg.time_scale, x.device).to(x.dtype)
+        x = rearrange(x, "B T S D -> B (T S) D")
+        c = self.t_embedder(t)  # (B, D)
+        y, y_mask = self.embed_condition(y, mask, force_drop)  # (B, L, D), (B, L) or None
+        x_mask, L = None, y.shape[1]
+        if self.cfg.cond == "adaln":  # pooled condition: the mean over the valid condition tokens
+            w = torch.ones(y.shape[:2], device=y.device) if y_mask is None else y_mask.to(y.dtype)
+            c = c + (y * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        elif self.cfg.cond == "concat":  # in-context: condition tokens first, one self-attention over both
+            x = torch.cat([y, x], dim=1)  # (B, L+N, D)
+            if y_mask is not None:
+                x_mask = F.pad(y_mask, (0, x.shape[1] - L), value=True)
+        for block in self.blocks:
+            x = self.run_block(block, x, c, y, y_mask, x_mask)
+        if self.cfg.cond == "concat":
+            x = x[:, L:]  # drop the condition tokens before the final layer
+        return self.unpatchify(self.final_layer(x, c), grid)
+
+
+class STDiT(DiffusionTransformer):
+    """Open-Sora v1.0's spatial-temporal DiT, text-conditioned through cross-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        D = cfg.hidden
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single, shared by all blocks
+        self.blocks = nn.ModuleList(STDiTBlock(D, cfg.heads, cfg.mlp_ratio, cfg.attn) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, math.prod(cfg.patch), self.out_channels, adaln_single=True)
+        self.initialize_weights()
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        for block in self.blocks:  # temporal branches start closed: an image checkpoint keeps its behaviour
+            nn.init.zeros_(block.attn_temp.proj.weight)
+            nn.init.zeros_(block.attn_temp.proj.bias)
+
+    def forward(self, x, t, y, mask=None, force_drop=None):
+        """x (B, C, T, H, W), t (B,), y caption states (B, L, C_text), mask (B, L) bool, force_drop (B,) bool."""
+        T, H, W = grid = self.grid(x)
+        x = self.x_embedder(x)  # (B, T, S, D)
+        x = x + pos_embed_2d(self.cfg.hidden, H, W, self.cfg.space_scale, x.device).to(x.dtype)
+        tpe = pos_embed_1d(self.cfg.hidden, T, self.cfg.time_scale, x.device).to(x.dtype)[None]  # (1, T, D)
+        t = self.t_embedder(t)  # (B, D)
+        t0 = self.t_block(t)  # (B, 6D)
+        y, y_mask = self.embed_condition(y, mask, force_drop)
+        for i, block in enumerate(self.blocks):
+            x = self.run_block(block, x, t0, y, y_mask, tpe if i == 0 else None)
+        x = self.final_layer(rearrange(x, "B T S D -> B (T S) D"), t)  # the final layer takes t, not t0
+        return self.unpatchify(x, grid)
+
+
+def pos_embed_1d(dim, n, scale=1.0, device=None):
+    """(n, dim) sin-cos embedding of positions 0..n-1 divided by scale: sines in the first half."""
+    pos = torch.arange(n, device=device, dtype=torch.float32) / scale
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=device, dtype=torch.float32) / (dim / 2))
+    out = pos[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def pos_embed_2d(dim, h, w, scale=1.0, device=None):
+    """(h*w, dim) for a row-major h x w grid. As in DiT's and Open-Sora's tables, the first half encodes
+    the column and the second half the row, so published checkpoints see the positions they were trained on."""
+    col = pos_embed_1d(dim // 2, w, scale, device)[None].expand(h, w, -1)
+    row = pos_embed_1d(dim // 2, h, scale, device)[:, None].expand(h, w, -1)
+    return torch.cat([col, row], dim=-1).reshape(h * w, dim)
+
+
+def pos_embed_3d(dim, grid, space_scale=1.0, time_scale=1.0, device=None):
+    """(T, S, dim) for DiT over video: the 2D table plus a temporal table taken relative to frame 0, so an
+    image (T = 1) gets exactly the published 2D embedding."""
+    T, H, W = grid
+    temporal = pos_embed_1d(dim, T, time_scale, device)
+    temporal = temporal - temporal[:1]
+    return pos_embed_2d(dim, H, W, space_scale, device)[None] + temporal[:, None]
+
+
+def load_checkpoint(model, path):
+    """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours (.pt/.pth/.safetensors) into model.
+    Never unpickles code. Fixed position tables are dropped: ours are computed for any grid."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("ema", "model", "state_dict", "module"):  # the containers training scripts use
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in ("pos_embed", "pos_embed_temporal")}
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit this model ({len(missing)} missing keys e.g. {missing[:3]}, "
+                         f"{len(unexpected)} unexpected e.g. {unexpected[:3]}, {len(wrong)} shape mismatches e.g. {wrong[:2]}): "
+                         "choose the preset and conditioning the checkpoint was trained with")
+    model.load_state_dict(state)
+    return model
+
+
+# Presets. DiT sizes from the DiT paper (Table 1): S, B, L, XL with patch 2, 4 or 8.
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, patch=(1, p, p))
+              for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
+DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
+# STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs such as the GPU demo.
+STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads=h, patch=(1, p, p))
+                for size, (d, D, h) in _DIT_SIZES.items() if size != "L" for p in (2, 4)}
+STDiT_models["STDiT-demo"] = dict(arch="stdit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # CPU demo: minutes on 2 cores
+STDiT_models["STDiT-debug"] = dict(arch="stdit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
+
+
+def build_model(name, **overrides):
+    """A preset by name, with ModelConfig fields overridden, e.g. build_model("DiT-XL/2", num_classes=1000, cond="adaln")."""
+    presets = {**DiT_models, **STDiT_models}
+    if name not in presets:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(presets)}")
+    cfg = ModelConfig(**{**presets[name], **overrides})
+    return (DiT if cfg.arch == "dit" else STDiT)(cfg)
+
+
+def model_from_config(config: dict):
+    """Rebuild a model from the asdict(ModelConfig) stored in a checkpoint."""
+    cfg = ModelConfig(**config)
+    return (DiT if cfg.arch == "dit" else STDiT)(cfg)
+
+
+def config_dict(model):
+    return asdict(model.cfg)
