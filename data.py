@@ -1,0 +1,518 @@
+"""
+Video data for Open-Sora-style training: file I/O, a CSV-manifest dataset, resolution buckets,
+a synthetic demo set and a scorer that grades generated demo clips.
+
+Shape letters: T frames, H height, W width, C channels (3, RGB). Files hold uint8 (T, H, W, C);
+the model sees float (C, T, H, W) in [-1, 1], batched as (B, C, T, H, W).
+
+    python data.py demo OUT_DIR [--num-videos N --num-frames T --size S]
+    python data.py manifest FOLDER OUT.csv [--caption-from filename]
+"""
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+from itertools import product
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from av.video.reformatter import VideoReformatter
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+# What a broken or missing file raises (av's errors subclass these). Anything else, say a TypeError in a
+# transform, is a bug and should stop the run rather than be skipped as a "bad file".
+UNREADABLE = (OSError, ValueError, RuntimeError, av.error.FFmpegError)
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif", ".mpg", ".mpeg", ".flv"}
+
+
+def is_image(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTS
+
+
+def mix_seed(*numbers):
+    # SeedSequence hashes (seed, epoch, index) so nearby tuples give unrelated streams.
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
+
+
+# Video I/O. Images go through av too (its image2 demuxer), so one code path reads both.
+
+def read_video(path, indices=None):
+    """Decode frames of a video or image as uint8 (T, H, W, 3); `indices` picks frames (default all)."""
+    wanted, stop = (None, None) if indices is None else (set(indices), max(indices))
+    kept, last = {}, None
+    # One shared converter: frame.to_ndarray() builds a fresh swscale context per frame, 3x slower here.
+    to_rgb = VideoReformatter()
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame-parallel decoding, free speed on long clips
+        for k, frame in enumerate(container.decode(stream)):
+            last = (k, frame)
+            if wanted is None or k in wanted:
+                kept[k] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+            if stop is not None and k >= stop:
+                break  # everything after the last sampled frame would be decoded for nothing
+    if last is None:
+        raise ValueError(f"{path} has no decodable frames")
+    if indices is None:
+        return torch.from_numpy(np.stack([kept[k] for k in sorted(kept)]))
+    # Headers can overstate the frame count by a frame or two: missing tail frames repeat the last one.
+    tail = kept.get(last[0])
+    if tail is None:
+        tail = to_rgb.reformat(last[1], format="rgb24").to_ndarray()
+    return torch.from_numpy(np.stack([kept.get(k, tail) for k in indices]))
+
+
+def write_video(path, frames, fps=8, crf=10):
+    """Write uint8 (T, H, W, 3) frames as h264 mp4; crf 10 is near-lossless (18 is 'visually lossless')."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video needs uint8 frames shaped (T, H, W, 3), got {frames.dtype} "
+                         f"{tuple(frames.shape)}; convert with ((x + 1) * 127.5).clamp(0, 255).byte()")
+    # yuv420p stores chroma at half resolution, so libx264 needs even sizes: drop an odd last row/column.
+    frames = np.ascontiguousarray(frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2])
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"  # the pixel format every player decodes
+        stream.options = {"crf": str(crf)}
+        to_yuv = VideoReformatter()
+        for frame in frames:
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            # swscale's default chroma filter smears colour ~2 pixels past an edge (ruinous at 32x32);
+            # AREA averages each 2x2 block, so block-aligned edges come back nearly exact.
+            container.mux(stream.encode(to_yuv.reformat(frame, format="yuv420p", interpolation="AREA")))
+        container.mux(stream.encode())  # flush the frames the encoder still holds for look-ahead
+
+
+def write_png(path, image):
+    """Write an (H, W, 3) uint8 image as PNG with av (no extra image library needed)."""
+    image = torch.as_tensor(image)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("png")
+        stream.height, stream.width = image.shape[:2]
+        stream.pix_fmt = "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(image.numpy(), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def probe_video(path):
+    """Return dict(num_frames, fps, height, width) from the stream header (decodes only if no count)."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        num_frames = stream.frames
+        if num_frames == 0:  # images, webm and some avi store no count: count by decoding
+            num_frames = sum(1 for _ in container.decode(stream))
+        if num_frames == 0:
+            raise ValueError(f"{path} has no decodable frames")
+        rate = stream.average_rate or stream.guessed_rate or 0
+        return dict(num_frames=num_frames, fps=float(rate),
+                    height=stream.codec_context.height, width=stream.codec_context.width)
+
+
+# Frame sampling and spatial resizing.
+
+def sample_frame_indices(total, num_frames, interval, generator):
+    """Pick num_frames indices `interval` apart from a random start.
+
+    Short clips first shrink the interval (motion stays natural, the clip is still covered); clips with
+    fewer than num_frames frames then repeat their last frame, so every video gives exactly num_frames."""
+    # E.g. 16 frames every 3 need 46 source frames; a 20-frame clip drops to every 1 (16 of 20 frames).
+    interval = max(1, min(interval, (total - 1) // max(num_frames - 1, 1)))
+    span = (num_frames - 1) * interval + 1
+    start = int(torch.randint(0, max(total - span, 0) + 1, (1,), generator=generator))
+    return [min(start + j * interval, total - 1) for j in range(num_frames)]
+
+
+def center_crop(video, size):
+    """Crop float (T, C, H, W) to the centred (h, w) window."""
+    h, w = size
+    top, left = (video.shape[-2] - h) // 2, (video.shape[-1] - w) // 2
+    return video[..., top: top + h, left: left + w]
+
+
+def resize_crop(video, size):
+    """Scale float (T, C, H, W) so it covers (h, w) keeping aspect, then centre-crop to (h, w)."""
+    (h, w), (H, W) = size, video.shape[-2:]
+    if (H, W) == (h, w):
+        return video
+    scale = max(h / H, w / W)
+    # max() guards against rounding leaving the short side one pixel shy of the target.
+    new_size = (max(h, round(H * scale)), max(w, round(W * scale)))
+    # antialias=True low-pass filters when shrinking; plain bilinear would alias fine detail.
+    video = F.interpolate(video, size=new_size, mode="bilinear", antialias=True, align_corners=False)
+    return center_crop(video, (h, w))
+
+
+# The dataset: one CSV row per clip, Open-Sora's manifest format.
+
+def read_manifest(csv_path):
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"Manifest {csv_path} not found; build one with "
+                                f"`python data.py manifest VIDEO_FOLDER {csv_path}`.")
+    # newline="" lets the csv module keep quoted captions that contain line breaks intact.
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if "path" not in columns or "caption" not in columns:
+        raise ValueError(f"Manifest {csv_path} needs a header row with 'path' and 'caption' columns "
+                         f"(found {columns}); rebuild it with `python data.py manifest`.")
+    if not rows:
+        raise ValueError(f"Manifest {csv_path} has no rows; point it at a folder that holds videos.")
+    return rows
+
+
+def _number(value):
+    # Optional CSV columns may be missing or empty; 0 also means "unknown".
+    try:
+        return int(float(value)) or None
+    except (TypeError, ValueError):
+        return None
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips from a CSV manifest (columns path, caption; optional num_frames, fps, height, width).
+
+    image_size=(h, w) resizes every clip to cover (h, w) and centre-crops. image_size=None keeps the
+    native size (dynamic resolution), only cropping H and W down to a multiple of size_multiple
+    (16 = VAE x8 times patch 2). Items are {"video": (C, T, H, W) in [-1, 1], "caption", "index"};
+    an unreadable file gives None, is counted in self.skipped, and collate() drops it."""
+
+    def __init__(self, csv_path, num_frames=16, frame_interval=3, image_size=(256, 256),
+                 transform=None, size_multiple=16, seed=0):
+        self.rows = read_manifest(csv_path)
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)  # --image-size 256 means 256x256
+        self.root = os.path.dirname(os.path.abspath(csv_path))  # relative paths start here
+        if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+            raise ValueError(f"image_size must be (height, width) or None, got {image_size}.")
+        self.num_frames, self.frame_interval = num_frames, frame_interval
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        self.transform, self.size_multiple, self.seed = transform, size_multiple, seed
+        self.epoch, self.skipped = 0, 0
+        self._warned = set()
+        if self.image_size is None:
+            # Native sizes decide the buckets: probe the files whose CSV row does not give them.
+            for i in tqdm([i for i, r in enumerate(self.rows) if not _number(r.get("height"))
+                           or not _number(r.get("width"))], desc="probing sizes", leave=False):
+                try:
+                    info = probe_video(self.path(i))
+                    self.rows[i].update(height=info["height"], width=info["width"])
+                except UNREADABLE:
+                    pass  # left unknown: the clip lands in a (T, 0, 0) bucket and __getitem__ skips it
+
+    def __len__(self):
+        return len(self.rows)
+
+    def path(self, index):
+        return os.path.join(self.root, self.rows[index]["path"])
+
+    def set_epoch(self, epoch):
+        # DataLoader copies the dataset into each worker when an epoch's iterator starts, so set this
+        # before iterating (and keep persistent_workers=False) for the workers to see the new epoch.
+        self.epoch = epoch
+
+    def bucket_key(self, index):
+        """(T, H, W) of item `index` after sampling, resize and crop, from the CSV alone."""
+        row = self.rows[index]
+        T = 1 if is_image(row["path"]) else self.num_frames  # short clips are padded to num_frames
+        if self.image_size is not None:
+            return (T, *self.image_size)  # fixed size: one bucket for videos, one for images
+        m = self.size_multiple
+        height, width = _number(row.get("height")) or 0, _number(row.get("width")) or 0
+        return (T, height // m * m, width // m * m)
+
+    def __getitem__(self, index):
+        try:
+            video = self.load(index)
+        except UNREADABLE as error:  # one bad file in millions must not stop a week-long run
+            self.skipped += 1
+            if index not in self._warned:  # once per file, not once per epoch
+                self._warned.add(index)
+                log.warning("skipping unreadable clip %s (%s)", self.path(index), error)
+            return None
+        return {"video": video, "caption": self.rows[index]["caption"], "index": index}
+
+    def load(self, index):
+        T, h, w = self.bucket_key(index)
+        if h == 0 or w == 0:
+            raise ValueError(f"size unknown or under {self.size_multiple} pixels")
+        if is_image(self.rows[index]["path"]):
+            frames = read_video(self.path(index), [0])
+        else:
+            # The CSV's frame count saves opening the file twice; without it, read the header.
+            total = _number(self.rows[index].get("num_frames")) or probe_video(self.path(index))["num_frames"]
+            # The generator depends on (seed, epoch, index) only: same clip window in any worker layout.
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
+            indices = sample_frame_indices(total, T, self.frame_interval, generator)
+            frames = read_video(self.path(index), indices)
+        video = rearrange(frames, "T H W C -> T C H W").float()  # F.interpolate wants channels first
+        if self.image_size is None:
+            video = center_crop(video, (min(h, video.shape[-2]), min(w, video.shape[-1])))
+        # In native mode this only resizes when the CSV's height/width were wrong, so batches still stack.
+        video = resize_crop(video, (h, w)) / 127.5 - 1  # [0, 255] -> [-1, 1], the VAE's input range
+        video = rearrange(video, "T C H W -> C T H W")
+        return self.transform(video) if self.transform is not None else video
+
+
+def collate(batch):
+    """Stack the readable items; workers are separate processes, so the skip count travels in the batch."""
+    kept = [item for item in batch if item is not None]
+    return {"video": torch.stack([item["video"] for item in kept]) if kept else None,  # (B, C, T, H, W)
+            "caption": [item["caption"] for item in kept],
+            "index": [item["index"] for item in kept],
+            "skipped": len(batch) - len(kept)}
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of clips sharing one (T, H, W) key, so a run mixes lengths and resolutions unscaled.
+
+    dataset_sizes: a dataset with bucket_key(i), or a list of (T, H, W) keys. Each epoch (set_epoch)
+    shuffles within buckets, cuts batches, shuffles the batch order, and deals batches to ranks in turn;
+    every rank gets the same count (drop_last drops the extras, else a few batches repeat).
+    start_batch=k skips this rank's first k batches without loading them, to resume mid-epoch."""
+
+    def __init__(self, dataset_sizes, batch_size, shuffle=True, seed=0, rank=0, world_size=1,
+                 drop_last=True, start_batch=0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}; check the launcher settings.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if hasattr(dataset_sizes, "bucket_key"):
+            keys = [dataset_sizes.bucket_key(i) for i in range(len(dataset_sizes))]
+        else:
+            keys = [tuple(key) for key in dataset_sizes]
+        self.buckets = {}
+        for index, key in enumerate(keys):
+            self.buckets.setdefault(key, []).append(index)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, start_batch
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_rank(self):
+        sizes = [len(indices) for indices in self.buckets.values()]
+        if self.drop_last:
+            return sum(n // self.batch_size for n in sizes) // self.world_size
+        return math.ceil(sum(math.ceil(n / self.batch_size) for n in sizes) / self.world_size)
+
+    def __len__(self):
+        return max(self.batches_per_rank() - self.start_batch, 0)
+
+    def __iter__(self):
+        # Every rank builds the same global list from (seed, epoch), then takes its own share.
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        batches = []
+        for key in sorted(self.buckets):  # sorted: dict order must not depend on the CSV's order
+            indices = self.buckets[key]
+            if self.shuffle:
+                indices = [indices[j] for j in torch.randperm(len(indices), generator=generator)]
+            for s in range(0, len(indices), self.batch_size):
+                if len(indices[s: s + self.batch_size]) == self.batch_size or not self.drop_last:
+                    batches.append(indices[s: s + self.batch_size])
+        if self.shuffle:  # mixes buckets over the epoch instead of one resolution after another
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=generator)]
+        # Pad by repeating batches from the start (as DistributedSampler does) so no rank waits at a
+        # collective for a batch that never comes; with drop_last the surplus is cut instead.
+        needed = self.batches_per_rank() * self.world_size
+        batches += [batches[j % len(batches)] for j in range(max(needed - len(batches), 0))]
+        # Dealing in turn keeps each rank's order a fixed subsequence, so start_batch resumes exactly.
+        yield from batches[self.rank: needed: self.world_size][self.start_batch:]
+
+
+# Demo set: coloured shapes moving on a dark background, a task a small model learns on a CPU.
+
+# Hues far apart, each with one channel >= 200 so it stands 184+ above the background in that channel;
+# the closest pair (red, yellow) is still 180 apart, far beyond h264's few-level colour error.
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx), rows grow down
+BACKGROUND = (16, 16, 16)  # dark grey; the scorer finds the shape as "clearly brighter" than this
+# All 4 colours x 4 directions, shapes cycling: the fixed prompts a trained model is scored on.
+DEMO_PROMPTS = [f"a {c} {SHAPES[i % len(SHAPES)]} moving {d}"
+                for i, (c, d) in enumerate(product(COLOURS, DIRECTIONS))]
+
+
+def draw_shape(canvas, shape, cy, cx, r, colour):
+    """Paint a shape of half-size r centred at (cy, cx) into uint8 (H, W, 3) canvas."""
+    y, x = np.mgrid[0: canvas.shape[0], 0: canvas.shape[1]]
+    dy, dx = y - cy, x - cx
+    if shape == "circle":
+        mask = dy ** 2 + dx ** 2 <= r ** 2
+    elif shape == "square":
+        mask = (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    else:  # triangle, apex up: half-width grows from 0 at the top to r at the base
+        mask = (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
+    canvas[mask] = colour
+
+
+def make_demo_clip(colour, shape, direction, num_frames=16, size=64, rng=None):
+    """One uint8 (T, H, W, 3) clip; the shape is ~1/4 of the frame and travels half of it."""
+    rng = rng or np.random.default_rng()
+    # r = size/8: the shape is 1/4 of the frame wide (16 px at 64^2, 2 latent pixels after the VAE's x8),
+    # big enough to keep its colour through h264 and the VAE, small enough to travel half the frame.
+    r, travel = size / 8, size / 2
+    step = np.array(DIRECTIONS[direction]) * travel
+    # Start where the whole path stays inside the frame: margin r, plus the travel on the moving side.
+    low = r + np.maximum(-step, 0)
+    high = size - 1 - r - np.maximum(step, 0)
+    start = rng.uniform(low, high)
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for t in range(num_frames):
+        frames[t] = BACKGROUND
+        cy, cx = start + step * t / max(num_frames - 1, 1)
+        draw_shape(frames[t], shape, cy, cx, r, COLOURS[colour])
+    return frames
+
+
+def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, seed=0):
+    """Write num_videos mp4 clips and folder/demo.csv; returns the CSV path."""
+    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    combos = list(product(COLOURS, SHAPES, DIRECTIONS))
+    # Whole shuffled rounds of the 48 combinations keep colours, shapes and directions balanced.
+    order = np.concatenate([rng.permutation(len(combos)) for _ in range(math.ceil(num_videos / len(combos)))])
+    csv_path = os.path.join(folder, "demo.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "caption", "num_frames", "fps", "height", "width"])
+        for i in tqdm(range(num_videos), desc="demo clips", leave=False):
+            colour, shape, direction = combos[order[i]]
+            name = f"videos/{i:05d}.mp4"
+            clip = make_demo_clip(colour, shape, direction, num_frames, size, rng)
+            write_video(os.path.join(folder, name), clip, fps)
+            writer.writerow([name, f"a {colour} {shape} moving {direction}", num_frames, fps, size, size])
+    return csv_path
+
+
+# Scorer: reads colour and direction back from pixels, so generated demo clips grade themselves.
+
+def describe_video(frames, margin=64, min_motion=0.05):
+    """Return (colour or None, direction or None) of the bright object in uint8 (T, H, W, 3) frames.
+
+    margin: how much brighter (strongest channel) than the background a foreground pixel must be; every
+    palette colour clears it by 120 or more, a noisy generated background rarely does. min_motion: centroid
+    shifts under 5% of the frame count as standing still (demo clips move 50%)."""
+    video = np.asarray(frames, dtype=np.float32)
+    T, H, W, _ = video.shape
+    background = np.median(video.reshape(-1, 3), axis=0)  # the shape covers ~6% of pixels
+    foreground = video.max(-1) > background.max() + margin  # (T, H, W): clearly brighter than background
+    if not foreground.any():
+        return None, None
+    # Majority vote of per-pixel nearest palette colours: blended edge pixels cannot swing a mean.
+    palette = np.array(list(COLOURS.values()), np.float32)
+    nearest = ((video[foreground][:, None] - palette[None]) ** 2).sum(-1).argmin(1)
+    colour = list(COLOURS)[np.bincount(nearest, minlength=len(palette)).argmax()]
+    quarter = max(1, T // 4)
+    first, last = foreground[:quarter], foreground[-quarter:]
+    if not first.any() or not last.any():
+        return colour, None
+    # Centroid shift between first and last quarter; nonzero()[1:] keeps (rows, cols), drops time.
+    dy, dx = (np.mean(b) - np.mean(a) for a, b in zip(first.nonzero()[1:], last.nonzero()[1:]))
+    if max(abs(dx), abs(dy)) < min_motion * max(H, W):
+        return colour, None  # a standing shape has no direction
+    if abs(dx) >= abs(dy):
+        return colour, "right" if dx > 0 else "left"
+    return colour, "down" if dy > 0 else "up"
+
+
+def parse_caption(caption):
+    """Return (colour or None, direction or None) named in a caption."""
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    colour = next((w for w in words if w in COLOURS), None)
+    direction = next((w for w in words if w in DIRECTIONS), None)
+    return colour, direction
+
+
+def score_videos(pairs):
+    """pairs: (frames uint8 (T, H, W, 3), prompt). Returns dict(colour_acc, direction_acc, both_acc, n)."""
+    hits = np.zeros(3)
+    for frames, prompt in pairs:
+        (want_c, want_d), (got_c, got_d) = parse_caption(prompt), describe_video(frames)
+        hits += [got_c == want_c, got_d == want_d, got_c == want_c and got_d == want_d]
+    n = len(pairs)
+    acc = hits / max(n, 1)
+    return dict(colour_acc=float(acc[0]), direction_acc=float(acc[1]), both_acc=float(acc[2]), n=n)
+
+
+# Manifest builder and command line.
+
+def caption_for(path, caption_from="auto"):
+    """Caption from a sidecar STEM.txt when present (and allowed), else from the file name."""
+    sidecar = os.path.splitext(path)[0] + ".txt"
+    if caption_from == "auto" and os.path.isfile(sidecar):
+        with open(sidecar, encoding="utf-8") as f:
+            return " ".join(f.read().split())
+    return " ".join(os.path.splitext(os.path.basename(path))[0].replace("_", " ").replace("-", " ").split())
+
+
+def build_manifest(folder, out_csv, caption_from="auto"):
+    """Probe every video and image under folder into out_csv; returns (rows written, unreadable paths)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Folder {folder} not found; pass the folder that holds your videos.")
+    files = sorted(os.path.join(d, name) for d, _, names in os.walk(folder) for name in names
+                   if os.path.splitext(name)[1].lower() in IMAGE_EXTS | VIDEO_EXTS)
+    out_dir = os.path.dirname(os.path.abspath(out_csv))
+    rows, unreadable = [], []
+    for path in tqdm(files, desc="probing"):
+        try:
+            info = probe_video(path)
+        except UNREADABLE:  # a broken file is reported at the end, never fatal
+            unreadable.append(path)
+            continue
+        rows.append([os.path.relpath(os.path.abspath(path), out_dir), caption_for(path, caption_from),
+                     info["num_frames"], round(info["fps"], 3), info["height"], info["width"]])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "caption", "num_frames", "fps", "height", "width"])
+        writer.writerows(rows)
+    return len(rows), unreadable
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="write the moving-shapes demo set")
+    demo.add_argument("out_dir")
+    demo.add_argument("--num-videos", type=int, default=256)
+    demo.add_argument("--num-frames", type=int, default=16)
+    demo.add_argument("--size", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+    manifest = commands.add_parser("manifest", help="build a CSV manifest from a folder of videos/images")
+    manifest.add_argument("folder")
+    manifest.add_argument("out_csv")
+    manifest.add_argument("--caption-from", choices=["auto", "filename"], default="auto",
+                          help="auto: sidecar STEM.txt if present, else the file name")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            path = make_demo_dataset(args.out_dir, args.num_videos, args.num_frames, args.size,
+                                     seed=args.seed)
+            print(f"wrote {args.num_videos} clips and {path}")
+        else:
+            written, unreadable = build_manifest(args.folder, args.out_csv, args.caption_from)
+            for path in unreadable:
+                print(f"skipped unreadable file: {path}")
+            print(f"wrote {written} rows to {args.out_csv}; skipped {len(unreadable)} unreadable files")
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""
+Sample videos from a checkpoint written by train.py.
+
+  python sample.py --ckpt outputs/demo --prompt "a red circle moving left"
+  python sample.py --ckpt outputs/run/checkpoints/step_0010000 --prompt-file prompts.txt --sampler dpm --steps 20
+
+The model, the text encoder and the VAE are rebuilt from the checkpoint's meta.json alone. Sampling
+follows Open-Sora v1.0: 100 DDPM steps with the learned variance, classifier-free guidance scale 7.0
+(applied to all latent channels by default; v1.0 guided only 3 of 4, --cfg-channels 3 reproduces that).
+Writes one mp4 per prompt and a PNG grid of frames.
+"""
+import argparse
+import json
+import os
+import re
+
+import av
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from einops import rearrange
+from safetensors.torch import load_file
+
+import data
+from model import model_from_config
+
+# the training schedule (train.py's IDDPM): 1000 steps, linear betas 1e-4 .. 0.02
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def make_scheduler(kind, steps, learn_sigma):
+    if kind == "ddpm":  # ancestral sampling with the learned variance (IDDPM eq. 15), as v1.0 samples
+        sched = DDPMScheduler(**SCHEDULE, variance_type="learned_range" if learn_sigma else "fixed_small", clip_sample=False)
+    elif kind == "ddim":
+        sched = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+    elif kind == "dpm":  # DPM-Solver++ (2nd order): good samples in about 20 steps
+        sched = DPMSolverMultistepScheduler(**SCHEDULE)
+    else:
+        raise ValueError(f"unknown sampler {kind!r}: use ddpm, ddim or dpm")
+    sched.set_timesteps(steps)
+    return sched
+
+
+@torch.no_grad()
+def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
+             seed=0, precision="fp32"):
+    """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W). Noise comes from a CPU generator
+    seeded once, so one seed gives the same video on any device."""
+    from train import autocast
+    model.eval()
+    device = next(model.parameters()).device
+    C = model.cfg.in_channels
+    B = len(prompts)
+    if model.cfg.num_classes:  # class-conditional models take class indices as prompts
+        y, mask = torch.tensor([int(p) for p in prompts], device=device), None
+    else:
+        y, mask, _ = text_encoder.encode(list(prompts))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, *vae.latent_shape(*size), generator=gen).to(device)
+    sched = make_scheduler(sampler, steps, model.cfg.learn_sigma)
+    # one batch of 2B: the conditional half, then the unconditional half with the null condition
+    y2 = torch.cat([y, y])
+    mask2 = None if mask is None else torch.cat([mask, mask])
+    drop = torch.arange(2 * B, device=device) >= B
+    ch = C if cfg_channels is None else cfg_channels
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(torch.cat([x, x]), t)
+        with autocast(device, precision):
+            out = model(xin, t.expand(2 * B).to(device), y2, mask2, force_drop=drop).float()
+        cond, uncond = out.chunk(2)
+        eps = cond[:, :C].clone()
+        eps[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
+        # the variance half (learned sigma) of the conditional output goes to DDPM only
+        model_out = torch.cat([eps, cond[:, C:]], dim=1) if sampler == "ddpm" else eps
+        x = sched.step(model_out, t, x, generator=gen).prev_sample
+    video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+
+def save_videos(frames, prompts, outdir, fps=8, grid_frames=8):
+    """One mp4 per prompt plus grid.png: a row per prompt, grid_frames frames evenly spread in time."""
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    for i, (video, prompt) in enumerate(zip(frames, prompts)):
+        name = re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
+        paths.append(os.path.join(outdir, f"{i:03d}_{name}.mp4"))
+        data.write_video(paths[-1], video, fps=fps)
+    T = frames.shape[1]
+    pick = torch.linspace(0, T - 1, min(grid_frames, T)).round().long()
+    data.write_png(os.path.join(outdir, "grid.png"), rearrange(frames[:, pick], "B T H W c -> (B H) (T W) c").contiguous())
+    return paths
+
+
+def load_checkpoint_folder(path, device, weights="ema"):
+    """(model, meta) from a train.py checkpoint folder, its `checkpoints/latest`, or an experiment folder."""
+    for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                path = os.path.join(os.path.dirname(candidate), f.read().strip())
+            break
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        raise SystemExit(f"no checkpoint in {path}: pass an experiment folder or a checkpoints/step_* folder written by train.py")
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    model = model_from_config(meta["model_config"])
+    model.load_state_dict(load_file(os.path.join(path, f"{weights}.safetensors")))
+    return model.to(device).eval(), meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="experiment folder or checkpoint folder written by train.py")
+    p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable); class index for class-conditional models")
+    p.add_argument("--prompt-file", help="a text file with one prompt per line")
+    p.add_argument("--num-frames", type=int, default=None, help="default: the training clip length")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the training size")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N latent channels (v1.0 used 3)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--outdir", default="samples")
+    p.add_argument("--fps", type=int, default=8)
+    args = p.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        p.error("give at least one --prompt or a --prompt-file")
+
+    from text import TextEncoder
+    from vae import build_vae
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
+    train_args = meta["args"]
+    text_encoder = TextEncoder(train_args["text_encoder"], max_length=train_args["text_len"], device=device)
+    vae = build_vae(train_args["vae"], path=train_args["vae_path"], micro_batch=train_args["vae_micro_batch"], device=device)
+    size = (args.num_frames or train_args["num_frames"], *(args.image_size or train_args["image_size"]))
+    if 0 in size:
+        p.error("the model was trained at native sizes: pass --image-size H W")
+    frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
+                      args.cfg_channels, args.seed, args.precision)
+    paths = save_videos(frames, prompts, args.outdir, fps=args.fps)
+    print(f"wrote {len(paths)} videos and grid.png to {args.outdir} (step {meta['step']} of {args.ckpt})")
+
+
+if __name__ == "__main__":
+    main()

