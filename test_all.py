@@ -426,6 +426,21 @@ def test_minilm_offline_default():
     assert close > far + 0.1, (close, far)
 
 
+def test_precomputed_captions_serve_without_a_model(tmp_path):
+    make_tiny_t5(tmp_path)
+    enc = TextEncoder(str(tmp_path), max_length=12)
+    captions = ["a red circle moving left", "a blue cube moving up"]
+    enc.save_precomputed(captions + captions[:1], str(tmp_path / "caps.safetensors"))
+    pre = TextEncoder(str(tmp_path / "caps.safetensors"))
+    assert pre.model is None and (pre.dim, pre.max_length) == (32, 12)
+    for a, b in zip(enc.encode(captions[::-1]), pre.encode(captions[::-1])):
+        torch.testing.assert_close(b.float(), a.float(), atol=2e-3, rtol=2e-3)  # stored in fp16
+    with pytest.raises(KeyError, match="not in the precomputed file"):
+        pre.encode(["a green star"])
+    with pytest.raises(ValueError, match="tokens per caption"):
+        TextEncoder(str(tmp_path / "caps.safetensors"), max_length=20)
+
+
 def test_text_encoder_missing_gives_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="text encoder .* not found.*--text-encoder minilm"):
         TextEncoder(str(tmp_path / "no_such_folder"))
@@ -767,20 +782,28 @@ def test_manifest_command(tmp_path, capsys):
 
 # train.py and sample.py: the whole pipeline on a tiny demo set
 
-def tiny_run(outdir, csv_path, *extra):
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny T5 folder: the pipeline tests run the T5 path that the published configs use."""
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    make_tiny_t5(folder)
+    return str(folder)
+
+
+def tiny_run(outdir, csv_path, tiny_t5, *extra):
     import train
     train.main(["--demo", "--data", csv_path, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
                 "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
-                "--no-sample", "--log-every", "1", *extra])
+                "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, tiny_t5):
     """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit."""
     from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
-    tiny_run(tmp_path / "a", csv_path, "--steps", "5", "--ckpt-every", "5")
-    tiny_run(tmp_path / "b", csv_path, "--steps", "2", "--ckpt-every", "2")
-    tiny_run(tmp_path / "b", csv_path, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5")
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2")
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
     a, b = (tmp_path / run / "checkpoints" / "step_0000005" for run in ("a", "b"))
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
@@ -794,21 +817,21 @@ def test_resume_continues_exactly(tmp_path):
     assert not all(torch.equal(start[k], wa[k]) for k in start)  # training did move the weights
 
 
-def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path):
+def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    tiny_run(tmp_path / "run", csv_path, "--steps", "2", "--ckpt-every", "1")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "1")
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001", "step_0000002"]  # no .tmp left
     meta = json.loads((ckpts / "step_0000002" / "meta.json").read_text())
     assert meta["step"] == 2 and meta["model_config"]["arch"] == "stdit" and meta["args"]["model"] == "STDiT-debug"
     with pytest.raises(SystemExit, match="no checkpoint there"):
-        tiny_run(tmp_path / "run", csv_path, "--steps", "3", "--resume", str(tmp_path))
+        tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
 
 
-def test_sample_py_writes_videos_that_decode(tmp_path):
+def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    tiny_run(tmp_path / "run", csv_path, "--steps", "1")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
     import sample
     out = tmp_path / "samples"
     prompts = ["a red circle moving left", "a blue square moving up"]

@@ -9,6 +9,7 @@ interface, so the same training code runs with T5-XXL on a GPU node or with a sm
 
 Shape letters as in SPEC.md: B batch, L text tokens; `dim` is the encoder's token width.
 """
+import json
 import os
 from collections import OrderedDict
 
@@ -42,9 +43,12 @@ def _not_found(name, why):
 
 
 class TextEncoder:
-    """Tokenize, encode, pad to exactly max_length; remembers the captions it has already encoded."""
+    """Tokenize, encode, pad to exactly max_length; remembers the captions it has already encoded.
+    `name` may also be a .safetensors file written by save_precomputed: its captions are all there is."""
 
     def __init__(self, name="minilm", max_length=None, device="cpu", dtype=None, cache_size=4096):
+        if str(name).endswith(".safetensors"):
+            return self._load_precomputed(name, max_length, device)
         source, default_length = _resolve(name)
         # a local path that is not a model folder is a typo, not a hub id: say so without a network round trip
         source = os.path.expanduser(source)
@@ -91,7 +95,31 @@ class TextEncoder:
         self.cache_size = cache_size
         self.cache = OrderedDict()
 
+    def _load_precomputed(self, path, max_length, device):
+        """Captions encoded once elsewhere (e.g. where the encoder is installed): no model is loaded."""
+        from safetensors import safe_open
+        with safe_open(path, "pt", device=str(device)) as f:
+            captions = json.loads(f.metadata()["captions"])
+            states, mask, pooled = (f.get_tensor(k) for k in ("states", "mask", "pooled"))
+        self.device, self.model, self.dtype = torch.device(device), None, states.dtype
+        self.dim, self.max_length = states.shape[2], states.shape[1]
+        if max_length not in (None, self.max_length):
+            raise ValueError(f"{path} holds {self.max_length} tokens per caption, not {max_length}: drop --text-len or re-encode")
+        self.cache_size = len(captions)
+        self.cache = OrderedDict((c, (states[i], mask[i].bool(), pooled[i])) for i, c in enumerate(captions))
+
+    def save_precomputed(self, captions, path):
+        """Encode captions and save them so TextEncoder(path) can serve them without the model."""
+        from safetensors.torch import save_file
+        captions = list(dict.fromkeys(captions))
+        states, mask, pooled = self.encode(captions)
+        save_file({"states": states.half().contiguous(), "mask": mask.to(torch.uint8), "pooled": pooled.half()},
+                  path, metadata={"captions": json.dumps(captions)})
+
     def _run(self, captions):
+        if self.model is None:
+            raise KeyError(f"captions not in the precomputed file: {captions[:3]}; encode them with save_precomputed "
+                           f"or use a real text encoder")
         """Encode captions through the model in one batch: states (B, L, dim), mask (B, L), pooled (B, dim)."""
         tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
