@@ -111,6 +111,9 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="experiment folder or checkpoint folder written by train.py")
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable); class index for class-conditional models")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
+    p.add_argument("--demo-prompts", action="store_true", help="the demo's 16 fixed prompts (data.DEMO_PROMPTS)")
+    p.add_argument("--num-samples", type=int, default=1, help="videos per prompt, each from its own noise")
+    p.add_argument("--score", action="store_true", help="grade demo samples: dominant colour and motion direction vs the prompt")
     p.add_argument("--num-frames", type=int, default=None, help="default: the training clip length")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the training size")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
@@ -127,8 +130,11 @@ def main(argv=None):
     if args.prompt_file:
         with open(args.prompt_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
+    if args.demo_prompts:
+        prompts += data.DEMO_PROMPTS
     if not prompts:
-        p.error("give at least one --prompt or a --prompt-file")
+        p.error("give at least one --prompt, a --prompt-file or --demo-prompts")
+    prompts = [prompt for prompt in prompts for _ in range(args.num_samples)]
 
     from text import TextEncoder
     from vae import build_vae
@@ -144,6 +150,12 @@ def main(argv=None):
                       args.cfg_channels, args.seed, args.precision)
     paths = save_videos(frames, prompts, args.outdir, fps=args.fps)
     print(f"wrote {len(paths)} videos and grid.png to {args.outdir} (step {meta['step']} of {args.ckpt})")
+    if args.score:
+        score = data.score_videos(list(zip(frames, prompts)))
+        print(f"score: colour {score['colour_acc']:.1%}, direction {score['direction_acc']:.1%}, "
+              f"both {score['both_acc']:.1%} of {score['n']} samples")
+        with open(os.path.join(args.outdir, "score.json"), "w") as f:
+            json.dump(score, f)
 
 
 if __name__ == "__main__":
