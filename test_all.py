@@ -865,3 +865,23 @@ def test_iddpm_loss_terms():
     assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
     worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
     assert (worse > loss).all()
+
+
+def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
+    """`torchrun --nproc_per_node=2 train.py` on CPU (gloo): both ranks train, save their RNG states, and
+    a resume on the same world size continues."""
+    import subprocess
+    import sys
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--demo",
+           "--data", csv_path, "--outdir", str(tmp_path / "run"), "--model", "STDiT-debug", "--text-encoder", tiny_t5,
+           "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers", "0",
+           "--no-sample", "--log-every", "1", "--ckpt-every", "2"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for steps in ("2", "3"):
+        done = subprocess.run(cmd + ["--steps", steps, "--resume", "auto"], cwd=here, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
+    assert steps == [1, 2, 3]

