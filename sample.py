@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 import data
 from model import model_from_config
@@ -62,7 +63,7 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
     mask2 = None if mask is None else torch.cat([mask, mask])
     drop = torch.arange(2 * B, device=device) >= B
     ch = C if cfg_channels is None else cfg_channels
-    for t in sched.timesteps:
+    for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", leave=False):
         xin = sched.scale_model_input(torch.cat([x, x]), t)
         with autocast(device, precision):
             out = model(xin, t.expand(2 * B).to(device), y2, mask2, force_drop=drop).float()

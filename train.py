@@ -372,7 +372,8 @@ def main(argv=None):
             seen, tick = 0, time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
-            bar.write(f"step {step}: checkpoint {path}") if rank == 0 else None
+            if rank == 0:
+                bar.write(f"step {step}: checkpoint {path}")
     bar.close()
     if skipped:
         log(f"{skipped} unreadable clips were skipped (see the warnings above)")
