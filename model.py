@@ -489,6 +489,7 @@ def load_checkpoint(model, path):
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, patch=(1, p, p))
               for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
+DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # the CPU demo's size
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 # STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs such as the GPU demo.
 STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads=h, patch=(1, p, p))
