@@ -14,7 +14,6 @@ import json
 import os
 import re
 
-import av
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
