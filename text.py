@@ -167,8 +167,3 @@ class TextEncoder:
         self.cache[caption] = tuple(t.clone() for t in row)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)                # drop the least recently used caption
-
-
-def build_text_encoder(name, device, dtype=None):
-    """The text encoder train.py and sample.py use: `name` is a short name, hub id or local folder."""
-    return TextEncoder(name, device=device, dtype=dtype)
