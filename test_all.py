@@ -885,3 +885,126 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
     steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
     assert steps == [1, 2, 3]
+
+
+# seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
+# equal the single-process gradient (the contract in seqparallel.py's docstring), outputs must equal too.
+
+SP_CASES = [("DiT-debug", dict(cond=c, **TEXT), (2, 6, 6)) for c in ("adaln", "cross", "concat")] + \
+           [("DiT-debug", dict(num_classes=10, cond="concat"), (1, 6, 6)),  # 9 image tokens + 1 label token
+            ("STDiT-debug", TEXT, (3, 4, 4)), ("STDiT-debug", dict(grad_checkpoint=True, **TEXT), (4, 4, 4))]
+SP_KINDS = [("ulysses", True), ("fastseq", True), ("fastseq", False)]
+
+
+def _sp_copy(reference, group, kind, overlap):
+    import copy
+    import seqparallel
+    return seqparallel.apply_sequence_parallel(copy.deepcopy(reference), group, kind, overlap)
+
+
+def _grads(model, *inputs):
+    return [p.grad for p in model.parameters()] + [i.grad for i in inputs if i is not None and i.is_floating_point()]
+
+
+def _sp_worker(rank, world, port):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import seqparallel
+    import train
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    B = 2
+    for case, (name, kw, (T, H, W)) in enumerate(SP_CASES):
+        torch.manual_seed(case)
+        reference = randomize(build_model(name, **kw), seed=case).train()
+        x = torch.randn(B, 4, T, H, W, requires_grad=True)
+        y, mask = condition(reference, B)
+        if y.is_floating_point():
+            y.requires_grad_(True)
+        t, probe = torch.tensor([3, 700]), torch.randn(B, 8, T, H, W)
+        torch.manual_seed(100)  # the same random caption dropout here and in every split run below
+        out = reference(x, t, y, mask, force_drop=torch.tensor([False, True]))
+        (out * probe).sum().backward()
+        want = _grads(reference, x, y)
+        for kind, overlap in SP_KINDS:
+            model = _sp_copy(reference, group, kind, overlap)
+            xs, ys = (i.detach().clone().requires_grad_(i.requires_grad) for i in (x, y))
+            torch.manual_seed(100)
+            got_out = model(xs, t, ys, mask, force_drop=torch.tensor([False, True]))
+            (got_out * probe).sum().backward()
+            label = f"{name} {kw} {kind} overlap={overlap} P={world}"
+            torch.testing.assert_close(got_out, out, rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} output: {m}")
+            for (pname, _), g, w in zip(list(model.named_parameters()) + [("x", 0), ("y", 0)], _grads(model, xs, ys), want):
+                if w is None:
+                    assert g is None or not g.any(), f"{label}: {pname} has a gradient it should not"
+                    continue
+                g = g.clone()
+                dist.all_reduce(g)
+                torch.testing.assert_close(g / world, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} grad {pname}: {m}")
+    # One training step (train.py's training_step, clipping, AdamW) with SP over all ranks equals it without.
+    diffusion = train.IDDPM()
+    for kind, overlap in SP_KINDS[:2]:
+        reference = randomize(build_model("STDiT-debug", **TEXT), seed=7)
+        model = DDP(_sp_copy(reference, group, kind, overlap))
+        z, (y, mask) = torch.randn(B, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1)), condition(reference, B)
+        for net, params in ((reference, reference.parameters()), (model, model.module.parameters())):
+            params = list(params)
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            torch.manual_seed(11)  # the same timesteps, noise and caption dropout on every rank and in the reference
+            train.training_step(net, diffusion, z, y, mask, "fp32").backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+        for (pname, p), q in zip(reference.named_parameters(), model.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"train step {kind} grad {pname}: {m}")
+            # Adam divides by sqrt(v): where a gradient is ~1e-9, float noise moves the update by a few % of lr
+            torch.testing.assert_close(q, p, rtol=0, atol=5e-5, msg=lambda m: f"train step {kind} {pname}: {m}")
+    # Hybrid: world = 2 data-parallel x 2 sequence-parallel; DDP over the world gives the global-batch gradient.
+    if world == 4:
+        sp_group, dp_rank, dp_size = seqparallel.init_groups(2)
+        assert (dp_rank, dp_size) == (rank // 2, 2)
+        reference = randomize(build_model("DiT-debug", cond="concat", **TEXT), seed=3)
+        model = DDP(_sp_copy(reference, sp_group, "ulysses", True))
+        gen = torch.Generator().manual_seed(5)
+        z, t, noise = torch.randn(4, 4, 2, 6, 6, generator=gen), torch.tensor([1, 250, 500, 999]), torch.randn(4, 4, 2, 6, 6, generator=gen)
+        y, mask = condition(reference, 4, gen)
+        xt = diffusion.add_noise(z, t, noise)
+        reference.eval(), model.eval()  # no caption dropout: the two runs must see the same conditions
+        diffusion.loss(reference(xt, t, y, mask), z, xt, t, noise).mean().backward()
+        part = slice(2 * dp_rank, 2 * dp_rank + 2)
+        diffusion.loss(model(xt[part], t[part], y[part], mask[part]), z[part], xt[part], t[part], noise[part]).mean().backward()
+        for (pname, p), q in zip(reference.named_parameters(), model.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"dp x sp grad {pname}: {m}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_equals_single_process(world):
+    """DiT (adaln, cross, concat; text and class) and STDiT, Ulysses and FastSeq (with and without
+    overlap), padded and unpadded lengths, batch 2, fp32 on gloo: outputs, input and parameter gradients,
+    one full training step, and (4 ranks) 2 x 2 hybrid data x sequence parallelism."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sp_worker, args=(world, port), nprocs=world)
+
+
+def test_sequence_parallel_rejects_impossible_layouts():
+    import torch.distributed as dist
+    import seqparallel
+    with pytest.raises(ValueError, match="unknown sequence-parallel kind"):
+        seqparallel.apply_sequence_parallel(build_model("DiT-debug", **TEXT), None, "ring")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="does not divide the 1 ranks"):
+            seqparallel.init_groups(2)
+        group = dist.new_group([0])
+        model = build_model("DiT-debug", heads=3, hidden=48, **TEXT)
+        seqparallel.apply_sequence_parallel(model, group)  # P = 1 divides anything: a no-op split
+        x = torch.randn(1, 4, 1, 4, 4)
+        assert model(x, torch.tensor([5]), *condition(model, 1)).shape == (1, 8, 1, 4, 4)
+    finally:
+        dist.destroy_process_group()
