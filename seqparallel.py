@@ -78,7 +78,7 @@ class _Split(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        P, r, dim = ctx.args
+        _, r, dim = ctx.args
         full = grad.new_zeros(ctx.shape)
         full.narrow(dim, r * grad.shape[dim], grad.shape[dim]).copy_(grad)
         return full, None, None
