@@ -4,6 +4,7 @@ Train DiT / STDiT with IDDPM diffusion.
   python train.py --demo                                   # built-in demo: makes data, trains, samples (CPU ok)
   python train.py --data data.csv                          # one process
   torchrun --nproc_per_node=8 train.py --data data.csv     # DDP over 8 GPUs
+  torchrun --nproc_per_node=8 train.py --data data.csv --sp-size 2   # 4 data-parallel x 2 sequence-parallel
 
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import seqparallel
 from model import build_model, config_dict
 from text import TextEncoder
 from vae import build_vae
@@ -70,6 +72,8 @@ def get_args(argv=None):
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
+    p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -247,9 +251,20 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif args.precision == "bf16" and args.demo:
         args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
-    torch.manual_seed(args.seed + rank)  # distinct noise per rank, reproducible per rank
-    random.seed(args.seed + rank)
     log = print if rank == 0 else (lambda *a, **k: None)
+    # world = data-parallel x sequence-parallel: the sp_size ranks of a group split one batch's sequences
+    sp_group, dp_rank, dp_size = None, rank, world
+    if args.sp_size > 1:
+        if not distributed:
+            sys.exit(f"--sp-size {args.sp_size} needs {args.sp_size} processes: torchrun --nproc_per_node={args.sp_size} train.py ...")
+        try:
+            sp_group, dp_rank, dp_size = seqparallel.init_groups(args.sp_size)
+        except ValueError as e:
+            sys.exit(str(e))
+    # distinct noise per data-parallel rank, reproducible; the ranks of a sequence-parallel group draw the
+    # same timesteps, noise and caption dropout, since they compute one sample together
+    torch.manual_seed(args.seed + dp_rank)
+    random.seed(args.seed + dp_rank)
 
     # experiment folder
     ckpt_dir = os.path.join(args.outdir, "checkpoints")
@@ -276,7 +291,13 @@ def main(argv=None):
     ema = deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights, the one to sample from
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
 
-    # parallelism: DDP averages gradients over ranks
+    # parallelism: sequence parallelism inside each group, then DDP averaging gradients over all ranks
+    # (over the group that average is exactly the single-process gradient: see seqparallel.py)
+    if sp_group is not None:
+        try:
+            seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
+        except ValueError as e:
+            sys.exit(str(e))
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -292,7 +313,7 @@ def main(argv=None):
     size = None if args.image_size == [0, 0] else tuple(args.image_size)
     dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
                                 image_size=size, seed=args.seed)
-    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=rank, world_size=world)
+    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
     if len(sampler) == 0:
         sys.exit(f"{args.data} gives no full batch of {args.batch_size} per rank: lower --batch-size or add videos")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -363,7 +384,7 @@ def main(argv=None):
             loss_value = loss.detach()
             if distributed:
                 dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
-            rate = seen * world / (time.time() - tick)
+            rate = seen * dp_size / (time.time() - tick)
             bar.set_postfix(loss=f"{loss_value.item():.4f}", samples_per_s=f"{rate:.1f}", skipped=skipped)
             if logfile:
                 logfile.write(json.dumps(dict(step=step, loss=loss_value.item(), grad_norm=grad_norm.item(),
