@@ -3,6 +3,7 @@ Sample videos from a checkpoint written by train.py.
 
   python sample.py --ckpt outputs/demo --prompt "a red circle moving left"
   python sample.py --ckpt outputs/run/checkpoints/step_0010000 --prompt-file prompts.txt --sampler dpm --steps 20
+  torchrun --nproc_per_node=4 sample.py --ckpt outputs/run --prompt "..." --num-frames 360   # one long video on 4 GPUs
 
 The model, the text encoder and the VAE are rebuilt from the checkpoint's meta.json alone. Sampling
 follows Open-Sora v1.0: 100 DDPM steps with the learned variance, classifier-free guidance scale 7.0
@@ -125,6 +126,8 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--outdir", default="samples")
     p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"],
+                   help="under torchrun: how the ranks share each sample's sequence (seqparallel.py)")
     args = p.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -139,7 +142,22 @@ def main(argv=None):
     from text import TextEncoder
     from vae import build_vae
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun all ranks work on every sample together, each holding 1/world of its sequence; they
+    # draw the same noise (same seed), so every rank computes the same videos and rank 0 writes them
+    distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
+    if distributed:
+        import torch.distributed as dist
+        import seqparallel
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
     model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
+    if distributed:
+        try:
+            seqparallel.apply_sequence_parallel(model, dist.group.WORLD, args.sp_kind)
+        except ValueError as e:
+            p.error(str(e))
     train_args = meta["args"]
     text_encoder = TextEncoder(train_args["text_encoder"], max_length=train_args["text_len"], device=device)
     vae = build_vae(train_args["vae"], path=train_args["vae_path"], micro_batch=train_args["vae_micro_batch"], device=device)
@@ -148,6 +166,10 @@ def main(argv=None):
         p.error("the model was trained at native sizes: pass --image-size H W")
     frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
                       args.cfg_channels, args.seed, args.precision)
+    if distributed:
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     paths = save_videos(frames, prompts, args.outdir, fps=args.fps)
     print(f"wrote {len(paths)} videos and grid.png to {args.outdir} (step {meta['step']} of {args.ckpt})")
     if args.score:

@@ -1035,3 +1035,24 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
     assert any((got[k] != ema[k]).any() for k in got)  # the steps moved the weights (the EMA still sits near the start)
     bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--sp-size 3 does not divide the 2 ranks" in bad.stderr
+
+
+def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
+    """`torchrun --nproc_per_node=2 sample.py`: both ranks share each video's frames and rank 0 writes the
+    same videos as one process (same seed), up to rounding of a few uint8 levels."""
+    import subprocess
+    import sys
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
+    flags = ["sample.py", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
+             "--sampler", "ddim", "--steps", "3", "--num-frames", "5"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for outdir, launcher in (("one", [sys.executable]), ("sp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        done = subprocess.run([*launcher, *flags, "--outdir", str(tmp_path / outdir), "--sp-kind", "fastseq"],
+                              cwd=here, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+    one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
+    assert one.shape == sp.shape == (2 * 16, 5 * 16, 3) and one.std() > 1
+    assert np.abs(one - sp).max() <= 2
+    assert len(list((tmp_path / "sp").glob("*.mp4"))) == 2
