@@ -90,8 +90,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
 
-    model = build_model(args.model, cond=args.cond, attn=args.attn, grad_checkpoint=args.grad_checkpoint,
-                        caption_len=args.text_len).to(device)
+    with device:  # initialise on the GPU: an XL model's init on one CPU thread (torchrun's default) takes a minute
+        model = build_model(args.model, cond=args.cond, attn=args.attn, grad_checkpoint=args.grad_checkpoint,
+                            caption_len=args.text_len)
     if args.weights == "bf16":
         model.to(torch.bfloat16)
     H, W = (s // 8 for s in args.size)  # SD-VAE latents
