@@ -158,6 +158,13 @@ class _GatherProject(torch.autograd.Function):
         return dx[r], d_weight, d_bias, None, None
 
 
+# torch.compile'd blocks (train.py --compile) run the collectives eagerly, between compiled graphs
+all_to_all = torch.compiler.disable(_AllToAll.apply)
+gather_project = torch.compiler.disable(_GatherProject.apply)
+split = torch.compiler.disable(_Split.apply)
+gather = torch.compiler.disable(_Gather.apply)
+
+
 # Attention modules. They take over the wrapped module's qkv and proj layers, so parameter names, and
 # with them checkpoints, stay exactly those of model.py.
 
@@ -170,10 +177,10 @@ class UlyssesAttention(nn.Module):
     def forward(self, x, mask=None):  # x (B, n, D): this rank's n = N/P tokens
         group = self.shards.group
         qkv = rearrange(self.qkv(x), "B n (three h d) -> B n three h d", three=3, h=self.heads)
-        qkv = _AllToAll.apply(qkv, group, 3, 1)  # scatter heads, gather tokens: (B, N, 3, h/P, d)
+        qkv = all_to_all(qkv, group, 3, 1)  # scatter heads, gather tokens: (B, N, 3, h/P, d)
         q, k, v = qkv.unbind(2)
         x = attention(q, k, v, self.shards.key_mask(mask, x), self.impl)  # (B, N, h/P, d)
-        x = _AllToAll.apply(x, group, 1, 2)  # scatter tokens, gather heads: (B, n, h, d)
+        x = all_to_all(x, group, 1, 2)  # scatter tokens, gather heads: (B, n, h, d)
         return self.proj(rearrange(x, "B n h d -> B n (h d)"))
 
 
@@ -192,10 +199,10 @@ class FastSeqAttention(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # cast before the gather: half the bytes travel
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        qkv = _GatherProject.apply(x, weight, bias, group, self.overlap)  # (B, N, 3 h/P d)
+        qkv = gather_project(x, weight, bias, group, self.overlap)  # (B, N, 3 h/P d)
         q, k, v = rearrange(qkv, "B N (three h d) -> three B N h d", three=3, h=h)
         x = attention(q, k, v, self.shards.key_mask(mask, x), self.impl)  # (B, N, h/P, d)
-        x = _AllToAll.apply(x, group, 1, 2)  # (B, n, h, d)
+        x = all_to_all(x, group, 1, 2)  # (B, n, h, d)
         return self.proj(rearrange(x, "B n h d -> B n (h d)"))
 
 
@@ -211,10 +218,10 @@ class Shards:
         self.length, self.pad = x.shape[dim], -x.shape[dim] % self.size
         if self.pad:
             x = torch.cat([x, x.new_zeros((*x.shape[:dim], self.pad, *x.shape[dim + 1:]))], dim=dim)
-        return _Split.apply(x, self.group, dim)
+        return split(x, self.group, dim)
 
     def gather(self, x, dim):
-        return _Gather.apply(x, self.group, dim).narrow(dim, 0, self.length)
+        return gather(x, self.group, dim).narrow(dim, 0, self.length)
 
     def key_mask(self, mask, x):
         """The attention key mask (B, padded length) for queries x (B, ...): padding is never attended to."""
