@@ -298,6 +298,9 @@ def main(argv=None):
             seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
         except ValueError as e:
             sys.exit(str(e))
+    if args.compile and sp_group is not None and args.batch_size == 1:
+        log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
+            "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
     if args.compile:
         for block in model.blocks:
             block.compile()
