@@ -1,0 +1,228 @@
+"""
+ZeRO-2 (Rajbhandari et al., 2020): AdamW whose fp32 state is sharded over the ranks.
+
+    opt = ZeRO2(model, lr=2e-5, compute_dtype=torch.bfloat16)   # casts the model to bf16 for compute
+    opt.scale(loss).backward()          # buckets of gradients are reduce-scattered while backward runs
+    grad_norm = opt.clip_grad_norm_(1.0)
+    opt.step()                          # AdamW on this rank's fp32 slice, then all-gather into the weights
+    opt.zero_grad()
+
+Every rank keeps the whole model in the compute dtype (2 bytes a parameter in bf16) but only 1/N of the
+fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). Layout: parameters, in reverse
+order of registration (roughly the order backward produces their gradients), are packed into buckets of
+about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r owns the r-th of its N
+equal chunks. A bucket whose gradients are all there is reduce-scattered at once (asynchronously, while
+backward goes on), each rank receiving only its chunk; the full gradients are freed.
+
+The update is torch.optim.AdamW itself, run on one flat fp32 parameter: this rank's slice. So the math is
+AdamW's by construction, and the tests check the sharding around it against AdamW on one process.
+
+Gradients are averaged over all N ranks of the group (the world by default), which is also right under
+sequence parallelism: seqparallel.py's ranks hold gradients whose mean is the true one, as DDP assumes.
+Every parameter needs a gradient in each backward; one without is counted as zero.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from seqparallel import all_gather, reduce_scatter
+
+
+class ZeRO2:
+    def __init__(self, model, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, compute_dtype=torch.bfloat16,
+                 group=None, bucket_mb=64, ema_decay=None):
+        self.group = group or dist.group.WORLD
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names = {p: n for n, p in model.named_parameters()}
+        device = self.params[0].device
+        # one starting point for all ranks: rank 0's weights and buffers (DDP does the same)
+        src = dist.get_global_rank(self.group, 0)
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=src, group=self.group)
+
+        # buckets, and this rank's fp32 slice of each: the master weights
+        self.buckets, bucket, size = [], [], 0
+        limit = bucket_mb * 2**20 // 4
+        for p in reversed(self.params):
+            bucket.append(p)
+            size += p.numel()
+            if size >= limit:
+                self.buckets.append(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self.buckets.append(bucket)
+        self.padded = [math.ceil(sum(p.numel() for p in b) / self.world) * self.world for b in self.buckets]
+        self.chunk = [n // self.world for n in self.padded]  # this rank's share of each bucket
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        with torch.no_grad():
+            master = torch.cat([self._own(self._flat(b, torch.float32, i), i) for i, b in enumerate(self.buckets)])
+        self.master = torch.nn.Parameter(master)          # (sum of chunks,) fp32
+        self.grad = torch.zeros_like(master)              # this rank's gradient slice, fp32, accumulated
+        self.ema = master.clone() if ema_decay is not None else None
+        self.ema_decay = ema_decay
+        self.adamw = torch.optim.AdamW([self.master], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                       fused=device.type == "cuda")
+        # fp16 needs loss scaling: grow x2 after 2000 clean steps, halve and skip the step on inf/nan
+        self.dynamic = compute_dtype == torch.float16
+        self.loss_scale, self.good_steps, self.skipped_steps = 2.0**16 if self.dynamic else 1.0, 0, 0
+
+        model.to(compute_dtype)  # the compute copy; the fp32 truth now lives in the slices
+        self.compute_dtype = compute_dtype
+        self.ready = [0] * len(self.buckets)  # gradients arrived, per bucket, in this backward
+        self.launched, self.pending, self.callback_queued, self.finished = 0, [], False, False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    # layout helpers
+    def _flat(self, bucket, dtype, i):
+        """The bucket's tensors (weights, or grads where present) flattened and zero-padded: (padded,)."""
+        parts = [p.detach().reshape(-1).to(dtype) for p in bucket]
+        flat = torch.cat(parts)
+        return torch.nn.functional.pad(flat, (0, self.padded[i] - flat.numel()))
+
+    def _own(self, flat, i):
+        return flat[self.rank * self.chunk[i]: (self.rank + 1) * self.chunk[i]]
+
+    def _slices(self, tensor):
+        """Split a slice-layout tensor (sum of chunks,) into per-bucket chunks."""
+        return tensor.split(self.chunk)
+
+    # backward: reduce-scatter each bucket as soon as its gradients are complete
+    def _on_grad(self, p):
+        if not self.callback_queued:  # at the end of this backward, flush what is left and collect
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.callback_queued = True
+        i = self.bucket_of[p]
+        self.ready[i] += 1
+        while self.launched < len(self.buckets) and self.ready[self.launched] == len(self.buckets[self.launched]):
+            self._launch(self.launched)
+
+    def _launch(self, i):
+        """Start the reduce-scatter of bucket i (in bucket order on every rank) and free its full gradients."""
+        bucket = self.buckets[i]
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.compute_dtype, device=p.device)
+                 for p in bucket]
+        flat = torch.nn.functional.pad(torch.cat(grads).to(self.compute_dtype), (0, self.padded[i] - sum(g.numel() for g in grads)))
+        out = flat.new_empty(self.chunk[i])
+        work = reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self.pending.append((i, work, out, flat))
+        for p in bucket:
+            p.grad = None  # a rank keeps only its slice
+        self.launched += 1
+
+    def _end_of_backward(self):
+        while self.launched < len(self.buckets):  # parameters that got no gradient count as zero
+            self._launch(self.launched)
+        grads = self._slices(self.grad)
+        for i, work, out, _ in self.pending:
+            work.wait()
+            grads[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
+        self.pending, self.launched, self.callback_queued = [], 0, False
+        self.ready = [0] * len(self.buckets)
+        self.finished = False
+
+    # the optimizer step
+    def scale(self, loss):
+        """loss x the current loss scale (1 unless fp16): call .backward() on this."""
+        return loss * self.loss_scale if self.dynamic else loss
+
+    def _finish(self):
+        """Once per step: undo the loss scale and find out (on all ranks) whether any gradient overflowed."""
+        if self.finished:
+            return
+        self.finished = True
+        self.overflow = False
+        if self.dynamic:
+            self.grad.div_(self.loss_scale)
+            bad = (~torch.isfinite(self.grad)).any().float()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+            self.overflow = bool(bad.item())
+
+    def clip_grad_norm_(self, max_norm):
+        """Clip the global gradient norm (over all slices) to max_norm, as torch.nn.utils.clip_grad_norm_."""
+        self._finish()
+        square = self.grad.float().pow(2).sum()
+        dist.all_reduce(square, group=self.group)
+        norm = square.sqrt()
+        if not self.overflow:
+            self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def step(self):
+        self._finish()
+        if self.overflow:  # skip: the weights, the moments and the step count stay as they are
+            self.skipped_steps += 1
+            self.loss_scale /= 2
+            self.good_steps = 0
+        else:
+            self.master.grad = self.grad
+            self.adamw.step()
+            self.master.grad = None
+            if self.ema is not None:
+                self.ema.lerp_(self.master, 1 - self.ema_decay)
+            if self.dynamic:
+                self.good_steps += 1
+                if self.good_steps % 2000 == 0:
+                    self.loss_scale *= 2
+            self._gather_into_weights()
+        self.finished = False
+
+    def zero_grad(self, set_to_none=True):
+        self.grad.zero_()
+        for p in self.params:
+            p.grad = None
+
+    def _gather(self, slice_tensor, dtype):
+        """Per bucket, the full (padded,) tensor from every rank's chunk of slice_tensor."""
+        out = []
+        for i, own in enumerate(self._slices(slice_tensor)):
+            full = own.new_empty(self.padded[i], dtype=dtype)
+            all_gather(full, own.to(dtype).contiguous(), group=self.group)
+            out.append(full)
+        return out
+
+    def _gather_into_weights(self):
+        for bucket, full in zip(self.buckets, self._gather(self.master.detach(), self.compute_dtype)):
+            offset = 0
+            for p in bucket:
+                p.data.copy_(full[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    # checkpoints
+    @torch.no_grad()
+    def full_state(self, which="master"):
+        """Consolidated fp32 weights {name: tensor on CPU} of the master weights or the EMA, on every rank."""
+        source = self.master.detach() if which == "master" else self.ema
+        state = {}
+        for bucket, full in zip(self.buckets, self._gather(source, torch.float32)):
+            offset = 0
+            for p in bucket:
+                state[self.names[p]] = full[offset: offset + p.numel()].view_as(p).cpu()
+                offset += p.numel()
+        return state
+
+    def layout(self):
+        return dict(world=self.world, buckets=[[self.names[p] for p in b] for b in self.buckets])
+
+    def state_dict(self):
+        """This rank's slices: master weights, EMA, AdamW moments, loss scale, and the layout they follow."""
+        return dict(layout=self.layout(), master=self.master.detach().cpu(), adamw=self.adamw.state_dict(),
+                    ema=None if self.ema is None else self.ema.cpu(),
+                    scaler=dict(loss_scale=self.loss_scale, good_steps=self.good_steps, skipped_steps=self.skipped_steps))
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        if state["layout"] != self.layout():
+            raise ValueError(f"these optimizer slices were cut for {state['layout']['world']} ranks with "
+                             f"{len(state['layout']['buckets'])} buckets, this run has {self.world} ranks and "
+                             f"{len(self.buckets)}: resume with the same number of processes and --zero-bucket-mb, "
+                             "or start a new run from the checkpoint's model.safetensors with --init")
+        self.master.copy_(state["master"])
+        self.adamw.load_state_dict(state["adamw"])
+        if self.ema is not None:
+            self.ema.copy_(state["ema"])
+        self.loss_scale, self.good_steps, self.skipped_steps = (state["scaler"][k] for k in ("loss_scale", "good_steps", "skipped_steps"))
+        self._gather_into_weights()
