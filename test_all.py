@@ -797,19 +797,31 @@ def tiny_run(outdir, csv_path, tiny_t5, *extra):
                 "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
 
 
-def test_resume_continues_exactly(tmp_path, tiny_t5):
-    """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit."""
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"]], ids=["ddp", "zero2-accum2"])
+def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
+    """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
+    (also with ZeRO-2 on a group of one and 2 micro-batches a step)."""
     from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
-    tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5")
-    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2")
-    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", *flags)
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2", *flags)
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *flags)
     a, b = (tmp_path / run / "checkpoints" / "step_0000005" for run in ("a", "b"))
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
+    if flags:
+        za, zb = (torch.load(c / "zero_rank0.pt", weights_only=True) for c in (a, b))
+        assert torch.equal(za["master"], zb["master"]) and torch.equal(za["ema"], zb["ema"])
+        oa, ob = za["adamw"]["state"], zb["adamw"]["state"]
+        assert not (a / "optimizer.pt").exists()
+        import sample  # the consolidated EMA loads on one CPU process
+        sample.main(["--ckpt", str(tmp_path / "b"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
+                     "--outdir", str(tmp_path / "samples")])
+        assert (tmp_path / "samples" / "grid.png").exists()
+    else:
+        oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
     losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl")]
     assert losses("a") == losses("b")  # the same loss at every step, before and after the restart
@@ -1050,8 +1062,10 @@ def test_sequence_parallel_rejects_impossible_layouts():
 
 
 def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
-    """`torchrun --nproc_per_node=2 train.py --sp-size 2`: two ranks share every sample and end with the
-    weights of a plain one-process run on the same batches (one data-parallel rank, the same seed)."""
+    """`torchrun --nproc_per_node=2 train.py --sp-size 2`, with DDP and with ZeRO-2: two ranks share every
+    sample and end with the weights of a plain one-process run on the same batches (one data-parallel
+    rank, the same seed). A ZeRO-2 checkpoint refuses, with a clear message, to resume on another world
+    size or without --zero."""
     import subprocess
     import sys
     from safetensors.torch import load_file
@@ -1064,12 +1078,22 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
            "--outdir", str(tmp_path / "sp"), "--sp-size", "2", "--sp-kind", "fastseq"]
     done = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses"],
+                          cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     import train
     train.main([*flags, "--outdir", str(tmp_path / "one")])
-    got = load_file(tmp_path / "sp" / "checkpoints" / "step_0000002" / "model.safetensors")
     want = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "model.safetensors")
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    for run in ("sp", "zero"):
+        got = load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=lambda m: f"{run} {k}: {m}")
+    assert (tmp_path / "zero" / "checkpoints" / "step_0000002" / "zero_rank1.pt").exists()
+    more = [*flags[:-6], "--steps", "3", "--outdir", str(tmp_path / "zero"), "--resume", "auto"]
+    with pytest.raises(SystemExit, match="slices were cut for 2 ranks .* this run has 1 ranks"):
+        train.main([*more, "--zero", "2"])
+    with pytest.raises(SystemExit, match="was written with --zero 2"):
+        train.main(more)
     ema = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "ema.safetensors")
     assert any((got[k] != ema[k]).any() for k in got)  # the steps moved the weights (the EMA still sits near the start)
     bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, capture_output=True, text=True, timeout=300)

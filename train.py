@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 import seqparallel
+import zero
 from model import build_model, config_dict
 from text import TextEncoder
 from vae import build_vae
@@ -74,6 +75,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
+    p.add_argument("--zero", type=int, default=0, choices=[0, 2], help="2: ZeRO-2 (zero.py) instead of DDP")
+    p.add_argument("--zero-bucket-mb", type=float, default=64, help="ZeRO-2 gradient bucket size")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=1000)
@@ -191,15 +195,21 @@ def update_ema(ema, model, decay):
 
 def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank):
     """Write step_XXXXXXX/ atomically: into a .tmp folder first, renamed once complete, then `latest`
-    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched."""
+    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched. Under ZeRO-2 the
+    model and EMA are gathered into full fp32 files (what sample.py loads) and each rank adds its slices."""
     final = os.path.join(folder, f"step_{step:07d}")
     tmp = final + ".tmp"
+    if args.zero:  # collectives: every rank takes part
+        weights, ema_weights = opt.full_state("master"), opt.full_state("ema")
+    else:
+        weights, ema_weights = model.state_dict(), ema.state_dict()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
+        if not args.zero:
+            torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
         meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=config_dict(model))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -208,6 +218,8 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # every rank draws its own noise
+    if args.zero:
+        torch.save(opt.state_dict(), os.path.join(tmp, f"zero_rank{rank}.pt"))
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -243,6 +255,8 @@ def main(argv=None):
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -288,11 +302,12 @@ def main(argv=None):
     if args.init:
         from model import load_checkpoint
         load_checkpoint(model, args.init)
-    ema = deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights, the one to sample from
+    # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
+    ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
 
-    # parallelism: sequence parallelism inside each group, then DDP averaging gradients over all ranks
-    # (over the group that average is exactly the single-process gradient: see seqparallel.py)
+    # parallelism: sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all
+    # ranks (over a sequence-parallel group that average is exactly the single-process gradient)
     if sp_group is not None:
         try:
             seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
@@ -301,15 +316,21 @@ def main(argv=None):
     if args.compile and sp_group is not None and args.batch_size == 1:
         log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
             "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
+    # optimizer: AdamW, constant learning rate as in Open-Sora v1.0. ZeRO-2 shards its fp32 state over the
+    # ranks and casts the model to the compute dtype; it also does the loss scaling that fp16 needs.
+    if args.zero:
+        compute_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.precision]
+        opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
+                                  bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
+        train_model = model
     if args.compile:
         for block in model.blocks:
             block.compile()
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
-
-    # optimizer: AdamW, constant learning rate as in Open-Sora v1.0
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
+    if not args.zero:
+        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
     diffusion = IDDPM()
 
     # data
@@ -332,10 +353,24 @@ def main(argv=None):
         with open(os.path.join(resume, "meta.json")) as f:
             meta = json.load(f)
         model.load_state_dict(load_file(os.path.join(resume, "model.safetensors"), device=str(device)))
-        ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)))
-        states = torch.load(os.path.join(resume, "optimizer.pt"), map_location=device, weights_only=True)
-        opt.load_state_dict(states["optimizer"])
-        scaler.load_state_dict(states["scaler"])
+        written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
+        if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
+            slices = os.path.join(resume, f"zero_rank{rank}.pt")
+            if not os.path.exists(slices):
+                sys.exit(f"{resume} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other ranks): "
+                         "resume with the same flags and number of processes, or start from its weights with --init")
+            try:
+                opt.load_state_dict(torch.load(slices, map_location=device, weights_only=True))
+            except ValueError as e:
+                sys.exit(f"{resume}: {e}")
+        else:
+            if not os.path.exists(os.path.join(resume, "optimizer.pt")):
+                sys.exit(f"{resume} was written with --zero 2: resume with --zero 2 and the same number of processes, "
+                         "or start from its weights with --init")
+            ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)))
+            states = torch.load(os.path.join(resume, "optimizer.pt"), map_location=device, weights_only=True)
+            opt.load_state_dict(states["optimizer"])
+            scaler.load_state_dict(states["scaler"])
         rng_file = os.path.join(resume, f"rng_rank{rank}.pt")
         if not os.path.exists(rng_file):
             sys.exit(f"{resume} was written by fewer ranks than {world}: resume with the same number of processes")
@@ -363,24 +398,33 @@ def main(argv=None):
     stream = batches(*position)
     train_model.train()
     while step < args.steps:
-        epoch, done, batch = next(stream)
-        position = (epoch, done)
-        skipped += batch["skipped"]
-        if batch["video"] is None:  # every clip of this batch was unreadable: nothing to learn from
-            continue
-        with torch.no_grad():  # the encoders are frozen
-            z = vae.encode(batch["video"].to(device, non_blocking=True))
-            y, mask, _ = text_encoder.encode(batch["caption"])
-        loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
+            while True:
+                epoch, done, batch = next(stream)
+                position = (epoch, done)
+                skipped += batch["skipped"]
+                if batch["video"] is not None:  # else every clip was unreadable: nothing to learn from
+                    break
+            with torch.no_grad():  # the encoders are frozen
+                z = vae.encode(batch["video"].to(device, non_blocking=True))
+                y, mask, _ = text_encoder.encode(batch["caption"])
+            # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
+            last = micro == args.grad_accum - 1
+            with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
+                scaler.scale(loss / args.grad_accum).backward()
+            seen += z.shape[0]
+        if args.zero:
+            grad_norm = opt.clip_grad_norm_(args.grad_clip)
+            opt.step()  # also unscales and skips on fp16 overflow, updates the sharded EMA
+        else:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema_decay)
         step += 1
-        seen += z.shape[0]
         bar.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
@@ -390,8 +434,11 @@ def main(argv=None):
             rate = seen * dp_size / (time.time() - tick)
             bar.set_postfix(loss=f"{loss_value.item():.4f}", samples_per_s=f"{rate:.1f}", skipped=skipped)
             if logfile:
-                logfile.write(json.dumps(dict(step=step, loss=loss_value.item(), grad_norm=grad_norm.item(),
-                                              samples_per_s=rate, skipped=skipped, epoch=epoch)) + "\n")
+                record = dict(step=step, loss=loss_value.item(), grad_norm=grad_norm.item(), samples_per_s=rate,
+                              skipped=skipped, epoch=epoch)
+                if args.zero and opt.dynamic:
+                    record["overflow_skipped_steps"] = opt.skipped_steps
+                logfile.write(json.dumps(record) + "\n")
                 logfile.flush()
             seen, tick = 0, time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
@@ -403,6 +450,10 @@ def main(argv=None):
         log(f"{skipped} unreadable clips were skipped (see the warnings above)")
 
     # samples from the EMA weights at the end; the demo also grades them (colour and direction)
+    if args.zero and not args.no_sample:  # gather the sharded EMA into a full fp32 model (every rank takes part)
+        from model import model_from_config
+        ema = model_from_config(config_dict(model)).to(device)
+        ema.load_state_dict(opt.full_state("ema"))
     if rank == 0 and not args.no_sample:
         import sample
         prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
@@ -417,7 +468,7 @@ def main(argv=None):
                 f"both {score['both_acc']:.0%} of {score['n']} prompts")
             with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
                 json.dump(score, f)
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

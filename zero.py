@@ -68,6 +68,8 @@ class ZeRO2:
         self.dynamic = compute_dtype == torch.float16
         self.loss_scale, self.good_steps, self.skipped_steps = 2.0**16 if self.dynamic else 1.0, 0, 0
 
+        # buffers (STDiT's fixed null caption) never change: keep them at full precision for checkpoints
+        self.buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
         model.to(compute_dtype)  # the compute copy; the fp32 truth now lives in the slices
         self.compute_dtype = compute_dtype
         self.ready = [0] * len(self.buckets)  # gradients arrived, per bucket, in this backward
@@ -194,9 +196,10 @@ class ZeRO2:
     # checkpoints
     @torch.no_grad()
     def full_state(self, which="master"):
-        """Consolidated fp32 weights {name: tensor on CPU} of the master weights or the EMA, on every rank."""
+        """Consolidated fp32 weights {name: tensor on CPU} of the master weights or the EMA, plus the model's
+        buffers: a state dict that sample.py loads. Every rank must call it (all-gathers)."""
         source = self.master.detach() if which == "master" else self.ema
-        state = {}
+        state = dict(self.buffers)
         for bucket, full in zip(self.buckets, self._gather(source, torch.float32)):
             offset = 0
             for p in bucket:
