@@ -74,6 +74,9 @@ def main(argv=None):
     p.add_argument("--sp-size", type=int, default=1)
     p.add_argument("--sp-kind", default="ulysses", choices=seqparallel.SP_KINDS)
     p.add_argument("--no-overlap", action="store_true", help="FastSeq without overlapping its all-gather")
+    p.add_argument("--optimizer", default="ddp", choices=["ddp", "zero2", "fsdp2"],
+                   help="DDP + AdamW (train.py's default), our ZeRO-2 (zero.py, bf16 compute weights), or torch's "
+                        "FSDP2 fully_shard(reshard_after_forward=False) with bf16 compute: the library's ZeRO-2")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--comm-profile", action="store_true")
@@ -105,9 +108,21 @@ def main(argv=None):
     if args.compile:
         for block in model.blocks:
             block.compile()
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fused = device.type == "cuda"
+    if args.optimizer == "zero2":
+        from zero import ZeRO2
+        net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16, ema_decay=0.9999)
+    elif args.optimizer == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=False, mp_policy=policy)
+        net = fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if fused else None) \
+            if distributed else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     diffusion = train.IDDPM()
     B = args.batch_size
     z = torch.randn(B, model.cfg.in_channels, T, H, W, device=device)
@@ -123,7 +138,10 @@ def main(argv=None):
         with sdpa_kernel(backends):
             loss = train.training_step(net, diffusion, z, y, mask, args.precision)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.optimizer == "zero2":  # ZeRO-2 clips over its slices and updates its sharded EMA in step()
+            opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -147,7 +165,7 @@ def main(argv=None):
     tflops = model_flops_per_sample(model.cfg, grid, args.text_len) * B * dp / seconds / world / 1e12
     result = dict(model=args.model, cond=args.cond if model.cfg.arch == "dit" else "cross", grid=grid, tokens=tokens,
                   batch=B, gpus=world, sp=args.sp_size, sp_kind=args.sp_kind if args.sp_size > 1 else None,
-                  overlap=not args.no_overlap, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+                  overlap=not args.no_overlap, grad_checkpoint=args.grad_checkpoint, compile=args.compile, optimizer=args.optimizer,
                   weights=args.weights, sdpa=args.sdpa_backend,
                   step_s=round(seconds, 4), samples_per_s_per_gpu=round(B * dp / seconds / world, 4),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1),
