@@ -110,52 +110,40 @@ class _GatherProject(torch.autograd.Function):
     Forward: P async broadcasts (rank j sends its chunk) are queued at once; the local chunk is projected
     first, then chunk j as soon as broadcast j has landed, while j+1.. are still in flight.
     Backward: the gradient of chunk j is computed and its reduce (sum) to rank j launched, then the next;
-    the weight gradient is computed while the reduces run. overlap=False: one all-gather, one
-    reduce-scatter, no overlap (the baseline that bench figures compare against)."""
+    the weight gradient is computed while the reduces run. (Without overlap, FastSeqAttention simply
+    projects _Gather's output: one all-gather, one reduce-scatter.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, overlap):  # x (B, n, D) -> (B, P*n, F)
+    def forward(ctx, x, weight, bias, group):  # x (B, n, D) -> (B, P*n, F)
         P, r, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
         x = x.contiguous()
-        if overlap:
-            chunks = [x if j == r else torch.empty_like(x) for j in range(P)]
-            works = [dist.broadcast(chunks[j], src=ranks[j], group=group, async_op=True) for j in range(P)]
-            outs = [None] * P
-            for j in [r] + [j for j in range(P) if j != r]:  # own chunk first: it needs no wait
-                if j != r:
-                    works[j].wait()
-                outs[j] = F.linear(chunks[j], weight, bias)
-            works[r].wait()  # our own send
-        else:
-            full = x.new_empty((P * x.shape[0], *x.shape[1:]))  # (P B, n, D)
-            all_gather(full, x, group=group)
-            chunks = list(full.chunk(P))
-            outs = [F.linear(c, weight, bias) for c in chunks]
+        chunks = [x if j == r else torch.empty_like(x) for j in range(P)]
+        works = [dist.broadcast(chunks[j], src=ranks[j], group=group, async_op=True) for j in range(P)]
+        outs = [None] * P
+        for j in [r] + [j for j in range(P) if j != r]:  # own chunk first: it needs no wait
+            if j != r:
+                works[j].wait()
+            outs[j] = F.linear(chunks[j], weight, bias)
+        works[r].wait()  # our own send
         ctx.save_for_backward(weight, *chunks)
-        ctx.args = group, overlap
+        ctx.group = group
         return torch.cat(outs, dim=1)
 
     @staticmethod
     def backward(ctx, grad):  # grad (B, P*n, F)
         weight, *chunks = ctx.saved_tensors
-        group, overlap = ctx.args
+        group = ctx.group
         P, r, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
         grads = grad.chunk(P, dim=1)
-        dx = [g @ weight for g in grads] if not overlap else []
-        works = []
-        if overlap:
-            for j in range(P):
-                dx.append(grads[j] @ weight)  # (B, n, D)
-                works.append(dist.reduce(dx[j], dst=ranks[j], op=dist.ReduceOp.SUM, group=group, async_op=True))
-        else:
-            send = torch.cat(dx)  # (P B, n, D)
-            dx[r] = send.new_empty(dx[r].shape)
-            reduce_scatter(dx[r], send, op=dist.ReduceOp.SUM, group=group)
+        dx, works = [], []
+        for j in range(P):
+            dx.append(grads[j] @ weight)  # (B, n, D)
+            works.append(dist.reduce(dx[j], dst=ranks[j], op=dist.ReduceOp.SUM, group=group, async_op=True))
         d_weight = sum(g.flatten(0, 1).T @ c.flatten(0, 1) for g, c in zip(grads, chunks))  # (F, D)
         d_bias = grad.sum((0, 1))
         for work in works:
             work.wait()
-        return dx[r], d_weight, d_bias, None, None
+        return dx[r], d_weight, d_bias, None
 
 
 # torch.compile'd blocks (train.py --compile) run the collectives eagerly, between compiled graphs
@@ -199,7 +187,10 @@ class FastSeqAttention(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # cast before the gather: half the bytes travel
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        qkv = gather_project(x, weight, bias, group, self.overlap)  # (B, N, 3 h/P d)
+        if self.overlap:
+            qkv = gather_project(x, weight, bias, group)  # (B, N, 3 h/P d)
+        else:
+            qkv = F.linear(gather(x, group, 1), weight, bias)
         q, k, v = rearrange(qkv, "B N (three h d) -> three B N h d", three=3, h=h)
         x = attention(q, k, v, self.shards.key_mask(mask, x), self.impl)  # (B, N, h/P, d)
         x = all_to_all(x, group, 1, 2)  # (B, n, h, d)
