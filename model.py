@@ -491,7 +491,7 @@ DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, pa
               for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
 DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # the CPU demo's size
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
-# STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs such as the GPU demo.
+# STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs.
 STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads=h, patch=(1, p, p))
                 for size, (d, D, h) in _DIT_SIZES.items() if size != "L" for p in (2, 4)}
 STDiT_models["STDiT-demo"] = dict(arch="stdit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # CPU demo: minutes on 2 cores
