@@ -98,6 +98,7 @@ def main(argv=None):
                             caption_len=args.text_len)
     if args.weights == "bf16":
         model.to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
     H, W = (s // 8 for s in args.size)  # SD-VAE latents
     S = (H // model.cfg.patch[1]) * (W // model.cfg.patch[2])
     T = args.frames if args.tokens is None else math.ceil(args.tokens / S)
@@ -111,7 +112,7 @@ def main(argv=None):
     fused = device.type == "cuda"
     if args.optimizer == "zero2":
         from zero import ZeRO2
-        net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16, ema_decay=0.9999)
+        net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
     elif args.optimizer == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
@@ -149,6 +150,8 @@ def main(argv=None):
     for _ in range(args.warmup):
         step()
     sync()
+    inputs = sum(t.numel() * t.element_size() for t in (z, y, mask))
+    states = torch.cuda.memory_allocated(device) - inputs if device.type == "cuda" else None  # weights + optimizer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tick = time.perf_counter()
@@ -166,11 +169,12 @@ def main(argv=None):
     result = dict(model=args.model, cond=args.cond if model.cfg.arch == "dit" else "cross", grid=grid, tokens=tokens,
                   batch=B, gpus=world, sp=args.sp_size, sp_kind=args.sp_kind if args.sp_size > 1 else None,
                   overlap=not args.no_overlap, grad_checkpoint=args.grad_checkpoint, compile=args.compile, optimizer=args.optimizer,
-                  weights=args.weights, sdpa=args.sdpa_backend,
+                  weights="bf16" if args.optimizer == "zero2" else args.weights, sdpa=args.sdpa_backend,
                   step_s=round(seconds, 4), samples_per_s_per_gpu=round(B * dp / seconds / world, 4),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1),
                   mfu=round(tflops / peak, 3) if peak else None, device=gpu,
-                  peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None)
+                  peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+                  state_bytes_per_param=round(states / n_params, 2) if states is not None else None)
     if args.comm_profile and device.type == "cuda":
         result["nccl_share"] = round(nccl_share(step), 3)
     if rank == 0:

@@ -12,7 +12,8 @@ fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). Layou
 order of registration (roughly the order backward produces their gradients), are packed into buckets of
 about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r owns the r-th of its N
 equal chunks. A bucket whose gradients are all there is reduce-scattered at once (asynchronously, while
-backward goes on), each rank receiving only its chunk; the full gradients are freed.
+backward goes on), each rank receiving only its chunk; the full gradients are freed, and at most two
+buckets' worth of full gradients are in flight at once.
 
 The update is torch.optim.AdamW itself, run on one flat fp32 parameter: this rank's slice. So the math is
 AdamW's by construction, and the tests check the sharding around it against AdamW on one process.
@@ -74,6 +75,7 @@ class ZeRO2:
         self.compute_dtype = compute_dtype
         self.ready = [0] * len(self.buckets)  # gradients arrived, per bucket, in this backward
         self.launched, self.pending, self.callback_queued, self.finished = 0, [], False, False
+        self.in_flight = 2  # reduce-scatters left running at once: bounds the full-size gradient copies alive
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -113,14 +115,18 @@ class ZeRO2:
         for p in bucket:
             p.grad = None  # a rank keeps only its slice
         self.launched += 1
+        while len(self.pending) > self.in_flight:  # the oldest has long finished: collect it, freeing its flat copy
+            self._collect(*self.pending.pop(0))
+
+    def _collect(self, i, work, out, flat):
+        work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
+        self._slices(self.grad)[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
 
     def _end_of_backward(self):
         while self.launched < len(self.buckets):  # parameters that got no gradient count as zero
             self._launch(self.launched)
-        grads = self._slices(self.grad)
-        for i, work, out, _ in self.pending:
-            work.wait()
-            grads[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
+        for entry in self.pending:
+            self._collect(*entry)
         self.pending, self.launched, self.callback_queued = [], 0, False
         self.ready = [0] * len(self.buckets)
         self.finished = False
@@ -145,7 +151,7 @@ class ZeRO2:
     def clip_grad_norm_(self, max_norm):
         """Clip the global gradient norm (over all slices) to max_norm, as torch.nn.utils.clip_grad_norm_."""
         self._finish()
-        square = self.grad.float().pow(2).sum()
+        square = torch.linalg.vector_norm(self.grad).square()
         dist.all_reduce(square, group=self.group)
         norm = square.sqrt()
         if not self.overflow:
@@ -178,13 +184,12 @@ class ZeRO2:
             p.grad = None
 
     def _gather(self, slice_tensor, dtype):
-        """Per bucket, the full (padded,) tensor from every rank's chunk of slice_tensor."""
-        out = []
+        """Yield, bucket by bucket, the full (padded,) tensor from every rank's chunk of slice_tensor (one bucket
+        alive at a time: gathering all at once would cost a second full copy of the model)."""
         for i, own in enumerate(self._slices(slice_tensor)):
             full = own.new_empty(self.padded[i], dtype=dtype)
             all_gather(full, own.to(dtype).contiguous(), group=self.group)
-            out.append(full)
-        return out
+            yield full
 
     def _gather_into_weights(self):
         for bucket, full in zip(self.buckets, self._gather(self.master.detach(), self.compute_dtype)):
