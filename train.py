@@ -171,6 +171,14 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+@torch.no_grad()  # the encoders are frozen
+def encode(vae, text_encoder, video, captions):
+    """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
+    z = vae.encode(video)
+    y, mask, _ = text_encoder.encode(captions)
+    return z, y, mask
+
+
 def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
     """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
     t = torch.randint(0, diffusion.num_steps, (z.shape[0],), device=z.device)  # uniform timesteps
@@ -405,9 +413,7 @@ def main(argv=None):
                 skipped += batch["skipped"]
                 if batch["video"] is not None:  # else every clip was unreadable: nothing to learn from
                     break
-            with torch.no_grad():  # the encoders are frozen
-                z = vae.encode(batch["video"].to(device, non_blocking=True))
-                y, mask, _ = text_encoder.encode(batch["caption"])
+            z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"])
             # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
             last = micro == args.grad_accum - 1
             with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
