@@ -1,23 +1,39 @@
 """
-Training throughput the way the published tables count it: per GPU samples/s and tokens/s, MFU and peak
-memory, after warm-up, with the GPU synchronised around the timed steps. The step is train.py's own
-(training_step, backward, clipping, AdamW) on synthetic latents and caption states, i.e. the model step
-with precomputed features.
+Training and sampling throughput the way the published tables count it (SPEC.md): per GPU samples/s and
+tokens/s, MFU against the bf16 matmul peak measured in the same run, and peak memory, after warm-up, with
+the GPU synchronised around the timed steps. The timed step is train.py's own: encode (SD-VAE per frame and
+T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward -> clip -> AdamW.
 
-  python bench.py --model STDiT-XL/2 --frames 16 --size 256 256 --batch-size 8
-  torchrun --nproc_per_node=2 bench.py --model STDiT-XL/2 --frames 360 --size 512 512 --grad-checkpoint --sp-size 2
-  torchrun --nproc_per_node=4 bench.py --model DiT-XL/2 --tokens 819200 --grad-checkpoint --sp-size 4 --steps 1 --warmup 0
+  python bench.py --row stdit-16x256                  # one published row (`--row all`: every row)
+  python bench.py --row stdit-16x256 --precomputed    # the model step alone, on given latents and T5 states
+  python bench.py --row stdit-16x256 --baseline       # eager, math attention, fp32 weights, no fused kernels
+  python bench.py --row stdit-64x512 --max-tokens     # the longest video (frames at 512x512) that trains
+  python bench.py --row stdit-16x256 --sample         # seconds per sample: 100 DDPM steps + guidance + decode
+  torchrun --nproc_per_node=2 bench.py --model STDiT-XL/2 --tokens 368640 --size 512 512 --grad-checkpoint --sp-size 2
+
+The encoders are the real architectures. Without their weights at hand (no hub here) they are built from
+their configs with random weights, which run at the same speed; the T5 tokenizer is then a stand-in that
+hashes words to ids (tokenizing is CPU work off the GPU's critical path).
+
+Fast (default) vs --baseline: blocks compiled, SDPA's fused attention, bf16 compute weights with fp32 master
+weights in zero.py (`train.py --zero 2 --compile`, on one GPU a group of one), fused AdamW, channels-last SD-VAE
+in micro-batches; the baseline is eager PyTorch, math attention, fp32 weights under bf16 autocast, a
+for-loop AdamW, and the SD-VAE and T5 as plain bf16 diffusers/transformers calls on the whole batch.
 
 Tokens are counted after the SD-VAE (x8) and the patch (1, 2, 2): 16x256x256 is 4,096 tokens per sample.
-MFU counts model FLOPs (SPEC.md): training = 3 x forward, forward per token per layer 24 D^2 + 4 D N for
-DiT and 36 D^2 + 4 D (S + T + L) for STDiT; recomputation under gradient checkpointing is not counted.
---comm-profile adds the share of step time the GPU spends in NCCL kernels (one profiled step).
+MFU counts model FLOPs (SPEC.md): training = 3 x forward; forward per token per layer 24 D^2 + 4 D N for DiT
+(plus 4 D^2 + 4 D L with cross-attention) and 36 D^2 + 4 D (S + T + L) for STDiT; encoder FLOPs and the
+recomputation of gradient checkpointing are not counted.
 """
 import argparse
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -26,7 +42,28 @@ import seqparallel
 import train
 from model import build_model
 
-PEAK_TFLOPS = {"H100": 799, "H200": 788}  # bf16 8192^3 matmuls measured on these machines (SPEC.md, KINDS.md)
+# The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
+# (published samples/s/GPU, tokens/s/GPU). Batch sizes are ours, per GPU, picked to fill an 80 GB H100.
+ROWS = {
+    "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=256), (175, 45e3)),
+    "dit-16x256": (dict(model="DiT-XL/2", frames=16, size=(256, 256), batch=8), (7.20, 29e3)),
+    "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=8), (7.00, 28e3)),
+    "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=2), (0.85, 14e3)),
+    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=4), (1.45, 23e3)),
+    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=1, ckpt=True), (0.08, 5e3)),
+    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=2, ckpt=True), (0.40, 25e3)),
+    "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=1, ckpt=True, sp=2), (0.10, 18e3)),
+    "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=1, ckpt=True, sp=2), (None, None)),
+}
+# Published sampling, Open-Sora v1.0 on one H800, 100 DDPM steps with guidance: seconds per sample
+PUBLISHED_SAMPLING = {"stdit-16x256": 5.0, "stdit-16x512": 20.0, "stdit-64x512": 40.0}
+
+# T5-v1.1-XXL's encoder (DeepFloyd/t5-v1_1-xxl): 4,762,310,656 parameters
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+# Stable Diffusion's KL-f8 VAE (stabilityai/sd-vae-ft-ema): 83,653,863 parameters
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256)
 
 
 def model_flops_per_sample(cfg, grid, L):
@@ -35,9 +72,25 @@ def model_flops_per_sample(cfg, grid, L):
     S, N, D = H * W, T * H * W, cfg.hidden
     if cfg.arch == "dit":
         per_token = 24 * D * D + 4 * D * N
+        if cfg.cond == "cross":
+            per_token += 4 * D * D + 4 * D * L
     else:
         per_token = 36 * D * D + 4 * D * (S + T + L)
     return 3 * cfg.depth * N * per_token
+
+
+def matmul_peak_tflops(device, n=8192, reps=30):
+    """The practical bf16 peak of this GPU, measured now: the best of a few timed n^3 matmuls."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        tick = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - tick) / reps)
+    return 2 * n**3 / best / 1e12
 
 
 def nccl_share(step, steps=1):
@@ -54,136 +107,354 @@ def nccl_share(step, steps=1):
     return nccl_us / 1e6 / wall
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="STDiT-XL/2")
-    p.add_argument("--cond", default="cross", choices=["adaln", "cross", "concat"])
-    p.add_argument("--frames", type=int, default=16, help="video frames (latent frames with the SD-VAE)")
-    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="pixel size")
-    p.add_argument("--tokens", type=int, default=None, help="set frames so a sample has this many tokens (at --size)")
-    p.add_argument("--batch-size", type=int, default=1, help="per data-parallel rank")
-    p.add_argument("--text-len", type=int, default=120)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block, as train.py --compile")
-    p.add_argument("--attn", default="auto")
-    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
-                   help="restrict SDPA to one kernel family (auto: torch's choice)")
-    p.add_argument("--weights", default="fp32", choices=["fp32", "bf16"],
-                   help="parameter dtype: fp32 under autocast (train.py) or bf16 (the compute copy ZeRO-2 keeps)")
-    p.add_argument("--sp-size", type=int, default=1)
-    p.add_argument("--sp-kind", default="ulysses", choices=seqparallel.SP_KINDS)
-    p.add_argument("--no-overlap", action="store_true", help="FastSeq without overlapping its all-gather")
-    p.add_argument("--optimizer", default="ddp", choices=["ddp", "zero2", "fsdp2"],
-                   help="DDP + AdamW (train.py's default), our ZeRO-2 (zero.py, bf16 compute weights), or torch's "
-                        "FSDP2 fully_shard(reshard_after_forward=False) with bf16 compute: the library's ZeRO-2")
-    p.add_argument("--steps", type=int, default=3, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--comm-profile", action="store_true")
-    p.add_argument("--out", default=None, help="append the result as a JSON line to this file")
-    args = p.parse_args(argv)
+class HashTokenizer:
+    """Stand-in for T5's sentencepiece tokenizer when its files are absent: words -> ids by a hash, then eos
+    and padding, the shapes and mask T5's tokenizer gives. For speed measurements with random weights only."""
 
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def __call__(self, captions, max_length, **kwargs):
+        from transformers import BatchEncoding
+        ids = torch.zeros(len(captions), max_length, dtype=torch.long)  # 0 = T5's pad id
+        for row, caption in enumerate(captions):
+            words = [2 + zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in caption.split()][:max_length - 1]
+            ids[row, :len(words) + 1] = torch.tensor(words + [1])  # 1 = T5's eos id
+        return BatchEncoding(dict(input_ids=ids, attention_mask=(ids != 0).long()))
+
+
+def sdpa_backends(name):
+    """The SDPA kernels allowed: one family, or torch's choice among all (fused ones first)."""
+    from torch.nn.attention import SDPBackend
+    families = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION)
+    return [families[name]] if name in families else list(families.values()) + [SDPBackend.MATH]
+
+
+def build_encoders(args, device, log, text=True):
+    """(vae, text_encoder): the real weights where they can be loaded, else the same architectures at random."""
+    from diffusers import AutoencoderKL
+    from transformers import T5Config, T5EncoderModel
+
+    from text import TextEncoder
+    from vae import build_vae
+    micro_batch = args.vae_micro_batch if not args.baseline else 0  # 0: every frame of the batch in one call
+    try:
+        vae = build_vae("sd", path=args.vae_path, micro_batch=micro_batch, device=device, dtype=torch.bfloat16)
+    except FileNotFoundError:
+        if args.vae_path:  # a folder or hub id the user named must load
+            raise
+        log("SD-VAE weights not at hand: the same architecture with random weights (same speed)")
+        with tempfile.TemporaryDirectory() as folder:  # through the real loading code, from a local folder
+            torch.manual_seed(0)
+            AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(folder)
+            vae = build_vae("sd", path=folder, micro_batch=micro_batch, device=device, dtype=torch.bfloat16)
+    if not text:  # class-conditional images need no text encoder
+        return vae, None
+    try:
+        text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device, cache_size=0)
+    except FileNotFoundError:
+        if args.text_encoder != "t5":
+            raise
+        log("T5-v1.1-XXL weights not at hand: the same architecture with random weights (same speed)")
+        with device:
+            t5 = T5EncoderModel(T5Config(**T5_XXL)).to(torch.bfloat16)
+        text_encoder = TextEncoder.from_model(t5, HashTokenizer(T5_XXL["vocab_size"]), args.text_len, cache_size=0)
+    if not args.baseline and device.type == "cuda":
+        vae.vae.to(memory_format=torch.channels_last)  # cuDNN's fastest convolutions take NHWC
+        torch.backends.cudnn.benchmark = True
+    return vae, text_encoder
+
+
+def settings(args):
+    """Resolve a --row and the fast/baseline defaults into concrete settings (explicit flags win)."""
+    row = ROWS[args.row][0] if args.row else {}
+    s = dict(model=args.model or row.get("model", "STDiT-XL/2"), cond=args.cond or row.get("cond", "cross"),
+             classes=row.get("classes", 0), frames=args.frames or row.get("frames", 16),
+             size=tuple(args.size or row.get("size", (256, 256))), batch=args.batch_size or row.get("batch", 1),
+             ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", False),
+             sp=args.sp_size or row.get("sp", 1))
+    s["compile"] = args.compile if args.compile is not None else not args.baseline
+    s["attn"] = args.attn or ("math" if args.baseline else "auto")
+    s["optimizer"] = args.optimizer or ("ddp" if args.baseline else "zero2")
+    return s
+
+
+def bench_training(args, s, device, rank, world, log):
+    vae = text_encoder = None
+    if not args.precomputed:
+        vae, text_encoder = build_encoders(args, device, log, text=not s["classes"])
     torch.manual_seed(0)
-
-    with device:  # initialise on the GPU: an XL model's init on one CPU thread (torchrun's default) takes a minute
-        model = build_model(args.model, cond=args.cond, attn=args.attn, grad_checkpoint=args.grad_checkpoint,
-                            caption_len=args.text_len)
-    if args.weights == "bf16":
-        model.to(torch.bfloat16)
+    with device:  # initialise on the GPU: an XL model's init on one CPU thread takes a minute
+        model = build_model(s["model"], cond=s["cond"], num_classes=s["classes"], attn=s["attn"], grad_checkpoint=s["ckpt"],
+                            caption_len=args.text_len, caption_channels=text_encoder.dim if text_encoder else 4096)
     n_params = sum(p.numel() for p in model.parameters())
-    H, W = (s // 8 for s in args.size)  # SD-VAE latents
+    H, W = (n // 8 for n in s["size"])  # SD-VAE latents
     S = (H // model.cfg.patch[1]) * (W // model.cfg.patch[2])
-    T = args.frames if args.tokens is None else math.ceil(args.tokens / S)
+    T = s["frames"] if args.tokens is None else math.ceil(args.tokens / S)
     sp_group = None
-    if args.sp_size > 1:
-        sp_group, _, _ = seqparallel.init_groups(args.sp_size)
+    if s["sp"] > 1:
+        sp_group, _, _ = seqparallel.init_groups(s["sp"])
         seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind, overlap=not args.no_overlap)
-    if args.compile:
-        for block in model.blocks:
-            block.compile()
-    fused = device.type == "cuda"
-    if args.optimizer == "zero2":
+    fused = device.type == "cuda" and not args.baseline
+    if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
         from zero import ZeRO2
         net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
-    elif args.optimizer == "fsdp2":
+    elif s["optimizer"] == "fsdp2":  # torch's own ZeRO-2, for comparison
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=False, mp_policy=policy)
         net = fully_shard(model, reshard_after_forward=False, mp_policy=policy)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-    else:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if fused else None) \
-            if distributed else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    else:  # DDP (train.py's default): fp32 weights under autocast
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world > 1 else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if args.baseline else None)
+    if s["compile"]:
+        for block in model.blocks:
+            block.compile()
     diffusion = train.IDDPM()
-    B = args.batch_size
-    z = torch.randn(B, model.cfg.in_channels, T, H, W, device=device)
-    y = torch.randn(B, args.text_len, model.cfg.caption_channels, device=device)
-    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backends = dict(flash=[SDPBackend.FLASH_ATTENTION], cudnn=[SDPBackend.CUDNN_ATTENTION],
-                    efficient=[SDPBackend.EFFICIENT_ATTENTION]).get(args.sdpa_backend)
-    backends = backends or [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    B = s["batch"]
+    if args.precomputed:
+        z = torch.randn(B, model.cfg.in_channels, T, H, W, device=device)
+        y = torch.randn(B, args.text_len, model.cfg.caption_channels, device=device)
+        mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+    else:
+        video = torch.rand(B, 3, T, *s["size"], device=device) * 2 - 1  # synthetic frames in [-1, 1]
+    if model.cfg.num_classes:  # class-conditional images: labels, no text encoder
+        labels = torch.randint(0, model.cfg.num_classes, (B,), device=device)
+    backends = sdpa_backends(args.sdpa_backend)
+    calls = [0]
 
     def step():
+        from torch.nn.attention import sdpa_kernel
+        calls[0] += 1
         with sdpa_kernel(backends):
-            loss = train.training_step(net, diffusion, z, y, mask, args.precision)
+            if model.cfg.num_classes:
+                z_, y_, mask_ = (z if args.precomputed else vae.encode(video)), labels, None
+            elif args.precomputed:
+                z_, y_, mask_ = z, y, mask
+            else:  # a fresh caption per sample and step: the published rows ran T5 on every batch
+                captions = [f"sample {calls[0]} {i} a camera pans across a city street at night" for i in range(B)]
+                z_, y_, mask_ = train.encode(vae, text_encoder, video, captions)
+            loss = train.training_step(net, diffusion, z_, y_, mask_, args.precision)
             loss.backward()
-        if args.optimizer == "zero2":  # ZeRO-2 clips over its slices and updates its sharded EMA in step()
+        if s["optimizer"] == "zero2":  # ZeRO-2 clips over its slices
             opt.clip_grad_norm_(1.0)
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False if args.baseline else None)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    seconds, states = timed(step, args.warmup, args.steps, device)
+    grid = (T, H // model.cfg.patch[1], W // model.cfg.patch[2])
+    tokens = math.prod(grid)
+    dp = world // s["sp"]
+    tflops = model_flops_per_sample(model.cfg, grid, args.text_len) * B * dp / seconds / world / 1e12
+    result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
+                  sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
+                  attn=s["attn"], optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
+                  samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
+                  tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
+    result.update(gpu_facts(device, tflops))
+    if device.type == "cuda":
+        result["state_bytes_per_param"] = round(states / n_params, 2)
+    if args.comm_profile and device.type == "cuda":
+        result["nccl_share"] = round(nccl_share(step), 3)
+    if args.profile and rank == 0:  # where one step's GPU time goes, by kernel
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        log(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    if args.row:
+        result["published_samples_per_s"], result["published_tokens_per_s"] = ROWS[args.row][1]
+    return result
+
+
+def timed(fn, warmup, steps, device):
+    """Seconds per call after warm-up, and the memory held between calls (weights and optimizer state)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
+    for _ in range(warmup):
+        fn()
     sync()
-    inputs = sum(t.numel() * t.element_size() for t in (z, y, mask))
-    states = torch.cuda.memory_allocated(device) - inputs if device.type == "cuda" else None  # weights + optimizer
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tick = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    for _ in range(steps):
+        fn()
     sync()
-    seconds = (time.perf_counter() - tick) / args.steps
+    return (time.perf_counter() - tick) / steps, held
 
-    grid = (T, H // model.cfg.patch[1], W // model.cfg.patch[2])
-    tokens = math.prod(grid)
-    dp = world // args.sp_size
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    tflops = model_flops_per_sample(model.cfg, grid, args.text_len) * B * dp / seconds / world / 1e12
-    result = dict(model=args.model, cond=args.cond if model.cfg.arch == "dit" else "cross", grid=grid, tokens=tokens,
-                  batch=B, gpus=world, sp=args.sp_size, sp_kind=args.sp_kind if args.sp_size > 1 else None,
-                  overlap=not args.no_overlap, grad_checkpoint=args.grad_checkpoint, compile=args.compile, optimizer=args.optimizer,
-                  weights="bf16" if args.optimizer == "zero2" else args.weights, sdpa=args.sdpa_backend,
-                  step_s=round(seconds, 4), samples_per_s_per_gpu=round(B * dp / seconds / world, 4),
-                  tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1),
-                  mfu=round(tflops / peak, 3) if peak else None, device=gpu,
-                  peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
-                  state_bytes_per_param=round(states / n_params, 2) if states is not None else None)
-    if args.comm_profile and device.type == "cuda":
-        result["nccl_share"] = round(nccl_share(step), 3)
+
+def gpu_facts(device, tflops):
+    if device.type != "cuda":
+        return dict(device="cpu")
+    memory = torch.cuda.max_memory_allocated(device) / 2**30  # read before the matmuls below allocate
+    peak = matmul_peak_tflops(device)
+    return dict(device=torch.cuda.get_device_name(device), matmul_peak_tflops=round(peak), mfu=round(tflops / peak, 3),
+                peak_mem_gb=round(memory, 1))
+
+
+def bench_sampling(args, s, device, log):
+    """Seconds per sample for sample.py's generate(): `--sample-steps` steps of `--sampler` with guidance (a batch
+    of 2B), then the SD-VAE decode; the model in bf16 with compiled blocks (eager with --baseline)."""
+    import sample
+    vae, text_encoder = build_encoders(args, device, log)
+    torch.manual_seed(0)
+    with device:
+        model = build_model(s["model"], attn=s["attn"], caption_len=args.text_len, caption_channels=text_encoder.dim)
+    if not args.baseline and device.type == "cuda":  # bf16 weights (CPUs run bf16 matmuls slowly)
+        model.to(torch.bfloat16)
+    if s["compile"]:
+        for block in model.blocks:
+            block.compile()
+    prompts = [f"prompt {i}: a red panda climbs a tree" for i in range(s["batch"])]
+    size = (s["frames"], *s["size"])
+
+    def run():
+        sample.generate(model, vae, text_encoder, prompts, size, sampler=args.sampler, steps=args.sample_steps,
+                        cfg_scale=7.0, precision=args.precision)
+    seconds, _ = timed(run, 1, 1, device)  # the warm-up call compiles
+    T, H, W = vae.latent_shape(*size)
+    result = dict(row=args.row, task="sampling", model=s["model"], frames=s["frames"], size=s["size"], batch=s["batch"],
+                  sampler=args.sampler, steps=args.sample_steps, cfg_scale=7.0, mode="baseline" if args.baseline else "fast",
+                  seconds_per_sample=round(seconds / s["batch"], 3),
+                  published_seconds_per_sample=PUBLISHED_SAMPLING.get(args.row) if args.sample_steps == 100 else None)
+    flops = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * args.sample_steps * s["batch"]
+    result.update(gpu_facts(device, flops / seconds / 1e12))
+    return result
+
+
+def child(argv, extra, nproc, timeout):
+    """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs): its JSON result, or None
+    when it failed (out of memory, typically). A fresh process frees all memory, and an out-of-memory error on
+    one rank of a sequence-parallel group cannot hang the others forever."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    try:
+        out = subprocess.run(launcher + [os.path.abspath(__file__)] + argv + extra, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if out.returncode == 0 and lines else None
+
+
+def strip(argv, *flags):
+    return [a for a in argv if a not in flags]
+
+
+def max_tokens(args, s, argv, log):
+    """The longest video that trains a step: from --frames, double until a step fails, then bisect to 5%."""
+    if args.tokens:
+        sys.exit("--max-tokens starts from --frames (at --size): drop --tokens")
+    argv = strip(argv, "--max-tokens") + ["--steps", "1", "--warmup", "1"]
+    frames, good, bad, best = s["frames"], 0, None, None
+    while True:
+        result = child(argv, ["--frames", str(frames)], s["sp"], args.trial_timeout)
+        log(f"{frames} frames: " + (f"trains, {result['tokens']} tokens, {result['step_s']} s/step" if result else "fails"))
+        if result:
+            good, best = frames, result
+        else:
+            bad = frames
+        if bad is None:
+            frames *= 2
+        elif bad - good <= max(1, good // 20):
+            break
+        else:
+            frames = (good + bad) // 2
+    if best is None:
+        sys.exit("not even one frame trains: lower --batch-size, or add --grad-checkpoint or --sp-size")
+    return dict(best, max_tokens=best["tokens"], max_frames=good, first_failing_frames=bad)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", choices=list(ROWS) + ["all"], help="a published setting (flags below override its values)")
+    p.add_argument("--model", help="a preset of model.py (default STDiT-XL/2)")
+    p.add_argument("--cond", choices=["adaln", "cross", "concat"])
+    p.add_argument("--frames", type=int, help="video frames (latent frames with the SD-VAE)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="pixel size")
+    p.add_argument("--tokens", type=int, help="set frames so a sample has this many tokens (at --size)")
+    p.add_argument("--batch-size", type=int, help="per data-parallel rank")
+    p.add_argument("--text-len", type=int, default=120, help="caption tokens (T5 in Open-Sora v1.0: 120)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--precomputed", action="store_true", help="skip the encoders: synthetic latents and T5 states")
+    p.add_argument("--baseline", action="store_true", help="eager, math attention, fp32 weights, no fused kernels")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each block")
+    p.add_argument("--attn", choices=["auto", "flash", "sdpa", "math"])
+    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
+    p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
+                   help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
+                        "torch's FSDP2 fully_shard(reshard_after_forward=False): the library's ZeRO-2")
+    p.add_argument("--vae-micro-batch", type=int, default=64, help="frames per SD-VAE call")
+    p.add_argument("--vae-path", default=None, help="SD-VAE folder or hub id (default stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--text-encoder", default="t5", help="text encoder folder or hub id (default T5-v1.1-XXL)")
+    p.add_argument("--sp-size", type=int)
+    p.add_argument("--sp-kind", default="ulysses", choices=seqparallel.SP_KINDS)
+    p.add_argument("--no-overlap", action="store_true", help="FastSeq without overlapping its all-gather")
+    p.add_argument("--max-tokens", action="store_true", help="search the longest video that trains a step")
+    p.add_argument("--trial-timeout", type=int, default=900, help="seconds per --max-tokens trial")
+    p.add_argument("--sample", action="store_true", help="time sampling (sample.py's generate) instead of training")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--sample-steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print one step's top kernels (torch.profiler)")
+    p.add_argument("--comm-profile", action="store_true", help="also the share of step time in NCCL kernels")
+    p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
+    args = p.parse_args(argv)
+
+    if args.row == "all":  # every row in its own process (torchrun for the sequence-parallel ones)
+        rows = []
+        for name, (row, _) in ROWS.items():
+            nproc = args.sp_size or row.get("sp", 1)
+            if nproc > max(1, torch.cuda.device_count()):
+                print(f"{name}: needs {nproc} GPUs, skipped")
+                continue
+            rows.append(child(strip(argv, "--row", "all"), ["--row", name], nproc, args.trial_timeout) or dict(row=name, failed=True))
+            print(f"{name}: done", file=sys.stderr, flush=True)
+        return write(args, rows)
+
+    distributed = "RANK" in os.environ
+    s = settings(args)
+    if s["sp"] > 1 and not distributed:
+        sys.exit(f"--sp-size {s['sp']} needs {s['sp']} processes: torchrun --nproc_per_node={s['sp']} bench.py ...")
+    if args.max_tokens:
+        if distributed:
+            sys.exit("run --max-tokens with plain python: it launches torchrun for each trial itself")
+        return write(args, [max_tokens(args, s, argv, print)])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if distributed:
+        dist.init_process_group(backend)
+    elif s["optimizer"] != "ddp" and not args.sample:  # ZeRO-2 / FSDP2 on one process: a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
+    try:
+        result = bench_sampling(args, s, device, log) if args.sample else bench_training(args, s, device, rank, world, log)
+    except FileNotFoundError as e:  # a named encoder folder or hub id that cannot be loaded
+        sys.exit(str(e))
     if rank == 0:
-        print(json.dumps(result))
+        write(args, [result])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def write(args, results):
+    for r in results:
+        print(json.dumps(r), flush=True)
         if args.out:
             with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
-    if distributed:
-        dist.destroy_process_group()
+                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

@@ -1231,3 +1231,88 @@ def test_zero2_matches_adamw_on_one_process(world):
     clipping, with gradient accumulation, with sequence parallelism (world = dp x 2); the sharded EMA;
     an exact checkpoint round trip; a clear error for slices cut for another world size; fp16 overflow skips."""
     _spawn(_zero_worker, world)
+
+
+# bench.py: the benchmark machinery on tiny configs (speed itself is measured on GPUs, never asserted here)
+
+TINY_T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False)
+TINY_SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+
+
+def run_bench(argv, capsys):
+    import bench
+    bench.main(argv)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
+    """No hub here: the default SD-VAE and T5 come from their configs (shrunk for the CPU), and the timed step
+    is train.py's: encode, loss, backward, clip, step."""
+    import bench
+    monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
+    monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
+    calls = []
+    real_encode = __import__("train").encode
+    monkeypatch.setattr("train.encode", lambda *a: calls.append(a[3]) or real_encode(*a))
+    out, = run_bench(["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
+                      "--steps", "2", "--warmup", "1", "--no-compile"], capsys)
+    assert out["encoders"] == "online" and out["tokens"] == 2 * 2 * 2 and out["optimizer"] == "zero2"
+    assert out["samples_per_s_per_gpu"] > 0 and out["model_tflops_per_gpu"] >= 0
+    assert len(calls) == 3 and len({c for batch in calls for c in batch}) == 6  # fresh captions every step
+
+
+def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):
+    import bench
+    with pytest.raises(SystemExit, match="not found"):
+        bench.main(["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--text-encoder", str(tmp_path / "nope"),
+                    "--steps", "1", "--warmup", "0", "--no-compile"])
+
+
+def test_bench_rows_baseline_and_flops(capsys):
+    import bench
+    out, = run_bench(["--row", "dit-img256", "--model", "DiT-debug", "--size", "32", "32", "--batch-size", "2",
+                      "--precomputed", "--baseline", "--steps", "1", "--warmup", "1"], capsys)
+    assert (out["mode"], out["attn"], out["optimizer"], out["compile"], out["cond"]) == ("baseline", "math", "ddp", False, "adaln")
+    assert out["published_samples_per_s"] == 175
+    # SPEC.md's counts: DiT-XL/2 on 256x256 images 3 x 28 x 256 x (24 D^2 + 4 D 256); STDiT-XL/2 at 16x256
+    dit, stdit = M.ModelConfig(arch="dit", num_classes=1000, cond="adaln"), M.ModelConfig(arch="stdit")  # XL/2 sizes
+    assert bench.model_flops_per_sample(dit, (1, 16, 16), 0) == 3 * 28 * 256 * (24 * 1152**2 + 4 * 1152 * 256)
+    assert bench.model_flops_per_sample(stdit, (16, 16, 16), 120) == 3 * 28 * 4096 * (36 * 1152**2 + 4 * 1152 * (256 + 16 + 120))
+    assert set(bench.ROWS) >= {f"{m}-{r}" for m in ("dit", "stdit") for r in ("16x256", "16x512", "64x512", "360x512")}
+
+
+def test_bench_max_tokens_search(monkeypatch):
+    """Doubling then bisection finds the largest frame count that trains, to 5%."""
+    import bench
+    limit, tried = 37, []
+
+    def fake_child(argv, extra, nproc, timeout):
+        frames = int(extra[1])
+        tried.append(frames)
+        return dict(tokens=frames * 256, step_s=1.0, frames=frames) if frames <= limit else None
+    monkeypatch.setattr(bench, "child", fake_child)
+    out = bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
+    assert out["max_frames"] in (36, 37) and out["first_failing_frames"] - out["max_frames"] <= 2
+    assert tried[:5] == [4, 8, 16, 32, 64] and out["max_tokens"] == out["max_frames"] * 256
+    monkeypatch.setattr(bench, "child", lambda *a: None)
+    with pytest.raises(SystemExit, match="not even one frame"):
+        bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
+
+
+def test_bench_sampling_time(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
+    monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
+    out, = run_bench(["--row", "stdit-16x256", "--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2",
+                      "--text-len", "8", "--sample", "--sampler", "dpm", "--sample-steps", "3", "--no-compile"], capsys)
+    assert out["task"] == "sampling" and out["steps"] == 3 and out["seconds_per_sample"] > 0
+    assert out["published_seconds_per_sample"] is None  # published figures are for 100 DDPM steps
+
+
+def test_hash_tokenizer_gives_t5_shapes():
+    import bench
+    tok = bench.HashTokenizer(100)(["a red ball", "x " * 50], max_length=8)
+    assert tok.input_ids.shape == (2, 8) and tok.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert tok.input_ids[0, 3] == 1 and tok.attention_mask[1].all() and int(tok.input_ids.max()) < 100

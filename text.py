@@ -71,16 +71,30 @@ class TextEncoder:
             # T5-XXL runs in bf16 on GPUs, as PixArt-alpha and Open-Sora run it (fp16 overflows in T5's
             # feed-forward); CPUs get fp32, where bf16 matmuls are slow
             dtype = torch.bfloat16 if self.is_t5 and self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
         # T5: the encoder half only (T5-XXL's decoder would double the memory for nothing);
         # CLIP: the text tower only; anything else (BERT, MiniLM, ...) is an encoder already
         model_class = T5EncoderModel if self.is_t5 else CLIPTextModel if self.is_clip else AutoModel
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.model = model_class.from_pretrained(source, dtype=dtype).to(self.device).eval()
+        model = model_class.from_pretrained(source, dtype=dtype)
+        self._setup(model, AutoTokenizer.from_pretrained(source), max_length or default_length, cache_size, name)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, max_length, cache_size=0):
+        """Wrap an encoder built elsewhere, e.g. bench.py's T5-XXL with random weights from its config."""
+        self = cls.__new__(cls)
+        config = model.config
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.is_t5, self.is_clip = config.model_type in T5_TYPES, config.model_type in CLIP_TYPES
+        self._setup(model, tokenizer, max_length, cache_size, config.model_type)
+        return self
+
+    def _setup(self, model, tokenizer, max_length, cache_size, name):
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)                  # a frozen feature extractor, never trained here
-        self.dtype = dtype
         self.dim = self.model.config.hidden_size           # d_model for T5 (4096 for XXL), 384 for MiniLM
 
-        self.max_length = max_length or default_length
+        self.max_length = max_length
         # learned position tables cap the length (CLIP 77, BERT 512); T5's relative positions have no cap
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and self.max_length > limit:
