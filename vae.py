@@ -96,6 +96,15 @@ class SDVAE(VideoVAE):
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.compression = (1, factor, factor)
 
+    def compile_for_speed(self):
+        """Channels-last weights and compiled encoder and decoder (GroupNorm + SiLU fused into few kernels):
+        on an H100 in bf16, 2.0x the plain calls' frames/s at 256x256 and 1.4x at 512x512 (bench.py --encoders).
+        Channels-last alone is slower: cuDNN then converts layouts around every eager GroupNorm."""
+        self.vae.to(memory_format=torch.channels_last)
+        self.vae.encoder.compile()
+        self.vae.decoder.compile()
+        return self
+
     def _frames(self, x, fn):
         """Apply fn to the frames of x (B, C, T, H, W) in micro-batches; returns (B, C', T, H', W')."""
         B = x.shape[0]
