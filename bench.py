@@ -44,17 +44,18 @@ import train
 from model import build_model
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
-# (published samples/s/GPU, tokens/s/GPU). Batch sizes are ours, per GPU, picked to fill an 80 GB H100.
+# (published samples/s/GPU, tokens/s/GPU). Batch sizes are ours, per GPU, (online, --precomputed): the largest that
+# fit an 80 GB H100 (online, T5-XXL holds 9.5 GB of it).
 ROWS = {
-    "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=128), (175, 45e3)),
-    "dit-16x256": (dict(model="DiT-XL/2", frames=16, size=(256, 256), batch=8), (7.20, 29e3)),
-    "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=8), (7.00, 28e3)),
-    "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=2), (0.85, 14e3)),
-    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=2), (1.45, 23e3)),
-    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=1, ckpt=True), (0.08, 5e3)),
-    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=2, ckpt=True), (0.40, 25e3)),
-    "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=1, ckpt=True, sp=2), (0.10, 18e3)),
-    "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=1, ckpt=True, sp=2), (None, None)),
+    "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=(128, 128)), (175, 45e3)),
+    "dit-16x256": (dict(model="DiT-XL/2", frames=16, size=(256, 256), batch=(6, 8)), (7.20, 29e3)),
+    "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=(6, 8)), (7.00, 28e3)),
+    "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (0.85, 14e3)),
+    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (1.45, 23e3)),
+    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=True), (0.08, 5e3)),
+    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 2), ckpt=True), (0.40, 25e3)),
+    "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=True, sp=2), (0.10, 18e3)),
+    "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=True, sp=2), (None, None)),
 }
 # Published sampling, Open-Sora v1.0 on one H800, 100 DDPM steps with guidance: seconds per sample
 PUBLISHED_SAMPLING = {"stdit-16x256": 5.0, "stdit-16x512": 20.0, "stdit-64x512": 40.0}
@@ -172,7 +173,8 @@ def settings(args):
     row = ROWS[args.row][0] if args.row else {}
     s = dict(model=args.model or row.get("model", "STDiT-XL/2"), cond=args.cond or row.get("cond", "cross"),
              classes=row.get("classes", 0), frames=args.frames or row.get("frames", 16),
-             size=tuple(args.size or row.get("size", (256, 256))), batch=args.batch_size or row.get("batch", 1),
+             size=tuple(args.size or row.get("size", (256, 256))),
+             batch=args.batch_size or row.get("batch", (1, 1))[1 if args.precomputed else 0],
              ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", False),
              sp=args.sp_size or row.get("sp", 1))
     s["compile"] = args.compile if args.compile is not None else not args.baseline
