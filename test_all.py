@@ -506,8 +506,196 @@ def test_vae_errors(tmp_path):
         vae.encode(torch.zeros(1, 3, 2, 20, 32))
     with pytest.raises(ValueError, match="multiples"):
         vae.latent_shape(16, 256, 250)
-    with pytest.raises(ValueError, match="unknown VAE kind 'vq2'"):
+    with pytest.raises(ValueError, match="unknown VAE kind 'vq2'.*'vqvae' or 'video'"):
         build_vae("vq2")
+
+
+# VideoGPT's VQ-VAE at its published defaults with the (2, 4, 4) downsampling of its kinetics_stride2x4x4
+# checkpoint: keys and shapes derived from videogpt/vqvae.py (Encoder, Decoder, AttentionResidualBlock,
+# AxialBlock of three MultiHeadAttention, Codebook buffers). 283 in all: per side 4 residual blocks of 32
+# (3 BatchNorms x 5, 2 bias-free convs, 3 attentions x (w_qs, w_ks, w_vs, fc weight, fc bias)) plus the final
+# BatchNorm (5); the encoder's 2 strided convs and conv_last (6), the decoder's 2 transposed convs (4);
+# pre_vq_conv and post_vq_conv (4); the codebook's embeddings, N and z_avg (3).
+VQVAE_KEYS = {
+    "encoder.convs.0.conv.weight": (240, 3, 4, 4, 4),            # stride (2, 2, 2)
+    "encoder.convs.1.conv.weight": (240, 240, 4, 4, 4),          # stride (1, 2, 2)
+    "encoder.conv_last.conv.bias": (240,),
+    "encoder.res_stack.0.block.0.running_var": (240,),
+    "encoder.res_stack.3.block.2.conv.weight": (120, 240, 3, 3, 3),
+    "encoder.res_stack.3.block.3.num_batches_tracked": (),
+    "encoder.res_stack.3.block.5.conv.weight": (240, 120, 1, 1, 1),
+    "encoder.res_stack.1.block.8.attn_t.w_qs.weight": (240, 240),
+    "encoder.res_stack.1.block.8.attn_h.fc.bias": (240,),
+    "encoder.res_stack.4.weight": (240,),
+    "pre_vq_conv.conv.weight": (256, 240, 1, 1, 1),
+    "codebook.embeddings": (2048, 256),
+    "codebook.N": (2048,),
+    "codebook.z_avg": (2048, 256),
+    "post_vq_conv.conv.weight": (240, 256, 1, 1, 1),
+    "decoder.res_stack.2.block.8.attn_w.w_vs.weight": (240, 240),
+    "decoder.res_stack.4.running_mean": (240,),
+    "decoder.convts.0.convt.weight": (240, 240, 4, 4, 4),        # ConvTranspose3d weights are (in, out, k, k, k)
+    "decoder.convts.1.convt.weight": (240, 3, 4, 4, 4),
+    "decoder.convts.1.convt.bias": (3,),
+}
+
+
+def test_vqvae_matches_the_published_layout():
+    from vae import VQVAE
+    vq = VQVAE()
+    state = vq.state_dict()
+    assert len(state) == 283
+    assert {k: tuple(state[k].shape) for k in VQVAE_KEYS} == VQVAE_KEYS
+    assert "encoder.res_stack.0.block.2.conv.bias" not in state and "encoder.convs.2.conv.weight" not in state
+    assert vq.out_channels == 256 and vq.compression == (2, 4, 4) and vq.latent_shape(16, 256, 256) == (8, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 2, 4 and 4"):
+        vq.latent_shape(15, 256, 256)
+
+
+def tiny_vqvae(seed=0):
+    from vae import VQVAE, VQVAEConfig
+    torch.manual_seed(seed)
+    return VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=32))
+
+
+def test_vqvae_codebook_ema_restart_and_straight_through():
+    from vae import Codebook
+    book = Codebook(4, 2).train()
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    book.embeddings.copy_(codes), book.z_avg.copy_(codes), book.N.copy_(torch.tensor([1.0, 2.0, 1.0, 1.0]))
+    # six vectors (B=1, C=2, T=1, H=1, W=6): nearest codes 0, 0, 1, 1, 2, 2; code 3 gets none
+    flat = torch.tensor([[0.1, 0.0], [0.0, -0.1], [0.9, 0.1], [1.1, 0.0], [0.0, 0.8], [0.1, 1.2]])
+    z = flat.t().reshape(1, 2, 1, 1, 6).requires_grad_()
+    out, commitment, perplexity = book(z)
+    nearest = codes[[0, 0, 1, 1, 2, 2]]
+    torch.testing.assert_close(out.detach().reshape(2, 6).t(), nearest)
+    torch.testing.assert_close(commitment, 0.25 * (flat - nearest).pow(2).mean())
+    torch.testing.assert_close(perplexity, torch.tensor(3.0))               # three codes used equally
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))                  # straight through: d out / d z = 1
+    # EMA (decay 0.99) of the counts and sums; the codes are their ratio (Laplace smoothing negligible here)
+    counts, sums = torch.tensor([2.0, 2, 2, 0]), torch.stack([flat[:2].sum(0), flat[2:4].sum(0), flat[4:].sum(0), torch.zeros(2)])
+    N = 0.99 * torch.tensor([1.0, 2.0, 1.0, 1.0]) + 0.01 * counts
+    torch.testing.assert_close(book.N[:3], N[:3])
+    torch.testing.assert_close(book.embeddings[:3], (0.99 * codes + 0.01 * sums)[:3] / N[:3, None])
+    # code 3 fell under one pick per step: restarted on one of the batch's encoder outputs
+    assert any(torch.equal(book.embeddings[3], v) for v in flat) and book.N[3] == 1
+    torch.testing.assert_close(book.z_avg[3], book.embeddings[3])
+    # evaluation mode never moves the codes
+    book.eval()
+    before = book.embeddings.clone()
+    book(z.detach())
+    assert torch.equal(book.embeddings, before)
+
+
+def test_vqvae_forward_backward_encode_decode():
+    vq = tiny_vqvae().train()
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    recon, recon_loss, commitment, perplexity = vq(x)
+    assert recon.shape == x.shape and recon_loss > 0 and commitment > 0 and 1 <= perplexity <= 32
+    # the first training batch puts every code on an encoder output (VideoGPT's data-dependent init)
+    assert (vq.codebook.N > 0).all()
+    (recon_loss + commitment).backward()
+    # the straight-through estimator carries the reconstruction gradient past the codebook into the encoder
+    for p in (vq.encoder.convs[0].conv.weight, vq.pre_vq_conv.conv.weight, vq.decoder.convts[-1].convt.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert not any(p is vq.codebook.embeddings for p in vq.parameters())    # codes move by EMA, not by Adam
+    vq.eval()
+    z = vq.encode(x)
+    assert z.shape == (2, 8, 2, 4, 4)                                       # (B, embedding_dim, T/2, H/4, W/4)
+    torch.testing.assert_close(vq.decode(z), vq(x)[0])                      # decode snaps z to the codes
+    vq.config.scaling_factor = 2.0                                          # latents scaled, decode undoes it
+    torch.testing.assert_close(vq.encode(x), 2 * z)
+    torch.testing.assert_close(vq.decode(vq.encode(x)), vq(x)[0])
+
+
+def test_vqvae_loads_from_folder_hub_id_and_videogpt_checkpoint(tmp_path, monkeypatch):
+    import argparse
+    import huggingface_hub
+    from safetensors.torch import load_file
+    from vae import save_vqvae
+    vq = tiny_vqvae().train()
+    vq(torch.rand(2, 3, 4, 16, 16) * 2 - 1)                                 # codebook initialised, BN stats moved
+    save_vqvae(vq, str(tmp_path / "ours"))
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]   # no .tmp left
+
+    def same_weights(vae):
+        assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+        assert all(torch.equal(vae.state_dict()[k], v) for k, v in vq.state_dict().items())
+    same_weights(build_vae("vqvae", path=str(tmp_path / "ours")))
+    # a hub id is fetched (config.json + weights) into the hub cache, then read by the same folder code
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: fetched.append(repo) or str(tmp_path / "ours"))
+    same_weights(build_vae("vqvae", path="someone/videogpt-vqvae"))
+    assert fetched == ["someone/videogpt-vqvae"]
+    # Open-Sora-Plan's layout: config.json with downsample "2,4,4" and extra settings, pytorch_model.bin;
+    # without a scaling_factor it is estimated from the spread of the codes
+    (tmp_path / "osp").mkdir()
+    settings = dict(embedding_dim=8, n_codes=32, n_hiddens=16, n_res_layers=1, downsample="2,4,4", resolution=16,
+                    sequence_length=4, no_pos_embd=False)
+    (tmp_path / "osp" / "config.json").write_text(json.dumps(settings))
+    torch.save(vq.state_dict(), tmp_path / "osp" / "pytorch_model.bin")
+    osp = build_vae("vqvae", path=str(tmp_path / "osp"))
+    same_weights(osp)
+    torch.testing.assert_close(osp.config.scaling_factor, 1 / vq.codebook.embeddings.std().item())
+    # VideoGPT's own Lightning checkpoint: the state dict plus hyper_parameters.args, an argparse.Namespace
+    ckpt = tmp_path / "kinetics_tiny.ckpt"
+    torch.save({"state_dict": vq.state_dict(), "epoch": 3,
+                "hyper_parameters": {"args": argparse.Namespace(**dict(settings, downsample=[2, 4, 4]))}}, ckpt)
+    same_weights(build_vae("vqvae", path=str(ckpt)))
+    # never unpickle code: a checkpoint holding a function reference is refused
+    torch.save({"state_dict": vq.state_dict(), "hook": print}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="not unpickled"):
+        build_vae("vqvae", path=str(tmp_path / "bad.ckpt"))
+    with pytest.raises(FileNotFoundError, match="needs --vae-path"):
+        build_vae("vqvae")
+    with pytest.raises(FileNotFoundError, match="VAE weights .* not found.*no such folder"):
+        build_vae("vqvae", path=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="none of model.safetensors"):
+        build_vae("vqvae", path=str(tmp_path / "empty"))
+    settings["n_hiddens"] = 32                                              # weights of another size
+    (tmp_path / "osp" / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="does not fit a VQ-VAE.*n_hiddens"):
+        build_vae("vqvae", path=str(tmp_path / "osp"))
+    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == vq.state_dict().keys()
+
+
+def make_tiny_video_vae(folder):
+    """Wan 2.1's VAE layout (causal 3D convs, x4 time, x8 space) at 8 base channels and 4 latent channels."""
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.1, 0.2, -0.1, 0.0], latents_std=[1.5, 2.0, 1.0, 0.5])
+    vae.save_pretrained(str(folder))
+    return vae
+
+
+def test_video_vae_round_trip(tmp_path):
+    reference = make_tiny_video_vae(tmp_path / "pipeline" / "vae")            # a Diffusers pipeline's layout
+    make_tiny_video_vae(tmp_path / "vae_only")
+    vae = build_vae("video", path=str(tmp_path / "pipeline"), micro_batch=9)
+    assert build_vae("video", path=str(tmp_path / "vae_only")).out_channels == 4
+    assert vae.out_channels == 4 and vae.compression == (4, 8, 8)
+    # causal in time: 1 + 4k frames -> 1 + k latent frames, an image -> 1
+    assert vae.latent_shape(9, 16, 24) == (3, 2, 3) and vae.latent_shape(1, 16, 16) == (1, 2, 2)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 9, 16, 24) * 2 - 1
+    z = vae.encode(x, sample=False)                                          # micro_batch 9: one video per call
+    assert z.shape == (2, 4, 3, 2, 3)
+    mean, std = torch.tensor([0.1, 0.2, -0.1, 0.0]).view(1, 4, 1, 1, 1), torch.tensor([1.5, 2.0, 1.0, 0.5]).view(1, 4, 1, 1, 1)
+    raw = reference.encode(x).latent_dist.mode()
+    torch.testing.assert_close(z, (raw - mean) / std)                        # normalised per channel, as Wan's pipelines do
+    out = vae.decode(z)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, reference.decode(raw).sample)
+    with pytest.raises(ValueError, match="causal in time and takes 1 \\+ 4k frames.*--num-frames 17"):
+        vae.encode(torch.zeros(1, 3, 8, 16, 16))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_vae("video", path=str(tmp_path / "missing"))
 
 
 def test_clip_text_pools_the_end_token(tmp_path):
