@@ -979,18 +979,30 @@ def tiny_t5(tmp_path_factory):
 
 
 def tiny_run(outdir, csv_path, tiny_t5, *extra):
+    """A few steps of the CPU demo on a tiny STDiT; csv_path may also be a folder of precomputed features."""
     import train
-    train.main(["--demo", "--data", csv_path, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
+    source = ["--features" if os.path.isdir(csv_path) else "--data", str(csv_path)]
+    train.main(["--demo", *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
                 "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
                 "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
 
 
-@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"]], ids=["ddp", "zero2-accum2"])
+def precompute_tiny(csv_path, out, tiny_t5, *extra):
+    """data.py precompute with the tiny T5 at the tiny runs' settings (4 frames of 16x16, 8 tokens, seed 42)."""
+    data.main(["precompute", "--data", str(csv_path), "--out", str(out), "--text-encoder", tiny_t5, "--text-len", "8",
+               "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0", *extra])
+    return str(out)
+
+
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"]],
+                         ids=["ddp", "zero2-accum2", "features"])
 def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
     """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
-    (also with ZeRO-2 on a group of one and 2 micro-batches a step)."""
+    (also with ZeRO-2 on a group of one and 2 micro-batches a step, and from precomputed features)."""
     from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
+    if flags == ["features"]:
+        csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
     tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", *flags)
     tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2", *flags)
     tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *flags)
@@ -1085,6 +1097,108 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
     steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
     assert steps == [1, 2, 3]
+
+
+def test_training_from_precomputed_features_equals_online_encoding(tmp_path, tiny_t5):
+    """The tiny SD-VAE and T5 run once into fp32 features; two steps from them equal two steps that encode
+    each batch online (posterior mean): same batches, same losses, same weights."""
+    from safetensors.torch import load_file
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    make_tiny_sd_vae(tmp_path / "sd")
+    vae = ["--vae", "sd", "--vae-path", str(tmp_path / "sd")]
+    feats = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, *vae, "--dtype", "fp32", "--shard-size", "3")
+    index = json.loads((tmp_path / "feats" / "index.json").read_text())
+    assert [len(s["samples"]) for s in index["shards"]] == [3, 3, 2] and index["num_samples"] == 8
+    assert index["latent_channels"] == 4 and index["caption_channels"] == 32 and index["text_len"] == 8
+    item = data.FeatureDataset(feats)[5]
+    assert item["latent"].shape == (4, 4, 2, 2) and item["text"].shape == (8, 32) and item["mask"].dtype == torch.bool
+
+    steps = ["--steps", "2", "--ckpt-every", "2"]
+    tiny_run(tmp_path / "online", csv_path, tiny_t5, *vae, "--no-vae-sample", *steps)
+    tiny_run(tmp_path / "features", feats, tiny_t5, *steps)
+    losses = {run: [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("online", "features")}
+    assert len(losses["online"]) == 2
+    torch.testing.assert_close(losses["features"], losses["online"])
+    online, features = (load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
+                        for run in ("online", "features"))
+    for k in online:
+        torch.testing.assert_close(features[k], online[k])
+    # the checkpoint names the encoders the features came from: sample.py rebuilds them from it
+    meta = json.loads((tmp_path / "features" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["args"]["vae"] == "sd" and meta["args"]["vae_path"] == str(tmp_path / "sd")
+    assert meta["args"]["text_encoder"] == tiny_t5 and meta["model_config"]["in_channels"] == 4
+
+
+def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_t5):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=5, num_frames=4, size=16)
+    (tmp_path / "demo" / "videos" / "broken.mp4").write_bytes(b"not a video")
+    with open(csv_path, "a", newline="") as f:
+        csv.writer(f).writerow(["videos/broken.mp4", "a broken clip", 4, 8, 16, 16])
+    out = tmp_path / "feats"
+    precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2")          # bf16 by default
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_samples"] == 5 and index["skipped"] == [5] and len(index["shards"]) == 3
+    feats = data.FeatureDataset(str(out))
+    assert len(feats) == 5 and feats[4]["latent"].dtype == torch.bfloat16 and feats.bucket_key(4) == (4, 16, 16)
+    # raw "latents" are the clips themselves: what the dataset reads, rounded to bf16
+    torch.testing.assert_close(feats[3]["latent"].float(), data.VideoDataset(csv_path, 4, 1, (16, 16), seed=42)[3]["video"],
+                               atol=1e-2, rtol=1e-2)
+    # an interrupted run: shard 1 missing, no index. The rerun writes shard 1 only, then the index
+    first = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    (out / "shard_00001.safetensors").unlink()
+    (out / "index.json").unlink()
+    precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2")
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == first
+    assert json.loads((out / "index.json").read_text()) == index
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "settings.json", "shard_00000.safetensors",
+                                                     "shard_00001.safetensors", "shard_00002.safetensors"]
+    with pytest.raises(SystemExit, match="other settings \\(dtype\\).*another --out"):
+        precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2", "--dtype", "fp16")
+    with pytest.raises(SystemExit, match="no index.json.*data.py precompute"):
+        tiny_run(tmp_path / "run", str(tmp_path / "demo"), tiny_t5, "--steps", "1")
+
+
+def test_feature_bytes_per_sample():
+    """Disk per sample for Open-Sora v1.0's settings with T5-XXL captions (120 x 4096), latents and caption states
+    in bf16, from shard files as precompute writes them (published: about 1 MB of text, 4 MB of latents)."""
+    import tempfile
+    sizes = {}
+    for name, latent in (("16x256", (4, 16, 32, 32)), ("64x512", (4, 64, 64, 64))):
+        rows = [{"index": i, "caption": "a red circle moving left", "video_shape": (16, 256, 256),
+                 "latent": torch.zeros(latent, dtype=torch.bfloat16), "text": torch.zeros(120, 4096, dtype=torch.bfloat16),
+                 "mask": torch.ones(120, dtype=torch.bool)} for i in range(4)]
+        with tempfile.TemporaryDirectory() as folder:
+            data.write_shard(os.path.join(folder, "shard.safetensors"), rows)
+            sizes[name] = os.path.getsize(os.path.join(folder, "shard.safetensors")) / 4
+    text = 120 * 4096 * 2 + 120                              # bf16 states + bool mask: 983,160 bytes
+    assert text < sizes["16x256"] - 4 * 16 * 32 * 32 * 2 < text + 400   # + 131,072 bytes of latents + header
+    assert text < sizes["64x512"] - 4 * 64 * 64 * 64 * 2 < text + 400   # + 2,097,152 bytes of latents + header
+
+
+def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
+    """`python vae.py train --demo` (tiny) writes a VQ-VAE folder and prints the held-out PSNR; train.py then
+    diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
+    import vae
+    out = tmp_path / "vqvae"
+    vae.main(["train", "--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+              "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
+              "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
+    printed = capsys.readouterr().out
+    assert "held-out PSNR" in printed and "s in all" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["embedding_dim"] == 8 and config["scaling_factor"] != 1.0       # measured unit-variance scale
+    assert [json.loads(line)["step"] for line in open(out / "train_log.jsonl")] == [2, 4, 4]
+    csv_path = str(out / "demo_data" / "demo.csv")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--steps", "2")
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["model_config"]["in_channels"] == 8 and meta["args"]["vae"] == "vqvae"
+    import sample
+    sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
+                 "--outdir", str(tmp_path / "samples")])
+    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 16, 16, 3)
+    # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
+    with pytest.raises(SystemExit, match="does not tile"):
+        tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
 
 
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
