@@ -1158,6 +1158,27 @@ def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_
         tiny_run(tmp_path / "run", str(tmp_path / "demo"), tiny_t5, "--steps", "1")
 
 
+def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5):
+    """`torchrun --nproc_per_node=2 data.py precompute` (gloo): the ranks split the shards, rank 0 indexes them
+    all, and the result is what one process writes."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=6, num_frames=4, size=16)
+    precompute_tiny(csv_path, tmp_path / "one", tiny_t5, "--vae", "raw", "--shard-size", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py", "precompute",
+           "--data", csv_path, "--out", str(tmp_path / "two"), "--text-encoder", tiny_t5, "--text-len", "8",
+           "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0",
+           "--vae", "raw", "--shard-size", "2"]
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = lambda out: json.loads((tmp_path / out / "index.json").read_text())
+    assert index("two") == dict(index("one"), manifest=index("two")["manifest"]) and index("two")["num_samples"] == 6
+    for s in range(3):
+        a, b = (load_file(tmp_path / out / f"shard_{s:05d}.safetensors") for out in ("one", "two"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_feature_bytes_per_sample():
     """Disk per sample for Open-Sora v1.0's settings with T5-XXL captions (120 x 4096), latents and caption states
     in bf16, from shard files as precompute writes them (published: about 1 MB of text, 4 MB of latents)."""
