@@ -428,11 +428,11 @@ class Codebook(nn.Module):
         self.embeddings.copy_(self.z_avg / ((self.N + 1e-7) / (total + n * 1e-7) * total)[:, None])
         # dead-code restart (VideoGPT): a code picked less than once per step on average moves onto a random
         # encoder output; here it restarts as if picked once per step, so it survives while it keeps being picked
-        dead = self.N < 1
+        dead = (self.N < 1)[:, None]                                   # torch.where: no host sync on GPUs
         fresh = self.random_outputs(flat, n)
-        self.embeddings[dead] = fresh[dead]
-        self.z_avg[dead] = fresh[dead]
-        self.N[dead] = 1.0
+        self.embeddings.copy_(torch.where(dead, fresh, self.embeddings))
+        self.z_avg.copy_(torch.where(dead, fresh, self.z_avg))
+        self.N.copy_(torch.where(dead[:, 0], 1.0, self.N))
 
 
 @dataclass
@@ -633,11 +633,15 @@ def train_vqvae(argv=None):
     p.add_argument("--val-clips", type=int, default=64, help="clips at the end of the manifest held out for the PSNR")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out PSNRs and checkpoints")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="autocast on GPUs (CPUs run fp32)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the training clips once and keep them in GPU/CPU memory (default: on with --demo)")
+    p.add_argument("--num-workers", type=int, default=max(1, min(12, (os.cpu_count() or 1) - 2)))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not args.data and not args.demo:
         p.error("pass --data CSV (see `python data.py manifest --help`) or --demo")
+    if args.cache is None:
+        args.cache = args.demo
     import data                      # here, not at the top: loading a VAE needs no video I/O
     from tqdm import tqdm
     began = time.time()
@@ -668,11 +672,24 @@ def train_vqvae(argv=None):
                                              args.batch_size, **load)
 
     def clips():
-        for epoch in range(10 ** 9):
-            dataset.set_epoch(epoch)              # new frame windows each epoch (workers copy the dataset per epoch)
-            for batch in train_loader:
-                if batch["video"] is not None:
-                    yield batch["video"]
+        """Endless training batches (B, 3, T, H, W) in [-1, 1] on the device."""
+        if not args.cache:
+            for epoch in range(10 ** 9):
+                dataset.set_epoch(epoch)          # new frame windows each epoch (workers copy the dataset per epoch)
+                for batch in train_loader:
+                    if batch["video"] is not None:
+                        yield batch["video"].to(device, non_blocking=True)
+        # --cache: decode every clip once and keep it in device memory as uint8 (the demo's 2,048 clips of
+        # 16x64x64 take 400 MB); decoding then no longer limits a fast GPU, at the price of one window per clip
+        every_clip = torch.utils.data.DataLoader(train_loader.dataset, args.batch_size, **load)
+        stored = [((batch["video"] + 1) * 127.5).round().to(torch.uint8).to(device)   # exact for unresized pixels
+                  for batch in tqdm(every_clip, desc="caching clips", leave=False) if batch["video"] is not None]
+        stored = torch.cat(stored)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        while True:
+            for chosen in torch.randperm(len(stored), device=device, generator=gen).split(args.batch_size):
+                if len(chosen) == args.batch_size:
+                    yield stored[chosen].float() / 127.5 - 1
 
     config = VQVAEConfig(args.n_hiddens, args.n_res_layers, tuple(args.downsample), args.embedding_dim, args.n_codes)
     model = VQVAE(config).to(device).train()
@@ -689,7 +706,7 @@ def train_vqvae(argv=None):
             break
         for group in opt.param_groups:            # cosine decay: the last steps polish the reconstruction
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-        x = next(stream).to(device, non_blocking=True)
+        x = next(stream)
         with _autocast(device, args.precision):
             _, recon_loss, commitment, perplexity = model(x)
         opt.zero_grad(set_to_none=True)
