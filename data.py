@@ -502,11 +502,10 @@ def precompute(args):
     # native sizes are cropped to a multiple of the VAE's factor times the patch (2 in every published model)
     dataset = VideoDataset(args.data, args.num_frames, args.frame_interval, size, size_multiple=2 * vae.compression[1],
                            seed=args.seed)
-    if size is not None:
-        vae.check_size(args.num_frames, *size)
+    vae.check_size(args.num_frames, *(size or (2 * vae.compression[1],) * 2))    # now, not at the first batch
     # what train.py --features needs to rebuild the run (and sample.py the encoders): the same names as its flags
     settings = {"manifest": os.path.abspath(args.data), "vae": args.vae, "vae_path": args.vae_path,
-                "vae_micro_batch": args.vae_micro_batch, "text_encoder": args.text_encoder,
+                "vae_dtype": args.vae_dtype, "text_encoder": args.text_encoder,
                 "text_len": text_encoder.max_length, "num_frames": args.num_frames, "frame_interval": args.frame_interval,
                 "image_size": list(args.image_size), "seed": args.seed, "shard_size": args.shard_size, "dtype": args.dtype,
                 "latent_channels": vae.out_channels, "compression": list(vae.compression),

@@ -319,10 +319,10 @@ def main(argv=None):
         except (OSError, ValueError) as e:
             sys.exit(str(e))
         # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
-        made_with = ("vae", "vae_path", "vae_micro_batch", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size")
+        made_with = ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size")
         for key in made_with:
             setattr(args, key, dataset.info[key])
-        latent_channels, compression = dataset.info["latent_channels"], tuple(dataset.info["compression"])
+        latent_channels = dataset.info["latent_channels"]
         caption_channels, caption_len = dataset.info["caption_channels"], dataset.info["text_len"]
         log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
     else:
@@ -341,14 +341,15 @@ def main(argv=None):
                         caption_channels=caption_channels, caption_len=caption_len,
                         space_scale=args.space_scale, time_scale=args.time_scale,
                         grad_checkpoint=args.grad_checkpoint).to(device)
-    if args.image_size != [0, 0] and vae is not None:
+    if vae is not None:  # checked now, not at the first batch; native sizes are cropped to fit (see data below)
+        H, W = args.image_size if args.image_size != [0, 0] else [compression[1] * model.cfg.patch[1]] * 2
         try:
-            latent = vae.latent_shape(args.num_frames, *args.image_size)
+            latent = vae.latent_shape(args.num_frames, H, W)
         except ValueError as e:
             sys.exit(str(e))
         if any(n % p for n, p in zip(latent, model.cfg.patch)):
-            sys.exit(f"{args.num_frames}x{args.image_size[0]}x{args.image_size[1]} gives {args.vae} latents of {latent} "
-                     f"(T, H, W), which the patch {model.cfg.patch} does not tile: pick a size whose latents are multiples")
+            sys.exit(f"{args.num_frames}x{H}x{W} gives {args.vae} latents of {latent} (T, H, W), which the patch "
+                     f"{model.cfg.patch} does not tile: pick a size whose latents are multiples of it")
     if args.init:
         from model import load_checkpoint
         load_checkpoint(model, args.init)

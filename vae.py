@@ -154,15 +154,12 @@ class WanVAE(VideoVAE):
     def __init__(self, path=WAN_VAE, micro_batch=32, dtype=torch.float32):
         super().__init__()
         path = os.path.expanduser(path)
-        # a Diffusers pipeline (hub id or folder) keeps its VAE in vae/; a folder of the VAE alone has config.json
-        pipeline = not os.path.isdir(path) or os.path.isfile(os.path.join(path, "vae", "config.json"))
-        if not pipeline:
-            _check_folder(path)
-        elif os.path.isabs(path) or path.startswith(".") or os.path.isdir(path):
-            _check_folder(os.path.join(path, "vae"))
+        # a Diffusers pipeline (hub id or folder) keeps its VAE in vae/; a folder may also hold the VAE alone
+        subfolder = None if os.path.isfile(os.path.join(path, "config.json")) else "vae"
+        _check_folder(os.path.join(path, subfolder or ""))
         from diffusers import AutoencoderKLWan   # imported here so other kinds need no diffusers import
         try:
-            self.vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae" if pipeline else None, torch_dtype=dtype)
+            self.vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
         except OSError:
             raise _missing_weights(path, "not a folder here, and the hub lacks it or cannot be reached") from None
         self.vae.eval().requires_grad_(False)
@@ -627,6 +624,7 @@ def train_vqvae(argv=None):
     p.add_argument("--n-codes", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=7e-4, help="VideoGPT's Adam learning rate; decays to 0 on a cosine")
+    p.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
     p.add_argument("--steps", type=int, default=20_000)
     p.add_argument("--minutes", type=float, default=0, help="stop after this many minutes of training (0: no limit); "
                    "the learning rate decays over --steps or --minutes, whichever ends first")
@@ -704,8 +702,10 @@ def train_vqvae(argv=None):
         progress = max(step / args.steps, (time.time() - start) / (60 * args.minutes) if args.minutes else 0)
         if progress >= 1:
             break
-        for group in opt.param_groups:            # cosine decay: the last steps polish the reconstruction
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        # warm-up: at full rate from the start, Adam's first (sign-like) steps throw the 240-wide model far off
+        # (the loss jumps 10x and recovers over hundreds of steps); cosine decay: the last steps polish
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         x = next(stream)
         with _autocast(device, args.precision):
             _, recon_loss, commitment, perplexity = model(x)
