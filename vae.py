@@ -611,7 +611,7 @@ def train_vqvae(argv=None):
     p = argparse.ArgumentParser(prog="vae.py train", description="Train VideoGPT's VQ-VAE on a CSV manifest (or the demo "
                                 "set); --out gets config.json + model.safetensors, what --vae-path takes.")
     p.add_argument("--data", help="CSV manifest (path,caption,...; see data.py)")
-    p.add_argument("--demo", action="store_true", help="train on the moving-shapes demo set, generated into OUT/demo_data if missing")
+    p.add_argument("--demo", action="store_true", help="train on the moving-shapes demo set (made in OUT/demo_data if missing)")
     p.add_argument("--demo-videos", type=int, default=2048)
     p.add_argument("--out", default="outputs/vqvae")
     p.add_argument("--num-frames", type=int, default=16, help="clip length (VideoGPT: 16)")
@@ -664,8 +664,8 @@ def train_vqvae(argv=None):
         raise SystemExit(f"{args.data} has {len(dataset)} clips: too few for --val-clips {args.val_clips} and --batch-size "
                          f"{args.batch_size}; add clips or lower them")
     load = dict(collate_fn=data.collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train)), args.batch_size,
-                                               shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed), **load)
+    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train)), args.batch_size, shuffle=True,
+                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed), **load)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train, len(dataset))),
                                              args.batch_size, **load)
 
@@ -718,7 +718,8 @@ def train_vqvae(argv=None):
             bar.set_postfix(recon=f"{recon_loss.item():.4f}", perplexity=f"{perplexity.item():.0f}")
         if step % args.eval_every == 0:
             value, _ = evaluate(model, val_loader, device, args.precision)
-            bar.write(f"step {step}: held-out PSNR {value:.2f} dB ({time.time() - began:.0f} s)")
+            rate = step * args.batch_size / (time.time() - start)
+            bar.write(f"step {step}: held-out PSNR {value:.2f} dB, {rate:.0f} clips/s ({time.time() - began:.0f} s in all)")
             log.write(json.dumps(dict(step=step, psnr=value, recon=recon_loss.item(), seconds=time.time() - began)) + "\n")
             log.flush()
             save_vqvae(model, args.out)
@@ -728,8 +729,9 @@ def train_vqvae(argv=None):
     model.config.scaling_factor = 1 / std         # unit-variance latents for diffusion (SD's 0.18215, measured here)
     save_vqvae(model, args.out)
     log.write(json.dumps(dict(step=step, psnr=value, scaling_factor=1 / std, seconds=time.time() - began)) + "\n")
-    print(f"held-out PSNR {value:.2f} dB on {args.val_clips} clips after {step} steps; {trained:.0f} s training, "
-          f"{time.time() - began:.0f} s in all; wrote {args.out}/model.safetensors (latent scaling {1 / std:.4f})")
+    print(f"held-out PSNR {value:.2f} dB on {args.val_clips} clips after {step} steps of {args.batch_size}; "
+          f"{trained:.0f} s training, {time.time() - began:.0f} s in all; wrote {args.out}/model.safetensors "
+          f"(latent scaling {1 / std:.4f})")
     return value
 
 
