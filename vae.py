@@ -588,14 +588,12 @@ def _autocast(device, precision):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision):
-    """(mean PSNR in dB over clips, latent std) of the VQ-VAE on loader's clips; PSNR of pixels in [0, 1]."""
+def evaluate(model, videos, device, precision):
+    """(mean PSNR in dB over clips, latent std) of the VQ-VAE on batches of videos; PSNR of pixels in [0, 1]."""
     model.eval()
     psnrs, moments = [], torch.zeros(3, dtype=torch.float64)
-    for batch in loader:
-        if batch["video"] is None:
-            continue
-        x = batch["video"].to(device)
+    for x in videos:
+        x = x.to(device)
         with _autocast(device, precision):
             recon = model(x)[0]
             z = model.pre_vq_conv(model.encoder(x / 2)).double()
@@ -668,6 +666,7 @@ def train_vqvae(argv=None):
                                                drop_last=True, generator=torch.Generator().manual_seed(args.seed), **load)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train, len(dataset))),
                                              args.batch_size, **load)
+    held_out = [batch["video"] for batch in val_loader if batch["video"] is not None]   # read once (64 clips: 50 MB)
 
     def clips():
         """Endless training batches (B, 3, T, H, W) in [-1, 1] on the device."""
@@ -717,7 +716,7 @@ def train_vqvae(argv=None):
         if step % 20 == 0:                        # .item() waits for the GPU: not every step
             bar.set_postfix(recon=f"{recon_loss.item():.4f}", perplexity=f"{perplexity.item():.0f}")
         if step % args.eval_every == 0:
-            value, _ = evaluate(model, val_loader, device, args.precision)
+            value, _ = evaluate(model, held_out, device, args.precision)
             rate = step * args.batch_size / (time.time() - start)
             bar.write(f"step {step}: held-out PSNR {value:.2f} dB, {rate:.0f} clips/s ({time.time() - began:.0f} s in all)")
             log.write(json.dumps(dict(step=step, psnr=value, recon=recon_loss.item(), seconds=time.time() - began)) + "\n")
@@ -725,7 +724,7 @@ def train_vqvae(argv=None):
             save_vqvae(model, args.out)
     bar.close()
     trained = time.time() - start
-    value, std = evaluate(model, val_loader, device, args.precision)
+    value, std = evaluate(model, held_out, device, args.precision)
     model.config.scaling_factor = 1 / std         # unit-variance latents for diffusion (SD's 0.18215, measured here)
     save_vqvae(model, args.out)
     log.write(json.dumps(dict(step=step, psnr=value, scaling_factor=1 / std, seconds=time.time() - began)) + "\n")
