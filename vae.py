@@ -509,7 +509,8 @@ def _vqvae_weights(path):
         except UnpicklingError:
             raise ValueError(f"{path} holds more than weights and settings and is not unpickled, since that could "
                              f"run code: save its state_dict with config.json as a folder (see save_vqvae)") from None
-        args = ckpt.get("hyper_parameters", {}).get("args", {})
+        hparams = ckpt.get("hyper_parameters", {})
+        args = hparams.get("args", hparams)             # VideoGPT saves its argparse args; flat dicts work too
         return (vars(args) if isinstance(args, argparse.Namespace) else dict(args)), ckpt.get("state_dict", ckpt)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
