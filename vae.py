@@ -736,10 +736,11 @@ def train_vqvae(argv=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vae.py", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["train"], help="train: train the VQ-VAE (python vae.py train --help)")
-    args, rest = p.parse_known_args(argv)
-    train_vqvae(rest)
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="the command's flags")
+    args = p.parse_args(argv)
+    train_vqvae(args.flags)
 
 
 if __name__ == "__main__":
