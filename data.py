@@ -7,9 +7,12 @@ the model sees float (C, T, H, W) in [-1, 1], batched as (B, C, T, H, W).
 
     python data.py demo OUT_DIR [--num-videos N --num-frames T --size S]
     python data.py manifest FOLDER OUT.csv [--caption-from filename]
+    python data.py precompute --data data.csv --out feats/ [--vae sd --text-encoder t5 ...]   # then train.py --features feats/
+    torchrun --nproc_per_node=8 data.py precompute --data data.csv --out feats/                # one GPU per rank
 """
 import argparse
 import csv
+import json
 import logging
 import math
 import os
@@ -452,6 +455,168 @@ def score_videos(pairs):
     return dict(colour_acc=float(acc[0]), direction_acc=float(acc[1]), both_acc=float(acc[2]), n=n)
 
 
+# Precomputed features (Open-Sora's "option 1"): run the frozen VAE and text encoder over a manifest once,
+# store their outputs, and train from them with no encoder loaded (train.py --features). Layout of OUT:
+#   settings.json              what the features were made with; a resumed run must match it
+#   shard_00000.safetensors    samples [s * shard_size, (s + 1) * shard_size) of the manifest, per sample
+#                              "{i}.latent" (C, T', H', W'), "{i}.text" (L, dim), "{i}.mask" (L,) bool;
+#                              its metadata lists the samples (caption, shapes) and the unreadable rows
+#   index.json                 the settings plus every shard's sample list, written last
+
+FEATURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def write_shard(path, rows, skipped=()):
+    """rows: dicts with index, caption, video_shape, latent, text, mask. Written to path.tmp and renamed, so a
+    shard file that exists is complete: this is what makes an interrupted run resumable."""
+    from safetensors.torch import save_file
+    tensors, samples = {}, []
+    for row in rows:
+        for key in ("latent", "text", "mask"):
+            tensors[f"{row['index']}.{key}"] = row[key].contiguous()
+        samples.append({"index": row["index"], "caption": row["caption"], "video_shape": list(row["video_shape"]),
+                        "latent_shape": list(row["latent"].shape)})
+    save_file(tensors, path + ".tmp", metadata={"samples": json.dumps(samples), "skipped": json.dumps(list(skipped))})
+    os.replace(path + ".tmp", path)
+
+
+def precompute(args):
+    """Encode args.data into shards under args.out; under torchrun each rank encodes the shards s with
+    s % world == rank on its own GPU, and rank 0 writes index.json once every shard is there."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from text import TextEncoder
+    from vae import build_vae
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+    vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
+                    dtype=FEATURE_DTYPES[args.vae_dtype])
+    size = None if args.image_size == [0, 0] else tuple(args.image_size)
+    # native sizes are cropped to a multiple of the VAE's factor times the patch (2 in every published model)
+    dataset = VideoDataset(args.data, args.num_frames, args.frame_interval, size, size_multiple=2 * vae.compression[1],
+                           seed=args.seed)
+    vae.check_size(args.num_frames, *(size or (2 * vae.compression[1],) * 2))    # now, not at the first batch
+    # what train.py --features needs to rebuild the run (and sample.py the encoders): the same names as its flags
+    settings = {"manifest": os.path.abspath(args.data), "vae": args.vae, "vae_path": args.vae_path,
+                "vae_dtype": args.vae_dtype, "text_encoder": args.text_encoder,
+                "text_len": text_encoder.max_length, "num_frames": args.num_frames, "frame_interval": args.frame_interval,
+                "image_size": list(args.image_size), "seed": args.seed, "shard_size": args.shard_size, "dtype": args.dtype,
+                "latent_channels": vae.out_channels, "compression": list(vae.compression),
+                "caption_channels": text_encoder.dim}
+    os.makedirs(args.out, exist_ok=True)
+    settings_file = os.path.join(args.out, "settings.json")
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            before = json.load(f)
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{args.out} holds features made with other settings ({', '.join(changed)}): "
+                             "pass the same flags to resume, or another --out")
+    elif rank == 0:
+        with open(settings_file + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(settings_file + ".tmp", settings_file)
+
+    shard_file = lambda s: os.path.join(args.out, f"shard_{s:05d}.safetensors")
+    shards = range(math.ceil(len(dataset) / args.shard_size))
+    todo = [s for s in shards if s % world == rank and not os.path.exists(shard_file(s))]   # resume: skip finished
+    dtype = FEATURE_DTYPES[args.dtype]
+    bar = tqdm(total=sum(min(args.shard_size, len(dataset) - s * args.shard_size) for s in todo),
+               desc=f"encoding {len(todo)} of {len(shards)} shards", disable=rank != 0, dynamic_ncols=True)
+    for s in todo:
+        indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, len(dataset))))
+        # micro-batches of clips of one size (a native-size manifest mixes sizes), in manifest order
+        batches = BucketBatchSampler([dataset.bucket_key(i) for i in indices], args.batch_size, shuffle=False, drop_last=False)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_sampler=batches,
+                                             num_workers=args.num_workers, collate_fn=collate,
+                                             pin_memory=device.type == "cuda")
+        rows = []
+        for batch in loader:
+            bar.update(len(batch["index"]) + batch["skipped"])
+            if batch["video"] is None:
+                continue
+            with torch.no_grad():
+                # the posterior mean, not a draw: a draw frozen to disk would repeat the same noise every epoch
+                z = vae.encode(batch["video"].to(device, non_blocking=True), sample=False)
+                y, mask, _ = text_encoder.encode(batch["caption"])
+            for j, i in enumerate(batch["index"]):
+                rows.append({"index": i, "caption": batch["caption"][j], "video_shape": dataset.bucket_key(i),
+                             "latent": z[j].to(dtype).cpu(), "text": y[j].to(dtype).cpu(), "mask": mask[j].cpu()})
+        write_shard(shard_file(s), sorted(rows, key=lambda r: r["index"]),
+                    skipped=sorted(set(indices) - {r["index"] for r in rows}))
+    bar.close()
+
+    if distributed:
+        dist.barrier()                          # every rank's shards are on disk
+    if rank == 0:
+        index = dict(settings, shards=[], skipped=[])
+        for s in shards:
+            with safe_open(shard_file(s), "pt") as f:
+                meta = f.metadata()
+            index["shards"].append({"file": os.path.basename(shard_file(s)), "samples": json.loads(meta["samples"])})
+            index["skipped"] += json.loads(meta["skipped"])
+        index["num_samples"] = sum(len(shard["samples"]) for shard in index["shards"])
+        with open(os.path.join(args.out, "index.json.tmp"), "w") as f:
+            json.dump(index, f)
+        os.replace(os.path.join(args.out, "index.json.tmp"), os.path.join(args.out, "index.json"))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return os.path.join(args.out, "index.json")
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """The samples of a precomputed folder: {"latent" (C, T', H', W'), "text" (L, dim), "mask" (L,), "caption", "index"}.
+
+    Features are frozen: each video has the one clip window (and crop) epoch 0 of VideoDataset gave it. Samples
+    keep the manifest order and their (T, H, W) bucket keys, so BucketBatchSampler deals the same batches as
+    it does from the manifest (exactly the same when no row was unreadable), and resuming works the same way."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "index.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} has no index.json: write the features with `python data.py precompute "
+                                    f"--data CSV --out {folder}` (an interrupted run resumes where it stopped)")
+        with open(path) as f:
+            self.info = json.load(f)
+        self.folder = folder
+        self.samples = sorted((s["index"], shard["file"], s) for shard in self.info["shards"] for s in shard["samples"])
+        if not self.samples:
+            raise ValueError(f"{folder} holds no samples: every clip of {self.info['manifest']} was unreadable")
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch  # nothing to resample: the clip windows were fixed when the features were written
+
+    def bucket_key(self, i):
+        return tuple(self.samples[i][2]["video_shape"])
+
+    def __getitem__(self, i):
+        from safetensors import safe_open
+        index, file, sample = self.samples[i]
+        # safe_open maps the file and reads only this sample's tensors
+        with safe_open(os.path.join(self.folder, file), "pt") as f:
+            latent, text, mask = (f.get_tensor(f"{index}.{key}") for key in ("latent", "text", "mask"))
+        return {"latent": latent, "text": text, "mask": mask, "caption": sample["caption"], "index": index}
+
+
+def collate_features(batch):
+    return {"latent": torch.stack([item["latent"] for item in batch]),        # (B, C, T', H', W')
+            "text": torch.stack([item["text"] for item in batch]),            # (B, L, dim)
+            "mask": torch.stack([item["mask"] for item in batch]),            # (B, L)
+            "caption": [item["caption"] for item in batch], "index": [item["index"] for item in batch], "skipped": 0}
+
+
 # Manifest builder and command line.
 
 def caption_for(path, caption_from="auto"):
@@ -501,9 +666,31 @@ def main(argv=None):
     manifest.add_argument("out_csv")
     manifest.add_argument("--caption-from", choices=["auto", "filename"], default="auto",
                           help="auto: sidecar STEM.txt if present, else the file name")
+    pre = commands.add_parser("precompute", help="encode a manifest once: latents and caption states into shards")
+    pre.add_argument("--data", required=True, help="CSV manifest")
+    pre.add_argument("--out", required=True, help="folder for the shards and index.json (a rerun resumes)")
+    # defaults: Open-Sora v1.0's 16x256x256 config, as train.py's
+    pre.add_argument("--vae", default="sd", choices=["raw", "sd", "vqvae", "video"])
+    pre.add_argument("--vae-path", default=None, help="hub id or folder (default: the kind's published weights)")
+    pre.add_argument("--vae-micro-batch", type=int, default=32, help="frames per VAE call")
+    pre.add_argument("--vae-dtype", default="fp32", choices=list(FEATURE_DTYPES), help="the VAE's weights (train.py: fp32)")
+    pre.add_argument("--text-encoder", default="t5")
+    pre.add_argument("--text-len", type=int, default=None)
+    pre.add_argument("--num-frames", type=int, default=16)
+    pre.add_argument("--frame-interval", type=int, default=3)
+    pre.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="0 0: native sizes")
+    pre.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
+    pre.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
+    pre.add_argument("--dtype", default="bf16", choices=list(FEATURE_DTYPES), help="stored latents and caption states")
+    pre.add_argument("--num-workers", type=int, default=4)
+    pre.add_argument("--seed", type=int, default=42, help="train.py's --seed: it picks the clip windows")
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
+        if args.command == "precompute":
+            path = precompute(args)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"wrote {path}")
+        elif args.command == "demo":
             path = make_demo_dataset(args.out_dir, args.num_videos, args.num_frames, args.size,
                                      seed=args.seed)
             print(f"wrote {args.num_videos} clips and {path}")

@@ -506,8 +506,196 @@ def test_vae_errors(tmp_path):
         vae.encode(torch.zeros(1, 3, 2, 20, 32))
     with pytest.raises(ValueError, match="multiples"):
         vae.latent_shape(16, 256, 250)
-    with pytest.raises(ValueError, match="unknown VAE kind 'vq2'"):
+    with pytest.raises(ValueError, match="unknown VAE kind 'vq2'.*'vqvae' or 'video'"):
         build_vae("vq2")
+
+
+# VideoGPT's VQ-VAE at its published defaults with the (2, 4, 4) downsampling of its kinetics_stride2x4x4
+# checkpoint: keys and shapes derived from videogpt/vqvae.py (Encoder, Decoder, AttentionResidualBlock,
+# AxialBlock of three MultiHeadAttention, Codebook buffers). 283 in all: per side 4 residual blocks of 32
+# (3 BatchNorms x 5, 2 bias-free convs, 3 attentions x (w_qs, w_ks, w_vs, fc weight, fc bias)) plus the final
+# BatchNorm (5); the encoder's 2 strided convs and conv_last (6), the decoder's 2 transposed convs (4);
+# pre_vq_conv and post_vq_conv (4); the codebook's embeddings, N and z_avg (3).
+VQVAE_KEYS = {
+    "encoder.convs.0.conv.weight": (240, 3, 4, 4, 4),            # stride (2, 2, 2)
+    "encoder.convs.1.conv.weight": (240, 240, 4, 4, 4),          # stride (1, 2, 2)
+    "encoder.conv_last.conv.bias": (240,),
+    "encoder.res_stack.0.block.0.running_var": (240,),
+    "encoder.res_stack.3.block.2.conv.weight": (120, 240, 3, 3, 3),
+    "encoder.res_stack.3.block.3.num_batches_tracked": (),
+    "encoder.res_stack.3.block.5.conv.weight": (240, 120, 1, 1, 1),
+    "encoder.res_stack.1.block.8.attn_t.w_qs.weight": (240, 240),
+    "encoder.res_stack.1.block.8.attn_h.fc.bias": (240,),
+    "encoder.res_stack.4.weight": (240,),
+    "pre_vq_conv.conv.weight": (256, 240, 1, 1, 1),
+    "codebook.embeddings": (2048, 256),
+    "codebook.N": (2048,),
+    "codebook.z_avg": (2048, 256),
+    "post_vq_conv.conv.weight": (240, 256, 1, 1, 1),
+    "decoder.res_stack.2.block.8.attn_w.w_vs.weight": (240, 240),
+    "decoder.res_stack.4.running_mean": (240,),
+    "decoder.convts.0.convt.weight": (240, 240, 4, 4, 4),        # ConvTranspose3d weights are (in, out, k, k, k)
+    "decoder.convts.1.convt.weight": (240, 3, 4, 4, 4),
+    "decoder.convts.1.convt.bias": (3,),
+}
+
+
+def test_vqvae_matches_the_published_layout():
+    from vae import VQVAE
+    vq = VQVAE()
+    state = vq.state_dict()
+    assert len(state) == 283
+    assert {k: tuple(state[k].shape) for k in VQVAE_KEYS} == VQVAE_KEYS
+    assert "encoder.res_stack.0.block.2.conv.bias" not in state and "encoder.convs.2.conv.weight" not in state
+    assert vq.out_channels == 256 and vq.compression == (2, 4, 4) and vq.latent_shape(16, 256, 256) == (8, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 2, 4 and 4"):
+        vq.latent_shape(15, 256, 256)
+
+
+def tiny_vqvae(seed=0):
+    from vae import VQVAE, VQVAEConfig
+    torch.manual_seed(seed)
+    return VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=32))
+
+
+def test_vqvae_codebook_ema_restart_and_straight_through():
+    from vae import Codebook
+    book = Codebook(4, 2).train()
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    book.embeddings.copy_(codes), book.z_avg.copy_(codes), book.N.copy_(torch.tensor([1.0, 2.0, 1.0, 1.0]))
+    # six vectors (B=1, C=2, T=1, H=1, W=6): nearest codes 0, 0, 1, 1, 2, 2; code 3 gets none
+    flat = torch.tensor([[0.1, 0.0], [0.0, -0.1], [0.9, 0.1], [1.1, 0.0], [0.0, 0.8], [0.1, 1.2]])
+    z = flat.t().reshape(1, 2, 1, 1, 6).requires_grad_()
+    out, commitment, perplexity = book(z)
+    nearest = codes[[0, 0, 1, 1, 2, 2]]
+    torch.testing.assert_close(out.detach().reshape(2, 6).t(), nearest)
+    torch.testing.assert_close(commitment, 0.25 * (flat - nearest).pow(2).mean())
+    torch.testing.assert_close(perplexity, torch.tensor(3.0))               # three codes used equally
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))                  # straight through: d out / d z = 1
+    # EMA (decay 0.99) of the counts and sums; the codes are their ratio (Laplace smoothing negligible here)
+    counts, sums = torch.tensor([2.0, 2, 2, 0]), torch.stack([flat[:2].sum(0), flat[2:4].sum(0), flat[4:].sum(0), torch.zeros(2)])
+    N = 0.99 * torch.tensor([1.0, 2.0, 1.0, 1.0]) + 0.01 * counts
+    torch.testing.assert_close(book.N[:3], N[:3])
+    torch.testing.assert_close(book.embeddings[:3], (0.99 * codes + 0.01 * sums)[:3] / N[:3, None])
+    # code 3 fell under one pick per step: restarted on one of the batch's encoder outputs
+    assert any(torch.equal(book.embeddings[3], v) for v in flat) and book.N[3] == 1
+    torch.testing.assert_close(book.z_avg[3], book.embeddings[3])
+    # evaluation mode never moves the codes
+    book.eval()
+    before = book.embeddings.clone()
+    book(z.detach())
+    assert torch.equal(book.embeddings, before)
+
+
+def test_vqvae_forward_backward_encode_decode():
+    vq = tiny_vqvae().train()
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    recon, recon_loss, commitment, perplexity = vq(x)
+    assert recon.shape == x.shape and recon_loss > 0 and commitment > 0 and 1 <= perplexity <= 32
+    # the first training batch puts every code on an encoder output (VideoGPT's data-dependent init)
+    assert (vq.codebook.N > 0).all()
+    (recon_loss + commitment).backward()
+    # the straight-through estimator carries the reconstruction gradient past the codebook into the encoder
+    for p in (vq.encoder.convs[0].conv.weight, vq.pre_vq_conv.conv.weight, vq.decoder.convts[-1].convt.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert not any(p is vq.codebook.embeddings for p in vq.parameters())    # codes move by EMA, not by Adam
+    vq.eval()
+    z = vq.encode(x)
+    assert z.shape == (2, 8, 2, 4, 4)                                       # (B, embedding_dim, T/2, H/4, W/4)
+    torch.testing.assert_close(vq.decode(z), vq(x)[0])                      # decode snaps z to the codes
+    vq.config.scaling_factor = 2.0                                          # latents scaled, decode undoes it
+    torch.testing.assert_close(vq.encode(x), 2 * z)
+    torch.testing.assert_close(vq.decode(vq.encode(x)), vq(x)[0])
+
+
+def test_vqvae_loads_from_folder_hub_id_and_videogpt_checkpoint(tmp_path, monkeypatch):
+    import argparse
+    import huggingface_hub
+    from safetensors.torch import load_file
+    from vae import save_vqvae
+    vq = tiny_vqvae().train()
+    vq(torch.rand(2, 3, 4, 16, 16) * 2 - 1)                                 # codebook initialised, BN stats moved
+    save_vqvae(vq, str(tmp_path / "ours"))
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]   # no .tmp left
+
+    def same_weights(vae):
+        assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+        assert all(torch.equal(vae.state_dict()[k], v) for k, v in vq.state_dict().items())
+    same_weights(build_vae("vqvae", path=str(tmp_path / "ours")))
+    # a hub id is fetched (config.json + weights) into the hub cache, then read by the same folder code
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: fetched.append(repo) or str(tmp_path / "ours"))
+    same_weights(build_vae("vqvae", path="someone/videogpt-vqvae"))
+    assert fetched == ["someone/videogpt-vqvae"]
+    # Open-Sora-Plan's layout: config.json with downsample "2,4,4" and extra settings, pytorch_model.bin;
+    # without a scaling_factor it is estimated from the spread of the codes
+    (tmp_path / "osp").mkdir()
+    settings = dict(embedding_dim=8, n_codes=32, n_hiddens=16, n_res_layers=1, downsample="2,4,4", resolution=16,
+                    sequence_length=4, no_pos_embd=False)
+    (tmp_path / "osp" / "config.json").write_text(json.dumps(settings))
+    torch.save(vq.state_dict(), tmp_path / "osp" / "pytorch_model.bin")
+    osp = build_vae("vqvae", path=str(tmp_path / "osp"))
+    same_weights(osp)
+    torch.testing.assert_close(osp.config.scaling_factor, 1 / vq.codebook.embeddings.std().item())
+    # VideoGPT's own Lightning checkpoint: the state dict plus hyper_parameters.args, an argparse.Namespace
+    ckpt = tmp_path / "kinetics_tiny.ckpt"
+    torch.save({"state_dict": vq.state_dict(), "epoch": 3,
+                "hyper_parameters": {"args": argparse.Namespace(**dict(settings, downsample=[2, 4, 4]))}}, ckpt)
+    same_weights(build_vae("vqvae", path=str(ckpt)))
+    # never unpickle code: a checkpoint holding a function reference is refused
+    torch.save({"state_dict": vq.state_dict(), "hook": print}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="not unpickled"):
+        build_vae("vqvae", path=str(tmp_path / "bad.ckpt"))
+    with pytest.raises(FileNotFoundError, match="needs --vae-path"):
+        build_vae("vqvae")
+    with pytest.raises(FileNotFoundError, match="VAE weights .* not found.*no such folder"):
+        build_vae("vqvae", path=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="none of model.safetensors"):
+        build_vae("vqvae", path=str(tmp_path / "empty"))
+    settings["n_hiddens"] = 32                                              # weights of another size
+    (tmp_path / "osp" / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="does not fit a VQ-VAE.*n_hiddens"):
+        build_vae("vqvae", path=str(tmp_path / "osp"))
+    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == vq.state_dict().keys()
+
+
+def make_tiny_video_vae(folder):
+    """Wan 2.1's VAE layout (causal 3D convs, x4 time, x8 space) at 8 base channels and 4 latent channels."""
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.1, 0.2, -0.1, 0.0], latents_std=[1.5, 2.0, 1.0, 0.5])
+    vae.save_pretrained(str(folder))
+    return vae
+
+
+def test_video_vae_round_trip(tmp_path):
+    reference = make_tiny_video_vae(tmp_path / "pipeline" / "vae")            # a Diffusers pipeline's layout
+    make_tiny_video_vae(tmp_path / "vae_only")
+    vae = build_vae("video", path=str(tmp_path / "pipeline"), micro_batch=9)
+    assert build_vae("video", path=str(tmp_path / "vae_only")).out_channels == 4
+    assert vae.out_channels == 4 and vae.compression == (4, 8, 8)
+    # causal in time: 1 + 4k frames -> 1 + k latent frames, an image -> 1
+    assert vae.latent_shape(9, 16, 24) == (3, 2, 3) and vae.latent_shape(1, 16, 16) == (1, 2, 2)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 9, 16, 24) * 2 - 1
+    z = vae.encode(x, sample=False)                                          # micro_batch 9: one video per call
+    assert z.shape == (2, 4, 3, 2, 3)
+    mean, std = torch.tensor([0.1, 0.2, -0.1, 0.0]).view(1, 4, 1, 1, 1), torch.tensor([1.5, 2.0, 1.0, 0.5]).view(1, 4, 1, 1, 1)
+    raw = reference.encode(x).latent_dist.mode()
+    torch.testing.assert_close(z, (raw - mean) / std)                        # normalised per channel, as Wan's pipelines do
+    out = vae.decode(z)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, reference.decode(raw).sample)
+    with pytest.raises(ValueError, match="causal in time and takes 1 \\+ 4k frames.*--num-frames 17"):
+        vae.encode(torch.zeros(1, 3, 8, 16, 16))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_vae("video", path=str(tmp_path / "missing"))
 
 
 def test_clip_text_pools_the_end_token(tmp_path):
@@ -791,18 +979,30 @@ def tiny_t5(tmp_path_factory):
 
 
 def tiny_run(outdir, csv_path, tiny_t5, *extra):
+    """A few steps of the CPU demo on a tiny STDiT; csv_path may also be a folder of precomputed features."""
     import train
-    train.main(["--demo", "--data", csv_path, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
+    source = ["--features" if os.path.isdir(csv_path) else "--data", str(csv_path)]
+    train.main(["--demo", *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
                 "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
                 "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
 
 
-@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"]], ids=["ddp", "zero2-accum2"])
+def precompute_tiny(csv_path, out, tiny_t5, *extra):
+    """data.py precompute with the tiny T5 at the tiny runs' settings (4 frames of 16x16, 8 tokens, seed 42)."""
+    data.main(["precompute", "--data", str(csv_path), "--out", str(out), "--text-encoder", tiny_t5, "--text-len", "8",
+               "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0", *extra])
+    return str(out)
+
+
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"]],
+                         ids=["ddp", "zero2-accum2", "features"])
 def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
     """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
-    (also with ZeRO-2 on a group of one and 2 micro-batches a step)."""
+    (also with ZeRO-2 on a group of one and 2 micro-batches a step, and from precomputed features)."""
     from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
+    if flags == ["features"]:
+        csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
     tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", *flags)
     tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2", *flags)
     tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *flags)
@@ -897,6 +1097,129 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
     steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
     assert steps == [1, 2, 3]
+
+
+def test_training_from_precomputed_features_equals_online_encoding(tmp_path, tiny_t5):
+    """The tiny SD-VAE and T5 run once into fp32 features; two steps from them equal two steps that encode
+    each batch online (posterior mean): same batches, same losses, same weights."""
+    from safetensors.torch import load_file
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    make_tiny_sd_vae(tmp_path / "sd")
+    vae = ["--vae", "sd", "--vae-path", str(tmp_path / "sd")]
+    feats = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, *vae, "--dtype", "fp32", "--shard-size", "3")
+    index = json.loads((tmp_path / "feats" / "index.json").read_text())
+    assert [len(s["samples"]) for s in index["shards"]] == [3, 3, 2] and index["num_samples"] == 8
+    assert index["latent_channels"] == 4 and index["caption_channels"] == 32 and index["text_len"] == 8
+    item = data.FeatureDataset(feats)[5]
+    assert item["latent"].shape == (4, 4, 2, 2) and item["text"].shape == (8, 32) and item["mask"].dtype == torch.bool
+
+    steps = ["--steps", "2", "--ckpt-every", "2"]
+    tiny_run(tmp_path / "online", csv_path, tiny_t5, *vae, "--no-vae-sample", *steps)
+    tiny_run(tmp_path / "features", feats, tiny_t5, *steps)
+    losses = {run: [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("online", "features")}
+    assert len(losses["online"]) == 2
+    torch.testing.assert_close(losses["features"], losses["online"])
+    online, features = (load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
+                        for run in ("online", "features"))
+    for k in online:
+        torch.testing.assert_close(features[k], online[k])
+    # the checkpoint names the encoders the features came from: sample.py rebuilds them from it
+    meta = json.loads((tmp_path / "features" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["args"]["vae"] == "sd" and meta["args"]["vae_path"] == str(tmp_path / "sd")
+    assert meta["args"]["text_encoder"] == tiny_t5 and meta["model_config"]["in_channels"] == 4
+
+
+def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_t5):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=5, num_frames=4, size=16)
+    (tmp_path / "demo" / "videos" / "broken.mp4").write_bytes(b"not a video")
+    with open(csv_path, "a", newline="") as f:
+        csv.writer(f).writerow(["videos/broken.mp4", "a broken clip", 4, 8, 16, 16])
+    out = tmp_path / "feats"
+    precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2")          # bf16 by default
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_samples"] == 5 and index["skipped"] == [5] and len(index["shards"]) == 3
+    feats = data.FeatureDataset(str(out))
+    assert len(feats) == 5 and feats[4]["latent"].dtype == torch.bfloat16 and feats.bucket_key(4) == (4, 16, 16)
+    # raw "latents" are the clips themselves: what the dataset reads, rounded to bf16
+    torch.testing.assert_close(feats[3]["latent"].float(), data.VideoDataset(csv_path, 4, 1, (16, 16), seed=42)[3]["video"],
+                               atol=1e-2, rtol=1e-2)
+    # an interrupted run: shard 1 missing, no index. The rerun writes shard 1 only, then the index
+    first = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    (out / "shard_00001.safetensors").unlink()
+    (out / "index.json").unlink()
+    precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2")
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == first
+    assert json.loads((out / "index.json").read_text()) == index
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "settings.json", "shard_00000.safetensors",
+                                                     "shard_00001.safetensors", "shard_00002.safetensors"]
+    with pytest.raises(SystemExit, match="other settings \\(dtype\\).*another --out"):
+        precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2", "--dtype", "fp16")
+    with pytest.raises(SystemExit, match="no index.json.*data.py precompute"):
+        tiny_run(tmp_path / "run", str(tmp_path / "demo"), tiny_t5, "--steps", "1")
+
+
+def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5):
+    """`torchrun --nproc_per_node=2 data.py precompute` (gloo): the ranks split the shards, rank 0 indexes them
+    all, and the result is what one process writes."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=6, num_frames=4, size=16)
+    precompute_tiny(csv_path, tmp_path / "one", tiny_t5, "--vae", "raw", "--shard-size", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py", "precompute",
+           "--data", csv_path, "--out", str(tmp_path / "two"), "--text-encoder", tiny_t5, "--text-len", "8",
+           "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0",
+           "--vae", "raw", "--shard-size", "2"]
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = lambda out: json.loads((tmp_path / out / "index.json").read_text())
+    assert index("two") == dict(index("one"), manifest=index("two")["manifest"]) and index("two")["num_samples"] == 6
+    for s in range(3):
+        a, b = (load_file(tmp_path / out / f"shard_{s:05d}.safetensors") for out in ("one", "two"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_feature_bytes_per_sample():
+    """Disk per sample for Open-Sora v1.0's settings with T5-XXL captions (120 x 4096), latents and caption states
+    in bf16, from shard files as precompute writes them (published: about 1 MB of text, 4 MB of latents)."""
+    import tempfile
+    sizes = {}
+    for name, latent in (("16x256", (4, 16, 32, 32)), ("64x512", (4, 64, 64, 64))):
+        rows = [{"index": i, "caption": "a red circle moving left", "video_shape": (16, 256, 256),
+                 "latent": torch.zeros(latent, dtype=torch.bfloat16), "text": torch.zeros(120, 4096, dtype=torch.bfloat16),
+                 "mask": torch.ones(120, dtype=torch.bool)} for i in range(4)]
+        with tempfile.TemporaryDirectory() as folder:
+            data.write_shard(os.path.join(folder, "shard.safetensors"), rows)
+            sizes[name] = os.path.getsize(os.path.join(folder, "shard.safetensors")) / 4
+    text = 120 * 4096 * 2 + 120                              # bf16 states + bool mask: 983,160 bytes
+    assert text < sizes["16x256"] - 4 * 16 * 32 * 32 * 2 < text + 400   # + 131,072 bytes of latents + header
+    assert text < sizes["64x512"] - 4 * 64 * 64 * 64 * 2 < text + 400   # + 2,097,152 bytes of latents + header
+
+
+def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
+    """`python vae.py train --demo` (tiny) writes a VQ-VAE folder and prints the held-out PSNR; train.py then
+    diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
+    import vae
+    out = tmp_path / "vqvae"
+    vae.main(["train", "--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+              "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
+              "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
+    printed = capsys.readouterr().out
+    assert "held-out PSNR" in printed and "s in all" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["embedding_dim"] == 8 and config["scaling_factor"] != 1.0       # measured unit-variance scale
+    assert [json.loads(line)["step"] for line in open(out / "train_log.jsonl")] == [2, 4, 4]
+    csv_path = str(out / "demo_data" / "demo.csv")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--steps", "2")
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["model_config"]["in_channels"] == 8 and meta["args"]["vae"] == "vqvae"
+    import sample
+    sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
+                 "--outdir", str(tmp_path / "samples")])
+    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 16, 16, 3)
+    # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
+    with pytest.raises(SystemExit, match="does not tile"):
+        tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
 
 
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must

@@ -5,6 +5,7 @@ Train DiT / STDiT with IDDPM diffusion.
   python train.py --data data.csv                          # one process
   torchrun --nproc_per_node=8 train.py --data data.csv     # DDP over 8 GPUs
   torchrun --nproc_per_node=8 train.py --data data.csv --sp-size 2   # 4 data-parallel x 2 sequence-parallel
+  python data.py precompute --data data.csv --out feats && python train.py --features feats   # encoders run once
 
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
@@ -48,6 +49,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="generate the demo data set, train a small model on it, sample")
     p.add_argument("--data", help="CSV manifest (path,caption[,num_frames,fps,height,width]); see data.py")
+    p.add_argument("--features", help="folder written by `data.py precompute`: train on its latents and caption states "
+                   "with no encoder loaded (the encoders, frames and size are the ones it was made with)")
     p.add_argument("--outdir", default="outputs/run", help="experiment folder: checkpoints, log.jsonl, samples")
     p.add_argument("--model", default="STDiT-XL/2", help="preset from model.py (DiT-XL/2, STDiT-XL/2, ...)")
     p.add_argument("--cond", default="cross", choices=["adaln", "cross", "concat"], help="DiT conditioning structure")
@@ -57,9 +60,13 @@ def get_args(argv=None):
     p.add_argument("--init", help="weights to start from (.pt/.pth/.safetensors, e.g. a DiT or PixArt checkpoint)")
     p.add_argument("--text-encoder", default="t5", help="t5 | clip | minilm | hub id | local folder")
     p.add_argument("--text-len", type=int, default=None, help="caption tokens L (default: the encoder's, 120 for T5)")
-    p.add_argument("--vae", default="sd", choices=["raw", "sd"], help="latent space: raw pixels or SD-VAE per frame")
-    p.add_argument("--vae-path", default=None, help="SD-VAE hub id or folder (default stabilityai/sd-vae-ft-ema)")
-    p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per SD-VAE call, bounds its memory")
+    p.add_argument("--vae", default="sd", choices=["raw", "sd", "vqvae", "video"],
+                   help="latent space: raw pixels, SD-VAE per frame, VideoGPT VQ-VAE (vae.py train), Wan's video VAE")
+    p.add_argument("--vae-path", default=None, help="VAE hub id or folder (sd: stabilityai/sd-vae-ft-ema, video: "
+                   "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, vqvae: a folder written by `python vae.py train`)")
+    p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per VAE call, bounds its memory")
+    p.add_argument("--vae-sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw latents from the VAE posterior (v1.0); --no-vae-sample takes its mean, as data.py precompute stores")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--frame-interval", type=int, default=3)
     p.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
@@ -93,8 +100,10 @@ def get_args(argv=None):
     if args.demo:  # the demo's values become defaults: flags given on the command line still win
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.data is None and not args.demo:
-        p.error("pass --data CSV (see `python data.py manifest --help`) or --demo for the built-in demo")
+    if args.data is None and args.features is None and not args.demo:
+        p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
+    if args.data and args.features:
+        p.error("pass --data or --features, not both: features already hold the encoded manifest")
     return args
 
 
@@ -172,9 +181,9 @@ def discretized_gaussian_loglik(x, mean, log_scale):
 
 
 @torch.no_grad()  # the encoders are frozen
-def encode(vae, text_encoder, video, captions):
+def encode(vae, text_encoder, video, captions, sample=True):
     """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
-    z = vae.encode(video)
+    z = vae.encode(video, sample=sample)
     y, mask, _ = text_encoder.encode(captions)
     return z, y, mask
 
@@ -182,7 +191,9 @@ def encode(vae, text_encoder, video, captions):
 def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
     """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
     t = torch.randint(0, diffusion.num_steps, (z.shape[0],), device=z.device)  # uniform timesteps
-    noise = torch.randn_like(z)
+    # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
+    # SD-VAE's output) than for a contiguous one (precomputed features)
+    noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
     xt = diffusion.add_noise(z, t, noise)
     with autocast(z.device, precision):
         out = model(xt, t, y, mask)
@@ -292,7 +303,7 @@ def main(argv=None):
     ckpt_dir = os.path.join(args.outdir, "checkpoints")
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
-    if args.demo and args.data is None:
+    if args.demo and args.data is None and args.features is None:
         args.data = os.path.join(args.outdir, "demo_data", "demo.csv")
         if rank == 0 and not os.path.exists(args.data):
             log(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
@@ -300,13 +311,45 @@ def main(argv=None):
                                    num_frames=args.num_frames, size=max(args.image_size))
         barrier()
 
-    # encoders (frozen) and model
-    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
-    vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
-    model = build_model(args.model, cond=args.cond, attn=args.attn, in_channels=vae.out_channels,
-                        caption_channels=text_encoder.dim, caption_len=text_encoder.max_length,
+    # encoders (frozen) and model; with --features the encoders already ran (data.py precompute) and are not loaded
+    text_encoder = vae = None
+    if args.features:
+        try:
+            dataset = data.FeatureDataset(args.features)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
+        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
+        made_with = ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size")
+        for key in made_with:
+            setattr(args, key, dataset.info[key])
+        latent_channels = dataset.info["latent_channels"]
+        caption_channels, caption_len = dataset.info["caption_channels"], dataset.info["text_len"]
+        log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
+    else:
+        # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
+        # starts from the same weights whether the encoders run here or ran once in data.py precompute
+        with torch.random.fork_rng(devices=[]):
+            text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+            try:
+                vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+            except (OSError, ValueError) as e:
+                sys.exit(str(e))
+        latent_channels, compression = vae.out_channels, vae.compression
+        caption_channels, caption_len = text_encoder.dim, text_encoder.max_length
+    # the model is sized by the VAE: its latent channels in, and (below) latents its patch must tile
+    model = build_model(args.model, cond=args.cond, attn=args.attn, in_channels=latent_channels,
+                        caption_channels=caption_channels, caption_len=caption_len,
                         space_scale=args.space_scale, time_scale=args.time_scale,
                         grad_checkpoint=args.grad_checkpoint).to(device)
+    if vae is not None:  # checked now, not at the first batch; native sizes are cropped to fit (see data below)
+        H, W = args.image_size if args.image_size != [0, 0] else [compression[1] * model.cfg.patch[1]] * 2
+        try:
+            latent = vae.latent_shape(args.num_frames, H, W)
+        except ValueError as e:
+            sys.exit(str(e))
+        if any(n % p for n, p in zip(latent, model.cfg.patch)):
+            sys.exit(f"{args.num_frames}x{H}x{W} gives {args.vae} latents of {latent} (T, H, W), which the patch "
+                     f"{model.cfg.patch} does not tile: pick a size whose latents are multiples of it")
     if args.init:
         from model import load_checkpoint
         load_checkpoint(model, args.init)
@@ -344,15 +387,19 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
     diffusion = IDDPM()
 
-    # data
-    size = None if args.image_size == [0, 0] else tuple(args.image_size)
-    dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
-                                image_size=size, seed=args.seed)
+    # data: clips from the manifest, or their precomputed features (same order, same buckets)
+    if not args.features:
+        size = None if args.image_size == [0, 0] else tuple(args.image_size)
+        # native sizes are cropped to a multiple the VAE and the patch both divide
+        multiple = compression[1] * model.cfg.patch[1]
+        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
+                                    image_size=size, size_multiple=multiple, seed=args.seed)
     sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
     if len(sampler) == 0:
-        sys.exit(f"{args.data} gives no full batch of {args.batch_size} per rank: lower --batch-size or add videos")
+        sys.exit(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower --batch-size or add videos")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         collate_fn=data.collate, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate_features if args.features else data.collate,
+                                         pin_memory=device.type == "cuda",
                                          # its own generator: a loader seeds its workers from the global RNG
                                          # otherwise, and a resumed run would draw different noise
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -414,9 +461,14 @@ def main(argv=None):
                 epoch, done, batch = next(stream)
                 position = (epoch, done)
                 skipped += batch["skipped"]
-                if batch["video"] is not None:  # else every clip was unreadable: nothing to learn from
+                if args.features or batch["video"] is not None:  # else every clip was unreadable: nothing to learn from
                     break
-            z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"])
+            if args.features:  # stored in bf16 / fp16: back to fp32, as encode() returns
+                z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
+                z, y = z.float(), y.float()
+            else:
+                z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"],
+                                    sample=args.vae_sample)
             # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
             last = micro == args.grad_accum - 1
             with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
@@ -463,6 +515,13 @@ def main(argv=None):
         from model import model_from_config
         ema = model_from_config(config_dict(model)).to(device)
         ema.load_state_dict(opt.full_state("ema"))
+    if rank == 0 and not args.no_sample and vae is None:  # trained from features: load the encoders only now
+        try:
+            text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+            vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+        except (OSError, ValueError) as e:
+            args.no_sample = True
+            log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
     if rank == 0 and not args.no_sample:
         import sample
         prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
