@@ -1336,6 +1336,7 @@ def _sp_worker(rank, world, port, backend="gloo"):
             diffusion.loss(out, z[part], xt[part], t[part], noise[part]).mean().backward()
         for (pname, p), q in zip(reference.named_parameters(), model.module.parameters()):
             _sp_close(q.grad, p.grad, f"dp x sp grad {pname}", bf16)
+    dist.barrier()  # no rank tears its connections down while a peer may still be reading from them
     dist.destroy_process_group()
 
 
@@ -1545,6 +1546,7 @@ def _zero_worker(rank, world, port):
         opt.scale(loss_of(model, slice(rank, rank + 1))).backward()
     opt.step()
     assert opt.skipped_steps == 1 and not all(torch.equal(before[k], v) for k, v in opt.full_state().items())
+    dist.barrier()  # no rank tears its connections down while a peer may still be reading from them
     dist.destroy_process_group()
 
 
