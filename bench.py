@@ -262,7 +262,7 @@ def bench_training(args, s, device, rank, world, log):
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
     result.update(gpu_facts(device, tflops))
-    if device.type == "cuda":
+    if device.type == "cuda" and args.precomputed:  # online, the encoders' weights would count too
         result["state_bytes_per_param"] = round(states / n_params, 2)
     if args.comm_profile and device.type == "cuda":
         result["nccl_share"] = round(nccl_share(step), 3)
@@ -294,13 +294,15 @@ def timed(fn, warmup, steps, device):
     return (time.perf_counter() - tick) / steps, held
 
 
-def gpu_facts(device, tflops):
+def gpu_facts(device, tflops=None):
+    """The GPU's name and peak memory; with tflops (model FLOPs achieved), the measured matmul peak and MFU."""
     if device.type != "cuda":
         return dict(device="cpu")
-    memory = torch.cuda.max_memory_allocated(device) / 2**30  # read before the matmuls below allocate
-    peak = matmul_peak_tflops(device)
-    return dict(device=torch.cuda.get_device_name(device), matmul_peak_tflops=round(peak), mfu=round(tflops / peak, 3),
-                peak_mem_gb=round(memory, 1))
+    facts = dict(device=torch.cuda.get_device_name(device), peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 1))
+    if tflops is not None:  # the matmuls run after the peak memory was read
+        peak = matmul_peak_tflops(device)
+        facts.update(matmul_peak_tflops=round(peak), mfu=round(tflops / peak, 3))
+    return facts
 
 
 def bench_sampling(args, s, device, log):
@@ -337,8 +339,7 @@ def bench_encoders(args, s, device, log):
     """Frames/s of SD-VAE encoding and captions/s of T5-XXL (batches of 64 captions of 120 tokens): the plain bf16
     diffusers / transformers calls (every frame in one call), then the same modules after compile_for_speed()
     and in micro-batches of --vae-micro-batch frames, as the fast training step runs them."""
-    import argparse as ap
-    vae, text_encoder = build_encoders(ap.Namespace(**{**vars(args), "baseline": True}), device, log)
+    vae, text_encoder = build_encoders(argparse.Namespace(**{**vars(args), "baseline": True}), device, log)
     video = torch.rand(s["batch"], 3, s["frames"], *s["size"], device=device) * 2 - 1
     calls = [0]
 
@@ -355,22 +356,24 @@ def bench_encoders(args, s, device, log):
         result[f"{mode}_vae_frames_per_s"] = round(result["frames"] / seconds, 1)
         seconds, _ = timed(lambda: text_encoder.encode(captions()), 2, 3, device)
         result[f"{mode}_t5_captions_per_s"] = round(64 / seconds, 1)
-    result.update(gpu_facts(device, 0.0))
-    result.pop("mfu", None)
+    result.update(gpu_facts(device))
     return result
 
 
 def child(argv, extra, nproc, timeout):
-    """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs): its JSON result, or None
-    when it failed (out of memory, typically). A fresh process frees all memory, and an out-of-memory error on
-    one rank of a sequence-parallel group cannot hang the others forever."""
+    """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs): its JSON result, or
+    {"failed": True, "error": why}. A fresh process frees all memory, and an out-of-memory error on one rank of
+    a sequence-parallel group cannot hang the others forever."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     try:
         out = subprocess.run(launcher + [os.path.abspath(__file__)] + argv + extra, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None
+        return dict(failed=True, error=f"timed out after {timeout} s")
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if out.returncode == 0 and lines else None
+    if out.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line] or out.stderr.splitlines()[-1:]
+    return dict(failed=True, error=errors[-1].strip() if errors else f"exit code {out.returncode}")
 
 
 def strip(argv, *flags):
@@ -385,8 +388,11 @@ def max_tokens(args, s, argv, log):
     frames, good, bad, best = s["frames"], 0, None, None
     while True:
         result = child(argv, ["--frames", str(frames)], s["sp"], args.trial_timeout)
-        log(f"{frames} frames: " + (f"trains, {result['tokens']} tokens, {result['step_s']} s/step" if result else "fails"))
-        if result:
+        if result.get("failed") and "out of memory" not in result["error"].lower():  # a bad flag is not a length limit
+            sys.exit(f"a {frames}-frame trial failed for another reason than memory: {result['error']}")
+        ok = not result.get("failed")
+        log(f"{frames} frames: " + (f"trains, {result['tokens']} tokens, {result['step_s']} s/step" if ok else "out of memory"))
+        if ok:
             good, best = frames, result
         else:
             bad = frames
@@ -448,7 +454,7 @@ def main(argv=None):
             if nproc > max(1, torch.cuda.device_count()):
                 print(f"{name}: needs {nproc} GPUs, skipped")
                 continue
-            rows.append(child(strip(argv, "--row", "all"), ["--row", name], nproc, args.trial_timeout) or dict(row=name, failed=True))
+            rows.append(dict(child(strip(argv, "--row", "all"), ["--row", name], nproc, args.trial_timeout), row=name))
             print(f"{name}: done", file=sys.stderr, flush=True)
         return write(args, rows)
 

@@ -1616,13 +1616,18 @@ def test_bench_max_tokens_search(monkeypatch):
     def fake_child(argv, extra, nproc, timeout):
         frames = int(extra[1])
         tried.append(frames)
-        return dict(tokens=frames * 256, step_s=1.0, frames=frames) if frames <= limit else None
+        return dict(tokens=frames * 256, step_s=1.0, frames=frames) if frames <= limit else \
+            dict(failed=True, error="torch.OutOfMemoryError: CUDA out of memory.")
     monkeypatch.setattr(bench, "child", fake_child)
     out = bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
     assert out["max_frames"] in (36, 37) and out["first_failing_frames"] - out["max_frames"] <= 2
     assert tried[:5] == [4, 8, 16, 32, 64] and out["max_tokens"] == out["max_frames"] * 256
-    monkeypatch.setattr(bench, "child", lambda *a: None)
+    monkeypatch.setattr(bench, "child", lambda *a: dict(failed=True, error="CUDA out of memory"))
     with pytest.raises(SystemExit, match="not even one frame"):
+        bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
+    # any other failure is reported as it is, not taken for a length limit
+    monkeypatch.setattr(bench, "child", lambda *a: dict(failed=True, error="bench.py: error: unrecognized arguments: --bad"))
+    with pytest.raises(SystemExit, match="unrecognized arguments"):
         bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
 
 

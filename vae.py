@@ -114,8 +114,8 @@ class SDVAE(VideoVAE):
 
     def compile_for_speed(self):
         """Channels-last weights and compiled encoder and decoder (GroupNorm + SiLU fused into few kernels):
-        on an H100 in bf16, 2.0x the plain calls' frames/s at 256x256 and 1.4x at 512x512 (bench.py --encoders).
-        Channels-last alone is slower: cuDNN then converts layouts around every eager GroupNorm."""
+        on an H100 in bf16, 1.86x the plain calls' frames/s at 256x256 and 1.76x at 512x512 (bench.py --encoders).
+        Channels-last alone is slower (512 against 699 frames/s at 256x256, in a one-off micro-benchmark)."""
         self.vae.to(memory_format=torch.channels_last)
         self.vae.encoder.compile()
         self.vae.decoder.compile()
