@@ -8,12 +8,14 @@ ZeRO-2 (Rajbhandari et al., 2020): AdamW whose fp32 state is sharded over the ra
     opt.zero_grad()
 
 Every rank keeps the whole model in the compute dtype (2 bytes a parameter in bf16) but only 1/N of the
-fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). Layout: parameters, in reverse
-order of registration (roughly the order backward produces their gradients), are packed into buckets of
-about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r owns the r-th of its N
-equal chunks. A bucket whose gradients are all there is reduce-scattered at once (asynchronously, while
-backward goes on), each rank receiving only its chunk; the full gradients are freed, and at most two
-buckets' worth of full gradients are in flight at once.
+fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). The gradient slice lives only from
+a step's first backward to zero_grad(), so the next forward's activations do not sit on top of it.
+
+Layout: parameters, in reverse order of registration (roughly the order backward produces their gradients),
+are packed into buckets of about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r
+owns the r-th of its N equal chunks. A bucket whose gradients are all there is reduce-scattered at once
+(asynchronously, while backward goes on), each rank receiving only its chunk; the full gradients are freed,
+and at most two buckets' worth of full gradients are in flight at once.
 
 The update is torch.optim.AdamW itself, run on one flat fp32 parameter: this rank's slice. So the math is
 AdamW's by construction, and the tests check the sharding around it against AdamW on one process.
@@ -60,7 +62,7 @@ class ZeRO2:
         with torch.no_grad():
             master = torch.cat([self._own(self._flat(b, torch.float32, i), i) for i, b in enumerate(self.buckets)])
         self.master = torch.nn.Parameter(master)          # (sum of chunks,) fp32
-        self.grad = torch.zeros_like(master)              # this rank's gradient slice, fp32, accumulated
+        self.grad = None  # this rank's fp32 gradient slice: made by the first backward of a step, freed by zero_grad
         self.ema = master.clone() if ema_decay is not None else None
         self.ema_decay = ema_decay
         self.adamw = torch.optim.AdamW([self.master], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -120,7 +122,14 @@ class ZeRO2:
 
     def _collect(self, i, work, out, flat):
         work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
-        self._slices(self.grad)[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
+        self._slices(self._grad())[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
+
+    def _grad(self):
+        """The gradient slice, allocated on first use: between steps it does not exist, which saves 4/N bytes a
+        parameter while the next forward builds its activations (the peak of a step)."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.master.detach())
+        return self.grad
 
     def _end_of_backward(self):
         while self.launched < len(self.buckets):  # parameters that got no gradient count as zero
@@ -142,6 +151,7 @@ class ZeRO2:
             return
         self.finished = True
         self.overflow = False
+        self._grad()
         if self.dynamic:
             self.grad.div_(self.loss_scale)
             bad = (~torch.isfinite(self.grad)).any().float()
@@ -179,7 +189,10 @@ class ZeRO2:
         self.finished = False
 
     def zero_grad(self, set_to_none=True):
-        self.grad.zero_()
+        if set_to_none:
+            self.grad = None
+        elif self.grad is not None:
+            self.grad.zero_()
         for p in self.params:
             p.grad = None
 
