@@ -256,7 +256,8 @@ def bench_training(args, s, device, rank, world, log):
     dp = world // s["sp"]
     tflops = model_flops_per_sample(model.cfg, grid, args.text_len) * B * dp / seconds / world / 1e12
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
-                  sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
+                  sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
+                  overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
                   attn=s["attn"], optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),

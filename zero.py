@@ -8,8 +8,9 @@ ZeRO-2 (Rajbhandari et al., 2020): AdamW whose fp32 state is sharded over the ra
     opt.zero_grad()
 
 Every rank keeps the whole model in the compute dtype (2 bytes a parameter in bf16) but only 1/N of the
-fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). The gradient slice lives only from
-a step's first backward to zero_grad(), so the next forward's activations do not sit on top of it.
+fp32 master weights, Adam moments and gradient (16 bytes a parameter / N). A bucket's gradient slice is
+made when its reduce-scatter lands and freed by zero_grad(), so it never sits on top of the activations that
+the forward builds and the backward frees (the peak of a step).
 
 Layout: parameters, in reverse order of registration (roughly the order backward produces their gradients),
 are packed into buckets of about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r
@@ -17,7 +18,7 @@ owns the r-th of its N equal chunks. A bucket whose gradients are all there is r
 (asynchronously, while backward goes on), each rank receiving only its chunk; the full gradients are freed,
 and at most two buckets' worth of full gradients are in flight at once.
 
-The update is torch.optim.AdamW itself, run on one flat fp32 parameter: this rank's slice. So the math is
+The update is torch.optim.AdamW itself, run on this rank's fp32 slice of each bucket (views of one flat tensor). So the math is
 AdamW's by construction, and the tests check the sharding around it against AdamW on one process.
 
 Gradients are averaged over all N ranks of the group (the world by default), which is also right under
@@ -61,11 +62,12 @@ class ZeRO2:
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         with torch.no_grad():
             master = torch.cat([self._own(self._flat(b, torch.float32, i), i) for i, b in enumerate(self.buckets)])
-        self.master = torch.nn.Parameter(master)          # (sum of chunks,) fp32
-        self.grad = None  # this rank's fp32 gradient slice: made by the first backward of a step, freed by zero_grad
+        self.master = master  # (sum of chunks,) fp32: this rank's slice of every bucket, end to end
+        self.parts = [torch.nn.Parameter(part) for part in self._slices(master)]  # views of it, one per bucket
+        self.grads = [None] * len(self.buckets)  # each part's fp32 gradient, made when its bucket's arrives
         self.ema = master.clone() if ema_decay is not None else None
         self.ema_decay = ema_decay
-        self.adamw = torch.optim.AdamW([self.master], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        self.adamw = torch.optim.AdamW(self.parts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                        fused=device.type == "cuda")
         # fp16 needs loss scaling: grow x2 after 2000 clean steps, halve and skip the step on inf/nan
         self.dynamic = compute_dtype == torch.float16
@@ -122,14 +124,11 @@ class ZeRO2:
 
     def _collect(self, i, work, out, flat):
         work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
-        self._slices(self._grad())[i].add_(out.float(), alpha=1 / self.world)  # the mean over ranks
-
-    def _grad(self):
-        """The gradient slice, allocated on first use: between steps it does not exist, which saves 4/N bytes a
-        parameter while the next forward builds its activations (the peak of a step)."""
-        if self.grad is None:
-            self.grad = torch.zeros_like(self.master.detach())
-        return self.grad
+        mean = out.float().mul_(1 / self.world)  # the mean over ranks
+        if self.grads[i] is None:  # allocated bucket by bucket as backward frees activations, never before
+            self.grads[i] = mean
+        else:  # gradient accumulation
+            self.grads[i].add_(mean)
 
     def _end_of_backward(self):
         while self.launched < len(self.buckets):  # parameters that got no gradient count as zero
@@ -151,21 +150,25 @@ class ZeRO2:
             return
         self.finished = True
         self.overflow = False
-        self._grad()
+        self.grads = [torch.zeros_like(p.detach()) if g is None else g for p, g in zip(self.parts, self.grads)]
         if self.dynamic:
-            self.grad.div_(self.loss_scale)
-            bad = (~torch.isfinite(self.grad)).any().float()
+            bad = torch.zeros((), device=self.master.device)
+            for g in self.grads:
+                g.div_(self.loss_scale)
+                bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
             self.overflow = bool(bad.item())
 
     def clip_grad_norm_(self, max_norm):
         """Clip the global gradient norm (over all slices) to max_norm, as torch.nn.utils.clip_grad_norm_."""
         self._finish()
-        square = torch.linalg.vector_norm(self.grad).square()
+        square = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self.grads])).square()
         dist.all_reduce(square, group=self.group)
         norm = square.sqrt()
         if not self.overflow:
-            self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in self.grads:
+                g.mul_(coef)
         return norm
 
     @torch.no_grad()
@@ -176,9 +179,11 @@ class ZeRO2:
             self.loss_scale /= 2
             self.good_steps = 0
         else:
-            self.master.grad = self.grad
-            self.adamw.step()
-            self.master.grad = None
+            for p, g in zip(self.parts, self.grads):
+                p.grad = g
+            self.adamw.step()  # updates the parts in place, so self.master too
+            for p in self.parts:
+                p.grad = None
             if self.ema is not None:
                 self.ema.lerp_(self.master, 1 - self.ema_decay)
             if self.dynamic:
@@ -190,9 +195,11 @@ class ZeRO2:
 
     def zero_grad(self, set_to_none=True):
         if set_to_none:
-            self.grad = None
-        elif self.grad is not None:
-            self.grad.zero_()
+            self.grads = [None] * len(self.buckets)
+        else:
+            for g in self.grads:
+                if g is not None:
+                    g.zero_()
         for p in self.params:
             p.grad = None
 
@@ -205,7 +212,7 @@ class ZeRO2:
             yield full
 
     def _gather_into_weights(self):
-        for bucket, full in zip(self.buckets, self._gather(self.master.detach(), self.compute_dtype)):
+        for bucket, full in zip(self.buckets, self._gather(self.master, self.compute_dtype)):
             offset = 0
             for p in bucket:
                 p.data.copy_(full[offset: offset + p.numel()].view_as(p))
@@ -216,7 +223,7 @@ class ZeRO2:
     def full_state(self, which="master"):
         """Consolidated fp32 weights {name: tensor on CPU} of the master weights or the EMA, plus the model's
         buffers: a state dict that sample.py loads. Every rank must call it (all-gathers)."""
-        source = self.master.detach() if which == "master" else self.ema
+        source = self.master if which == "master" else self.ema
         state = dict(self.buffers)
         for bucket, full in zip(self.buckets, self._gather(source, torch.float32)):
             offset = 0
@@ -230,7 +237,7 @@ class ZeRO2:
 
     def state_dict(self):
         """This rank's slices: master weights, EMA, AdamW moments, loss scale, and the layout they follow."""
-        return dict(layout=self.layout(), master=self.master.detach().cpu(), adamw=self.adamw.state_dict(),
+        return dict(layout=self.layout(), master=self.master.cpu(), adamw=self.adamw.state_dict(),
                     ema=None if self.ema is None else self.ema.cpu(),
                     scaler=dict(loss_scale=self.loss_scale, good_steps=self.good_steps, skipped_steps=self.skipped_steps))
 
