@@ -467,15 +467,14 @@ def main(argv=None):
         if distributed:
             sys.exit("run --max-tokens with plain python: it launches torchrun for each trial itself")
         return write(args, [max_tokens(args, s, argv, print)])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = seqparallel.local_device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if distributed:
         dist.init_process_group(backend)
     elif s["optimizer"] != "ddp" and not (args.sample or args.encoders):  # ZeRO-2 / FSDP2 on one process: a group of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     try:

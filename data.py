@@ -487,13 +487,11 @@ def precompute(args):
     from safetensors import safe_open
     from text import TextEncoder
     from vae import build_vae
-    distributed = "RANK" in os.environ
+    from seqparallel import local_device
+    distributed, device = "RANK" in os.environ, local_device()
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
 
     text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
     vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,

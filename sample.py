@@ -141,17 +141,14 @@ def main(argv=None):
 
     from text import TextEncoder
     from vae import build_vae
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import seqparallel
+    device = seqparallel.local_device()  # cuda:LOCAL_RANK under torchrun
     # under torchrun all ranks work on every sample together, each holding 1/world of its sequence; they
     # draw the same noise (same seed), so every rank computes the same videos and rank 0 writes them
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
     if distributed:
         import torch.distributed as dist
-        import seqparallel
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
     model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
     if distributed:
         try:

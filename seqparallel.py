@@ -264,3 +264,15 @@ def init_groups(sp_size):
                          f"keep it a divisor of the GPUs per node")
     groups = [dist.new_group(list(range(start, start + sp_size))) for start in range(0, world, sp_size)]
     return groups[rank // sp_size], rank // sp_size, world // sp_size
+
+
+def local_device():
+    """This process's device: cuda:LOCAL_RANK when there are GPUs (torchrun sets LOCAL_RANK), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise SystemExit(f"process {local_rank} of this node has no GPU of its own (the node has {count}): start torchrun "
+                         f"with --nproc_per_node={count} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)

@@ -27,6 +27,7 @@ from vae import build_vae
 # model.py
 
 TEXT = dict(caption_channels=32, caption_len=8)  # tiny text-token states for the debug models
+CPU_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # torchrun subprocesses run on the CPU (gloo), also where GPUs are
 CONFIGS = [("DiT-debug", dict(num_classes=10, cond=c)) for c in ("adaln", "cross", "concat")] + \
           [("DiT-debug", dict(cond=c, **TEXT)) for c in ("adaln", "cross", "concat")] + [("STDiT-debug", TEXT)]
 IDS = [f"{n}-{'class' if kw.get('num_classes') else 'text'}-{kw.get('cond', 'cross')}" for n, kw in CONFIGS]
@@ -1091,7 +1092,7 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
            "--no-sample", "--log-every", "1", "--ckpt-every", "2"]
     here = os.path.dirname(os.path.abspath(__file__))
     for steps in ("2", "3"):
-        done = subprocess.run(cmd + ["--steps", steps, "--resume", "auto"], cwd=here, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd + ["--steps", steps, "--resume", "auto"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
@@ -1158,19 +1159,20 @@ def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_
         tiny_run(tmp_path / "run", str(tmp_path / "demo"), tiny_t5, "--steps", "1")
 
 
-def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5):
+def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5, monkeypatch):
     """`torchrun --nproc_per_node=2 data.py precompute` (gloo): the ranks split the shards, rank 0 indexes them
     all, and the result is what one process writes."""
     import subprocess
     import sys
     from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=6, num_frames=4, size=16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks below
     precompute_tiny(csv_path, tmp_path / "one", tiny_t5, "--vae", "raw", "--shard-size", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py", "precompute",
            "--data", csv_path, "--out", str(tmp_path / "two"), "--text-encoder", tiny_t5, "--text-len", "8",
            "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0",
            "--vae", "raw", "--shard-size", "2"]
-    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     index = lambda out: json.loads((tmp_path / out / "index.json").read_text())
     assert index("two") == dict(index("one"), manifest=index("two")["manifest"]) and index("two")["num_samples"] == 6
@@ -1385,7 +1387,7 @@ def test_sequence_parallel_rejects_impossible_layouts():
         dist.destroy_process_group()
 
 
-def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
+def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, monkeypatch):
     """`torchrun --nproc_per_node=2 train.py --sp-size 2`, with DDP and with ZeRO-2: two ranks share every
     sample and end with the weights of a plain one-process run on the same batches (one data-parallel
     rank, the same seed). A ZeRO-2 checkpoint refuses, with a clear message, to resume on another world
@@ -1400,12 +1402,13 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *flags,
            "--outdir", str(tmp_path / "sp"), "--sp-size", "2", "--sp-kind", "fastseq"]
-    done = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses"],
-                          cwd=here, capture_output=True, text=True, timeout=300)
+                          cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks above
     train.main([*flags, "--outdir", str(tmp_path / "one")])
     want = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "model.safetensors")
     for run in ("sp", "zero"):
@@ -1420,7 +1423,7 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5):
         train.main(more)
     ema = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "ema.safetensors")
     assert any((got[k] != ema[k]).any() for k in got)  # the steps moved the weights (the EMA still sits near the start)
-    bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--sp-size 3 does not divide the 2 ranks" in bad.stderr
 
 
@@ -1436,7 +1439,7 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
     here = os.path.dirname(os.path.abspath(__file__))
     for outdir, launcher in (("one", [sys.executable]), ("sp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
         done = subprocess.run([*launcher, *flags, "--outdir", str(tmp_path / outdir), "--sp-kind", "fastseq"],
-                              cwd=here, capture_output=True, text=True, timeout=300)
+                              cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     from PIL import Image
     one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
@@ -1655,3 +1658,15 @@ def test_bench_encoder_speed_mode(monkeypatch, capsys):
     out, = run_bench(["--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8", "--encoders"], capsys)
     assert out["task"] == "encoders" and out["frames"] == 4
     assert all(out[f"{m}_{k}"] > 0 for m in ("plain", "fast") for k in ("vae_frames_per_s", "t5_captions_per_s"))
+
+
+def test_local_device_refuses_more_ranks_than_gpus(monkeypatch):
+    """torchrun with more processes per node than GPUs stops with the fix, not a CUDA "invalid device ordinal"."""
+    import seqparallel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="--nproc_per_node=1 or fewer"):
+        seqparallel.local_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert seqparallel.local_device() == torch.device("cpu")

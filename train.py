@@ -272,15 +272,13 @@ def main(argv=None):
 
     # setup distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one
     distributed = "RANK" in os.environ
+    device = seqparallel.local_device()
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif args.precision == "bf16" and args.demo:
         args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
@@ -381,7 +379,7 @@ def main(argv=None):
             if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
                 encoder.compile_for_speed()
     if not args.zero:
-        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else model
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling

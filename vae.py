@@ -609,7 +609,7 @@ def evaluate(model, videos, device, precision):
             z = model.pre_vq_conv(model.encoder(x / 2)).double()
         mse = ((recon.float().clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)     # in [0, 1] units: a quarter
         psnrs += (-10 * torch.log10(mse.clamp(min=1e-10))).tolist()
-        moments += torch.stack([torch.tensor(z.numel()), z.sum(), z.pow(2).sum()]).cpu()
+        moments += torch.stack([z.new_tensor(z.numel()), z.sum(), z.pow(2).sum()]).cpu()  # float64, on z's device
     model.train()
     n, s, s2 = moments.tolist()
     return sum(psnrs) / max(len(psnrs), 1), math.sqrt(max(s2 / max(n, 1) - (s / max(n, 1)) ** 2, 1e-12))
