@@ -63,8 +63,8 @@ class ZeRO2:
         with torch.no_grad():
             master = torch.cat([self._own(self._flat(b, torch.float32, i), i) for i, b in enumerate(self.buckets)])
         self.master = master  # (sum of chunks,) fp32: this rank's slice of every bucket, end to end
-        self.parts = [torch.nn.Parameter(part) for part in self._slices(master)]  # views of it, one per bucket
-        self.grads = [None] * len(self.buckets)  # each part's fp32 gradient, made when its bucket's arrives
+        # views of it, one per bucket: AdamW's parameters; a part's .grad (fp32) is made when its bucket's arrives
+        self.parts = [torch.nn.Parameter(part) for part in self._slices(master)]
         self.ema = master.clone() if ema_decay is not None else None
         self.ema_decay = ema_decay
         self.adamw = torch.optim.AdamW(self.parts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -125,10 +125,14 @@ class ZeRO2:
     def _collect(self, i, work, out, flat):
         work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
         mean = out.float().mul_(1 / self.world)  # the mean over ranks
-        if self.grads[i] is None:  # allocated bucket by bucket as backward frees activations, never before
-            self.grads[i] = mean
+        part = self.parts[i]
+        if part.grad is None:  # allocated bucket by bucket as backward frees activations, never before
+            part.grad = mean
         else:  # gradient accumulation
-            self.grads[i].add_(mean)
+            part.grad.add_(mean)
+
+    def _grads(self):
+        return [p.grad for p in self.parts]
 
     def _end_of_backward(self):
         while self.launched < len(self.buckets):  # parameters that got no gradient count as zero
@@ -150,25 +154,23 @@ class ZeRO2:
             return
         self.finished = True
         self.overflow = False
-        self.grads = [torch.zeros_like(p.detach()) if g is None else g for p, g in zip(self.parts, self.grads)]
+        for p in self.parts:
+            if p.grad is None:  # no backward since zero_grad()
+                p.grad = torch.zeros_like(p.detach())
         if self.dynamic:
-            bad = torch.zeros((), device=self.master.device)
-            for g in self.grads:
-                g.div_(self.loss_scale)
-                bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+            torch._foreach_div_(self._grads(), self.loss_scale)
+            bad = torch.stack([(~torch.isfinite(g)).any() for g in self._grads()]).any().float()
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
             self.overflow = bool(bad.item())
 
     def clip_grad_norm_(self, max_norm):
         """Clip the global gradient norm (over all slices) to max_norm, as torch.nn.utils.clip_grad_norm_."""
         self._finish()
-        square = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self.grads])).square()
+        square = torch.nn.utils.get_total_norm(self._grads()).square()
         dist.all_reduce(square, group=self.group)
         norm = square.sqrt()
         if not self.overflow:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for g in self.grads:
-                g.mul_(coef)
+            torch.nn.utils.clip_grads_with_norm_(self.parts, max_norm, norm)
         return norm
 
     @torch.no_grad()
@@ -179,11 +181,7 @@ class ZeRO2:
             self.loss_scale /= 2
             self.good_steps = 0
         else:
-            for p, g in zip(self.parts, self.grads):
-                p.grad = g
             self.adamw.step()  # updates the parts in place, so self.master too
-            for p in self.parts:
-                p.grad = None
             if self.ema is not None:
                 self.ema.lerp_(self.master, 1 - self.ema_decay)
             if self.dynamic:
@@ -194,12 +192,7 @@ class ZeRO2:
         self.finished = False
 
     def zero_grad(self, set_to_none=True):
-        if set_to_none:
-            self.grads = [None] * len(self.buckets)
-        else:
-            for g in self.grads:
-                if g is not None:
-                    g.zero_()
+        self.adamw.zero_grad(set_to_none)  # the gradient slices
         for p in self.params:
             p.grad = None
 
