@@ -18,8 +18,9 @@ owns the r-th of its N equal chunks. A bucket whose gradients are all there is r
 (asynchronously, while backward goes on), each rank receiving only its chunk; the full gradients are freed,
 and at most two buckets' worth of full gradients are in flight at once.
 
-The update is torch.optim.AdamW itself, run on this rank's fp32 slice of each bucket (views of one flat tensor). So the math is
-AdamW's by construction, and the tests check the sharding around it against AdamW on one process.
+The update is torch.optim.AdamW itself, run on this rank's fp32 slice of each bucket (views of one flat
+tensor). So the math is AdamW's by construction, and the tests check the sharding around it against AdamW on
+one process.
 
 Gradients are averaged over all N ranks of the group (the world by default), which is also right under
 sequence parallelism: seqparallel.py's ranks hold gradients whose mean is the true one, as DDP assumes.
