@@ -44,18 +44,18 @@ import train
 from model import build_model
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
-# (published samples/s/GPU, tokens/s/GPU). Batch sizes are ours, per GPU, (online, --precomputed): the largest that
-# fit an 80 GB H100 (online, T5-XXL holds 9.5 GB of it).
+# (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
+# (online, --precomputed): the fastest that fit an 80 GB H100 (online, T5-XXL holds 9.5 GB of it).
 ROWS = {
     "dit-img256": (dict(model="DiT-XL/2", cond="adaln", classes=1000, frames=1, size=(256, 256), batch=(128, 128)), (175, 45e3)),
     "dit-16x256": (dict(model="DiT-XL/2", frames=16, size=(256, 256), batch=(6, 8)), (7.20, 29e3)),
     "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=(6, 8)), (7.00, 28e3)),
     "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (0.85, 14e3)),
-    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (1.45, 23e3)),
-    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=True), (0.08, 5e3)),
-    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 2), ckpt=True), (0.40, 25e3)),
-    "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=True, sp=2), (0.10, 18e3)),
-    "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=True, sp=2), (None, None)),
+    "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=(2, 2), ckpt=(0.15, 0)), (1.45, 23e3)),
+    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=(1, 0.4)), (0.08, 5e3)),
+    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 2), ckpt=(0.86, 0.82)), (0.40, 25e3)),
+    "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (0.10, 18e3)),
+    "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (None, None)),
 }
 # Published sampling, Open-Sora v1.0 on one H800, 100 DDPM steps with guidance: seconds per sample
 PUBLISHED_SAMPLING = {"stdit-16x256": 5.0, "stdit-16x512": 20.0, "stdit-64x512": 40.0}
@@ -175,7 +175,7 @@ def settings(args):
              classes=row.get("classes", 0), frames=args.frames or row.get("frames", 16),
              size=tuple(args.size or row.get("size", (256, 256))),
              batch=args.batch_size or row.get("batch", (1, 1))[1 if args.precomputed else 0],
-             ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", False),
+             ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", (0, 0))[1 if args.precomputed else 0],
              sp=args.sp_size or row.get("sp", 1))
     s["compile"] = args.compile if args.compile is not None else not args.baseline
     s["attn"] = args.attn or ("math" if args.baseline else "auto")
@@ -420,7 +420,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="per data-parallel rank")
     p.add_argument("--text-len", type=int, default=120, help="caption tokens (T5 in Open-Sora v1.0: 120)")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--grad-checkpoint", type=float, nargs="?", const=1.0, metavar="SHARE",
+                   help="recompute blocks in backward: all, or this share of them (default: the row's)")
+    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const=0.0)
     p.add_argument("--precomputed", action="store_true", help="skip the encoders: synthetic latents and T5 states")
     p.add_argument("--baseline", action="store_true", help="eager, math attention, fp32 weights, no fused kernels")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each block")

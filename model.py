@@ -287,7 +287,8 @@ class ModelConfig:
     space_scale: float = 1.0       # positions are divided by these (Open-Sora v1.0 uses 0.5 at 256px)
     time_scale: float = 1.0
     attn: str = "auto"             # attention implementation: auto | flash | sdpa | math
-    grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
+    grad_checkpoint: float = 0.0   # share of the blocks (the first ones) that recompute their activations in
+                                   # backward to save memory: 0 none, 1 (or True) all, 0.5 half
 
     def __post_init__(self):
         self.patch = tuple(self.patch)
@@ -305,6 +306,9 @@ class ModelConfig:
             raise ValueError(f"DiT patches frames one by one: use patch (1, p, p), not {self.patch}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if not 0 <= float(self.grad_checkpoint) <= 1:
+            raise ValueError(f"grad_checkpoint {self.grad_checkpoint} is not a share of the blocks: use a number from 0 to 1")
+        self.grad_checkpoint = float(self.grad_checkpoint)  # True -> 1.0, as older checkpoints store it
 
 
 class DiffusionTransformer(nn.Module):
@@ -344,8 +348,11 @@ class DiffusionTransformer(nn.Module):
             drop = drop | (torch.rand(B, device=y.device) < self.cfg.dropout)
         return self.y_embedder(y, mask, drop)
 
-    def run_block(self, block, *args):
-        if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+    def run_block(self, i, *args):
+        """Block i; the first grad_checkpoint x depth blocks keep only their inputs for backward and recompute
+        the rest there. Memory left over pays best as un-checkpointed blocks: each saves a forward's recompute."""
+        block = self.blocks[i]
+        if i < round(self.cfg.grad_checkpoint * len(self.blocks)) and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -404,8 +411,8 @@ class DiT(DiffusionTransformer):
             x = torch.cat([y, x], dim=1)  # (B, L+N, D)
             if y_mask is not None:
                 x_mask = F.pad(y_mask, (0, x.shape[1] - L), value=True)
-        for block in self.blocks:
-            x = self.run_block(block, x, c, y, y_mask, x_mask)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, c, y, y_mask, x_mask)
         if self.cfg.cond == "concat":
             x = x[:, L:]  # drop the condition tokens before the final layer
         return self.unpatchify(self.final_layer(x, c), grid)
@@ -435,8 +442,8 @@ class STDiT(DiffusionTransformer):
         t = self.t_embedder(t)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
         y, y_mask = self.embed_condition(y, mask, force_drop)
-        for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, t0, y, y_mask, tpe if i == 0 else None)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, t0, y, y_mask, tpe if i == 0 else None)
         x = self.final_layer(rearrange(x, "B T S D -> B (T S) D"), t)  # the final layer takes t, not t0
         return self.unpatchify(x, grid)
 

@@ -266,16 +266,28 @@ def test_position_embeddings_follow_the_published_tables():
     torch.testing.assert_close(M.pos_embed_3d(D, (1, 2, 3))[0], table)  # images: the plain 2D table
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    import model as M
+    recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
+
+    def counting(block, *args, **kwargs):
+        recomputed.append(block)
+        return real(block, *args, **kwargs)
+    monkeypatch.setattr(M, "checkpoint", counting)
     grads = []
-    for ckpt in (False, True):
-        model = randomize(build_model("STDiT-debug", grad_checkpoint=ckpt, **TEXT))
+    for share in (0.0, 0.5, True, 1.0):  # of STDiT-debug's 2 blocks: none, the first, both, both
+        recomputed.clear()
+        model = randomize(build_model("STDiT-debug", grad_checkpoint=share, **TEXT))
         model.cfg.dropout = 0.0
         y, mask = condition(model, 2, torch.Generator().manual_seed(0))
         model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask).square().mean().backward()
         grads.append([p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+        assert recomputed == list(model.blocks)[:round(float(share) * 2)]
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="share of the blocks"):
+        build_model("STDiT-debug", grad_checkpoint=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

