@@ -52,7 +52,7 @@ ROWS = {
     "stdit-16x256": (dict(model="STDiT-XL/2", frames=16, size=(256, 256), batch=(6, 8)), (7.00, 28e3)),
     "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (0.85, 14e3)),
     "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=(2, 2), ckpt=(0.15, 0)), (1.45, 23e3)),
-    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=(1, 0.4)), (0.08, 5e3)),
+    "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=(0.5, 0.4)), (0.08, 5e3)),
     "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 2), ckpt=(0.86, 0.82)), (0.40, 25e3)),
     "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (0.10, 18e3)),
     "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (None, None)),
@@ -470,11 +470,10 @@ def main(argv=None):
             sys.exit("run --max-tokens with plain python: it launches torchrun for each trial itself")
         return write(args, [max_tokens(args, s, argv, print)])
     device = seqparallel.local_device()
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if distributed:
-        dist.init_process_group(backend)
+        seqparallel.init_process_group(device)
     elif s["optimizer"] != "ddp" and not (args.sample or args.encoders):  # ZeRO-2 / FSDP2 on one process: a group of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        seqparallel.init_process_group(device, alone=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

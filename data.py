@@ -487,10 +487,10 @@ def precompute(args):
     from safetensors import safe_open
     from text import TextEncoder
     from vae import build_vae
-    from seqparallel import local_device
+    from seqparallel import init_process_group, local_device
     distributed, device = "RANK" in os.environ, local_device()
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
     text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)

@@ -148,7 +148,7 @@ def main(argv=None):
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
     if distributed:
         import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        seqparallel.init_process_group(device)
     model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
     if distributed:
         try:

@@ -266,6 +266,16 @@ def init_groups(sp_size):
     return groups[rank // sp_size], rank // sp_size, world // sp_size
 
 
+def init_process_group(device, alone=False):
+    """NCCL bound to this process's GPU, or gloo on the CPU. alone: a group of one without torchrun (ZeRO-2 and
+    FSDP2 on a single process)."""
+    single = dict(store=dist.HashStore(), rank=0, world_size=1) if alone else {}
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device, **single)
+    else:
+        dist.init_process_group("gloo", **single)
+
+
 def local_device():
     """This process's device: cuda:LOCAL_RANK when there are GPUs (torchrun sets LOCAL_RANK), else the CPU."""
     if not torch.cuda.is_available():

@@ -276,9 +276,9 @@ def main(argv=None):
     distributed = "RANK" in os.environ
     device = seqparallel.local_device()
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        seqparallel.init_process_group(device)
     elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        seqparallel.init_process_group(device, alone=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
