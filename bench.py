@@ -366,6 +366,7 @@ def child(argv, extra, nproc, timeout):
     {"failed": True, "error": why}. A fresh process frees all memory, and an out-of-memory error on one rank of
     a sequence-parallel group cannot hang the others forever."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    argv = strip(argv, valued=("--out",))  # the parent writes the results it keeps
     try:
         out = subprocess.run(launcher + [os.path.abspath(__file__)] + argv + extra, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -377,8 +378,15 @@ def child(argv, extra, nproc, timeout):
     return dict(failed=True, error=errors[-1].strip() if errors else f"exit code {out.returncode}")
 
 
-def strip(argv, *flags):
-    return [a for a in argv if a not in flags]
+def strip(argv, *flags, valued=()):
+    """argv without flags, and without the valued flags together with their values (--out x, --out=x)."""
+    kept, rest = [], iter(argv)
+    for a in rest:
+        if a in valued:
+            next(rest, None)  # its value
+        elif a not in flags and a.split("=")[0] not in valued:
+            kept.append(a)
+    return kept
 
 
 def max_tokens(args, s, argv, log):

@@ -1646,6 +1646,24 @@ def test_bench_max_tokens_search(monkeypatch):
         bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
 
 
+def test_bench_children_leave_the_output_file_to_the_parent(monkeypatch, tmp_path):
+    """--row all and --max-tokens run each trial in a child: only the parent appends to --out, once per result."""
+    import bench
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return bench.argparse.Namespace(returncode=0, stdout='{"tokens": 256, "step_s": 1.0}\n', stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 8)
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--row", "all", "--out", str(out), "--steps", "1"])
+    assert len(commands) == len(bench.ROWS) and all("--out" not in c and str(out) not in c for c in commands)
+    assert all("--steps" in c for c in commands)
+    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == list(bench.ROWS)
+    assert bench.strip(["--out=x", "--max-tokens", "--frames", "4"], "--max-tokens", valued=("--out",)) == ["--frames", "4"]
+
+
 def test_bench_sampling_time(monkeypatch, capsys):
     import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
