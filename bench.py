@@ -171,11 +171,12 @@ def build_encoders(args, device, log, text=True):
 def settings(args):
     """Resolve a --row and the fast/baseline defaults into concrete settings (explicit flags win)."""
     row = ROWS[args.row][0] if args.row else {}
+    which = 1 if args.precomputed else 0  # rows give (online, precomputed) batch sizes and checkpoint shares
     s = dict(model=args.model or row.get("model", "STDiT-XL/2"), cond=args.cond or row.get("cond", "cross"),
              classes=row.get("classes", 0), frames=args.frames or row.get("frames", 16),
              size=tuple(args.size or row.get("size", (256, 256))),
-             batch=args.batch_size or row.get("batch", (1, 1))[1 if args.precomputed else 0],
-             ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", (0, 0))[1 if args.precomputed else 0],
+             batch=args.batch_size or row.get("batch", (1, 1))[which],
+             ckpt=args.grad_checkpoint if args.grad_checkpoint is not None else row.get("ckpt", (0, 0))[which],
              sp=args.sp_size or row.get("sp", 1))
     s["compile"] = args.compile if args.compile is not None else not args.baseline
     s["attn"] = args.attn or ("math" if args.baseline else "auto")
@@ -494,6 +495,8 @@ def main(argv=None):
         else:
             result = bench_training(args, s, device, rank, world, log)
     except FileNotFoundError as e:  # a named encoder folder or hub id that cannot be loaded
+        if dist.is_initialized():  # every rank stops here: leave no process group to a caller in this process
+            dist.destroy_process_group()
         sys.exit(str(e))
     if rank == 0:
         write(args, [result])

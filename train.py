@@ -182,6 +182,12 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+def load_encoders(args, device):
+    """The frozen text encoder and VAE that args name (hub ids or folders)."""
+    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+    return text_encoder, build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+
+
 @torch.no_grad()  # the encoders are frozen
 def encode(vae, text_encoder, video, captions, sample=True):
     """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
@@ -270,8 +276,15 @@ def barrier():
 
 
 def main(argv=None):
-    args = get_args(argv)
+    try:
+        run(get_args(argv))
+    except SystemExit:  # a stop with a clear error, the same on every rank: leave no process group to a caller
+        if dist.is_initialized():  # in this process (tests, notebooks), which may start another run
+            dist.destroy_process_group()
+        raise
 
+
+def run(args):
     # setup distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one
     distributed = "RANK" in os.environ
     device = seqparallel.local_device()
@@ -329,9 +342,8 @@ def main(argv=None):
         # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
         # starts from the same weights whether the encoders run here or ran once in data.py precompute
         with torch.random.fork_rng(devices=[]):
-            text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
             try:
-                vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+                text_encoder, vae = load_encoders(args, device)
             except (OSError, ValueError) as e:
                 sys.exit(str(e))
         latent_channels, compression = vae.out_channels, vae.compression
@@ -517,8 +529,7 @@ def main(argv=None):
         ema.load_state_dict(opt.full_state("ema"))
     if rank == 0 and not args.no_sample and vae is None:  # trained from features: load the encoders only now
         try:
-            text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
-            vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+            text_encoder, vae = load_encoders(args, device)
         except (OSError, ValueError) as e:
             args.no_sample = True
             log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
