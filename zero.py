@@ -14,7 +14,8 @@ the forward builds and the backward frees (the peak of a step).
 
 Layout: parameters, in reverse order of registration (roughly the order backward produces their gradients),
 are packed into buckets of about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r
-owns the r-th of its N equal chunks. A bucket whose gradients are all there is reduce-scattered at once
+owns the r-th of its N equal chunks. The bucket's compute weights are views of one flat tensor in that layout,
+which the all-gather after each step fills in place. A bucket whose gradients are all there is reduce-scattered at once
 (asynchronously, while backward goes on), each rank receiving only its chunk; the full gradients are freed,
 and at most two buckets' worth of full gradients are in flight at once.
 
@@ -78,6 +79,14 @@ class ZeRO2:
         self.buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
         model.to(compute_dtype)  # the compute copy; the fp32 truth now lives in the slices
         self.compute_dtype = compute_dtype
+        # the compute weights become views of one flat tensor per bucket, so the all-gather after each step
+        # writes straight into them (no per-parameter copies)
+        self.weights = [self._flat(b, compute_dtype, i) for i, b in enumerate(self.buckets)]
+        for bucket, flat in zip(self.buckets, self.weights):
+            offset = 0
+            for p in bucket:
+                p.data = flat[offset: offset + p.numel()].view_as(p)
+                offset += p.numel()
         self.ready = [0] * len(self.buckets)  # gradients arrived, per bucket, in this backward
         self.launched, self.pending, self.callback_queued, self.finished = 0, [], False, False
         self.in_flight = 2  # reduce-scatters left running at once: bounds the full-size gradient copies alive
@@ -113,9 +122,15 @@ class ZeRO2:
         bucket = self.buckets[i]
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.compute_dtype, device=p.device)
                  for p in bucket]
-        flat = torch.nn.functional.pad(torch.cat(grads).to(self.compute_dtype), (0, self.padded[i] - sum(g.numel() for g in grads)))
-        out = flat.new_empty(self.chunk[i])
-        work = reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        flat = self.weights[i].new_empty(self.padded[i])
+        n = sum(g.numel() for g in grads)
+        torch.cat(grads, out=flat[:n])
+        flat[n:].zero_()
+        if self.world == 1:  # a group of one: the whole bucket is this rank's slice, nothing to exchange
+            out, work = flat, None
+        else:
+            out = flat.new_empty(self.chunk[i])
+            work = reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self.pending.append((i, work, out, flat))
         for p in bucket:
             p.grad = None  # a rank keeps only its slice
@@ -124,8 +139,11 @@ class ZeRO2:
             self._collect(*self.pending.pop(0))
 
     def _collect(self, i, work, out, flat):
-        work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
-        mean = out.float().mul_(1 / self.world)  # the mean over ranks
+        if work is not None:
+            work.wait()  # on GPUs this only makes the compute stream wait for the reduce-scatter
+        mean = out.to(torch.float32)
+        if self.world > 1:
+            mean.div_(self.world)  # the mean over ranks
         part = self.parts[i]
         if part.grad is None:  # allocated bucket by bucket as backward frees activations, never before
             part.grad = mean
@@ -206,11 +224,11 @@ class ZeRO2:
             yield full
 
     def _gather_into_weights(self):
-        for bucket, full in zip(self.buckets, self._gather(self.master, self.compute_dtype)):
-            offset = 0
-            for p in bucket:
-                p.data.copy_(full[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
+        for own, flat in zip(self._slices(self.master), self.weights):  # flat: the bucket's compute weights
+            if self.world == 1:
+                flat.copy_(own)
+            else:
+                all_gather(flat, own.to(self.compute_dtype), group=self.group)
 
     # checkpoints
     @torch.no_grad()
