@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import seqparallel
 import train
-from model import build_model, use_fp8
+from model import build_model
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -215,8 +215,6 @@ def bench_training(args, s, device, rank, world, log):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if world > 1 else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if args.baseline else None)
-    if args.fp8:
-        use_fp8(model)
     if s["compile"]:
         for block in model.blocks:
             block.compile()
@@ -261,7 +259,7 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast", fp8=args.fp8,
+                  attn=s["attn"], optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -276,7 +274,7 @@ def bench_training(args, s, device, rank, world, log):
             step()
             torch.cuda.synchronize() if device.type == "cuda" else None
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        log(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+        log(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
     if args.row:
         result["published_samples_per_s"], result["published_tokens_per_s"] = ROWS[args.row][1]
     return result
@@ -319,8 +317,6 @@ def bench_sampling(args, s, device, log):
         model = build_model(s["model"], attn=s["attn"], caption_len=args.text_len, caption_channels=text_encoder.dim)
     if not args.baseline and device.type == "cuda":  # bf16 weights (CPUs run bf16 matmuls slowly)
         model.to(torch.bfloat16)
-    if args.fp8:
-        use_fp8(model)
     if s["compile"]:
         for block in model.blocks:
             block.compile()
@@ -333,7 +329,7 @@ def bench_sampling(args, s, device, log):
     seconds, _ = timed(run, 1, 1, device)  # the warm-up call compiles
     T, H, W = vae.latent_shape(*size)
     result = dict(row=args.row, task="sampling", model=s["model"], frames=s["frames"], size=s["size"], batch=s["batch"],
-                  sampler=args.sampler, steps=args.sample_steps, cfg_scale=7.0, mode="baseline" if args.baseline else "fast", fp8=args.fp8,
+                  sampler=args.sampler, steps=args.sample_steps, cfg_scale=7.0, mode="baseline" if args.baseline else "fast",
                   seconds_per_sample=round(seconds / s["batch"], 3),
                   published_seconds_per_sample=PUBLISHED_SAMPLING.get(args.row) if args.sample_steps == 100 else None)
     flops = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * args.sample_steps * s["batch"]
@@ -439,7 +435,6 @@ def main(argv=None):
     p.add_argument("--precomputed", action="store_true", help="skip the encoders: synthetic latents and T5 states")
     p.add_argument("--baseline", action="store_true", help="eager, math attention, fp32 weights, no fused kernels")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each block")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks' linears (model.use_fp8)")
     p.add_argument("--attn", choices=["auto", "flash", "sdpa", "math"])
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],

@@ -304,86 +304,13 @@ def test_half_precision_weights_and_autocast(dtype):
         assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
-def _fp8_round(t, dtype):
-    """t rounded to fp8 with one per-tensor scale (largest |t| -> the format's largest value), back in fp32."""
-    scale = torch.finfo(dtype).max / t.abs().max()
-    return (t * scale).to(dtype).float() / scale
-
-
-def test_fp8_linear_is_the_matmul_of_its_rounded_operands():
-    """Output and both gradients equal fp32 matmuls of the operands rounded to fp8 (e4m3 input and weight,
-    e5m2 output gradient), and stay within fp8 rounding of the exact linear; sizes that fp8 kernels cannot take
-    (rows not a multiple of 16) run the plain linear, bit for bit."""
-    import copy
-    torch.manual_seed(0)
-    plain = torch.nn.Linear(64, 48)
-    fp8 = copy.deepcopy(plain)
-    fp8.__class__ = M.Fp8Linear
-    x, g = torch.randn(2, 8, 64) * 3, torch.randn(2, 8, 48)
-    xi = x.clone().requires_grad_()
-    y = fp8(xi)
-    y.backward(g)
-    xq, wq, gq = _fp8_round(x.reshape(16, 64), M.E4M3), _fp8_round(plain.weight.detach(), M.E4M3), _fp8_round(g.reshape(16, 48), M.E5M2)
-    torch.testing.assert_close(y.detach().reshape(16, 48), xq @ wq.t() + plain.bias.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xi.grad.reshape(16, 64), gq @ wq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fp8.weight.grad, gq.t() @ xq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fp8.bias.grad, g.sum((0, 1)))
-    xe = x.clone().requires_grad_()
-    plain(xe).backward(g)
-    for got, exact in ((y, plain(x)), (xi.grad, xe.grad), (fp8.weight.grad, plain.weight.grad)):
-        assert 0 < (got - exact).norm() < 0.1 * exact.norm()  # rounded, but only by fp8's few mantissa bits
-    odd = torch.randn(3, 64)
-    assert torch.equal(fp8(odd), plain(odd))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the output takes the autocast dtype
-        assert fp8(x).dtype == torch.bfloat16
-
-
-def test_use_fp8_switches_the_block_linears_only():
-    """use_fp8 turns the attention, cross-attention and MLP linears of every block to fp8 (not adaLN's, whose
-    rows are the batch), keeps every checkpoint key, and a whole model stays close to its plain self; switching
-    back gives the plain model exactly."""
-    model = randomize(build_model("DiT-debug", cond="cross", **TEXT), std=0.05).eval()
-    y, mask = condition(model, 2)
-    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([5, 600])  # 2 x 2 x 16 = 64 rows: fp8 applies
-    ref, keys = model(x, t, y, mask), list(model.state_dict())
-    M.use_fp8(model)
-    swapped = sorted({n.split(".", 2)[-1] for n, m in model.named_modules() if isinstance(m, M.Fp8Linear)})
-    assert swapped == ["attn.proj", "attn.qkv", "cross_attn.kv_linear", "cross_attn.proj", "cross_attn.q_linear", "mlp.fc1", "mlp.fc2"]
-    assert list(model.state_dict()) == keys
-    out = model(x, t, y, mask)
-    assert 0 < (out - ref).abs().mean() < 0.05 * ref.abs().mean()
-    assert torch.equal(M.use_fp8(model, on=False)(x, t, y, mask), ref)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="fp8 tensor cores (a Hopper-class GPU); the CPU reference is tested above")
-def test_fp8_kernels_match_the_cpu_reference():
-    """torch._scaled_mm (forward with fast accumulation, both gradients) on a GPU against the fp32 products of
-    the same fp8 values on the CPU, at an XL width."""
-    import copy
-    torch.manual_seed(0)
-    cpu = M.Fp8Linear(1152, 4608)
-    gpu = copy.deepcopy(cpu).cuda().to(torch.bfloat16)
-    cpu.weight.data = gpu.weight.data.float().cpu()
-    cpu.bias.data = gpu.bias.data.float().cpu()
-    x, g = torch.randn(512, 1152, dtype=torch.bfloat16), torch.randn(512, 4608, dtype=torch.bfloat16)
-    xc, xg = x.float().requires_grad_(), x.cuda().requires_grad_()
-    cpu(xc).backward(g.float())
-    out = gpu(xg)
-    out.backward(g.cuda())
-    for got, want in ((out, cpu(xc)), (xg.grad, xc.grad), (gpu.weight.grad, cpu.weight.grad)):
-        assert (got.float().cpu() - want).norm() < 0.01 * want.norm()
-
-
 def test_blocks_compile_without_graph_breaks():
     import torch._dynamo
     dit = build_model("DiT-debug", cond="cross", **TEXT)
     stdit = build_model("STDiT-debug", **TEXT)
     y, mask = torch.randn(2, 8, 64), torch.ones(2, 8, dtype=torch.bool)
-    fp8 = M.use_fp8(build_model("DiT-debug", cond="cross", **TEXT))
     cases = [(dit.blocks[0], (torch.randn(2, 16, 64), torch.randn(2, 64), y, mask, None)),
-             (stdit.blocks[0], (torch.randn(2, 3, 4, 64), torch.randn(2, 6 * 64), y, mask, torch.randn(1, 3, 64))),
-             (fp8.blocks[0], (torch.randn(2, 16, 64), torch.randn(2, 64), y, mask, None))]
+             (stdit.blocks[0], (torch.randn(2, 3, 4, 64), torch.randn(2, 6 * 64), y, mask, torch.randn(1, 3, 64)))]
     for block, args in cases:
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(block)(*args)

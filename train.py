@@ -33,7 +33,7 @@ from tqdm import tqdm
 import data
 import seqparallel
 import zero
-from model import build_model, config_dict, use_fp8
+from model import build_model, config_dict
 from text import TextEncoder
 from vae import build_vae
 
@@ -82,7 +82,6 @@ def get_args(argv=None):
                    help="recompute blocks in backward to save memory: all (default), or this share of them, e.g. 0.5")
     p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const=0.0)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks' linears (Hopper-class GPUs; CPUs emulate them slowly)")
     p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
     p.add_argument("--zero", type=int, default=0, choices=[0, 2], help="2: ZeRO-2 (zero.py) instead of DDP")
@@ -294,9 +293,6 @@ def run(args):
     elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
         seqparallel.init_process_group(device, alone=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        sys.exit(f"--fp8 needs fp8 tensor cores (compute capability 8.9 or newer; this {torch.cuda.get_device_name(device)} "
-                 "has none): drop --fp8")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif args.precision == "bf16" and args.demo:
@@ -390,8 +386,6 @@ def run(args):
         opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
                                   bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
         train_model = model
-    if args.fp8:
-        use_fp8(model)
     if args.compile:
         for block in model.blocks:
             block.compile()
