@@ -63,6 +63,19 @@ def test_output_shapes_any_size(name, kw, size):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_blocks_get_tokens_in_rows(name, kw):
+    """The residual stream enters the blocks contiguous (D innermost), for images and videos: a channel-first
+    view of the patch conv's output would hand every LayerNorm a strided row (slow on GPUs, same values)."""
+    model = build_model(name, **kw).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    for T in (1, 2):
+        y, mask = condition(model, 2)
+        model(torch.randn(2, 4, T, 8, 8), torch.tensor([1, 2]), y, mask)
+    assert len(seen) == 2 and all(x.is_contiguous() for x in seen)
+
+
 def test_patch_must_divide_the_size():
     model = build_model("STDiT-debug", **TEXT)
     y, mask = condition(model, 1)
