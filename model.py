@@ -134,7 +134,7 @@ class PatchEmbed(nn.Module):
             x = rearrange(self.proj(rearrange(x, "B C T H W -> (B T) C H W")), "(B T) D H W -> B T (H W) D", B=B)
         else:
             x = rearrange(self.proj(x), "B D T H W -> B T (H W) D")
-        # The conv's output is channel-first: as a view, D would sit 4096 elements apart. Every elementwise op
+        # The conv's output is channel-first: as a view, D would sit T*S elements apart. Every elementwise op
         # keeps its input's layout, so the blocks' residual stream would inherit it and each LayerNorm would read
         # its row with that stride (measured: 6x slower on an H100). One copy here puts tokens in rows.
         return x.contiguous()

@@ -14,10 +14,10 @@ the forward builds and the backward frees (the peak of a step).
 
 Layout: parameters, in reverse order of registration (roughly the order backward produces their gradients),
 are packed into buckets of about bucket_mb; each bucket is flattened, padded to a multiple of N, and rank r
-owns the r-th of its N equal chunks. The bucket's compute weights are views of one flat tensor in that layout,
-which the all-gather after each step fills in place. A bucket whose gradients are all there is reduce-scattered at once
-(asynchronously, while backward goes on), each rank receiving only its chunk; the full gradients are freed,
-and at most two buckets' worth of full gradients are in flight at once.
+owns the r-th of its N equal chunks. The bucket's compute weights are views of one flat tensor in that
+layout, which the all-gather after each step fills in place. A bucket whose gradients are all there is
+reduce-scattered at once (asynchronously, while backward goes on), each rank receiving only its chunk; the
+full gradients are freed, and at most two buckets' worth of full gradients are in flight at once.
 
 The update is torch.optim.AdamW itself, run on this rank's fp32 slice of each bucket (views of one flat
 tensor). So the math is AdamW's by construction, and the tests check the sharding around it against AdamW on
@@ -83,10 +83,8 @@ class ZeRO2:
         # writes straight into them (no per-parameter copies)
         self.weights = [self._flat(b, compute_dtype, i) for i, b in enumerate(self.buckets)]
         for bucket, flat in zip(self.buckets, self.weights):
-            offset = 0
-            for p in bucket:
-                p.data = flat[offset: offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, view in self._views(bucket, flat):
+                p.data = view
         self.ready = [0] * len(self.buckets)  # gradients arrived, per bucket, in this backward
         self.launched, self.pending, self.callback_queued, self.finished = 0, [], False, False
         self.in_flight = 2  # reduce-scatters left running at once: bounds the full-size gradient copies alive
@@ -99,6 +97,14 @@ class ZeRO2:
         parts = [p.detach().reshape(-1).to(dtype) for p in bucket]
         flat = torch.cat(parts)
         return torch.nn.functional.pad(flat, (0, self.padded[i] - flat.numel()))
+
+    @staticmethod
+    def _views(bucket, flat):
+        """(parameter, its part of the bucket's flat tensor shaped like it), in bucket order."""
+        offset = 0
+        for p in bucket:
+            yield p, flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def _own(self, flat, i):
         return flat[self.rank * self.chunk[i]: (self.rank + 1) * self.chunk[i]]
@@ -238,10 +244,8 @@ class ZeRO2:
         source = self.master if which == "master" else self.ema
         state = dict(self.buffers)
         for bucket, full in zip(self.buckets, self._gather(source, torch.float32)):
-            offset = 0
-            for p in bucket:
-                state[self.names[p]] = full[offset: offset + p.numel()].view_as(p).cpu()
-                offset += p.numel()
+            for p, view in self._views(bucket, full):
+                state[self.names[p]] = view.cpu()
         return state
 
     def layout(self):
