@@ -21,12 +21,13 @@ Every attention goes through one function, `attention`, so that file has exactly
 """
 import math
 from dataclasses import dataclass, asdict
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, so SDPA is the default
     from flash_attn import flash_attn_func
@@ -70,6 +71,27 @@ def attention(q, k, v, mask=None, impl="auto"):
             scores = scores.masked_fill(~bias, float("-inf"))
         out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # softmax in fp32 even under bf16/fp16
     return rearrange(out, "B h N d -> B N h d")
+
+
+# The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long
+# sequences attention is most of a block's forward, yet its output is one row of D values a token (plus a
+# log-sum-exp a head), where all of a block's activations are 25-30 rows
+FUSED_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
+if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
+    FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in FUSED_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_block(forward, *args):
+    """Gradient checkpointing of one block: backward recomputes its activations from its inputs, all but the
+    fused attention outputs, which it keeps. Called inside the block's forward, so that a compiled block
+    compiles the recomputation too (torch.compile honours the keep-or-recompute policy)."""
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, keep_attention))
 
 
 class Attention(nn.Module):
@@ -207,7 +229,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, y=None, y_mask=None, x_mask=None):  # x (B, N, D), c (B, D), y (B, L, D)
+    def forward(self, x, c, y=None, y_mask=None, x_mask=None, recompute=False):  # x (B, N, D), c (B, D), y (B, L, D)
+        if recompute:
+            return checkpoint_block(self.forward, x, c, y, y_mask, x_mask)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), x_mask)
         if self.cross_attn is not None:  # ungated, like PixArt; its zero-initialised proj starts it at 0
@@ -229,7 +253,9 @@ class STDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.attn_temp = Attention(dim, heads, impl)
 
-    def forward(self, x, t0, y, y_mask=None, tpe=None):  # x (B, T, S, D), t0 (B, 6D), y (B, L, D), tpe (1, T, D)
+    def forward(self, x, t0, y, y_mask=None, tpe=None, recompute=False):  # x (B, T, S, D), t0 (B, 6D), y (B, L, D), tpe (1, T, D)
+        if recompute:
+            return checkpoint_block(self.forward, x, t0, y, y_mask, tpe)
         B, T, S, D = x.shape
         mod = self.scale_shift_table[None] + t0.reshape(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None, None].unbind(1)  # (B, 1, 1, D)
@@ -353,12 +379,10 @@ class DiffusionTransformer(nn.Module):
         return self.y_embedder(y, mask, drop)
 
     def run_block(self, i, *args):
-        """Block i; the first grad_checkpoint x depth blocks keep only their inputs for backward and recompute
-        the rest there. Memory left over pays best as un-checkpointed blocks: each saves a forward's recompute."""
-        block = self.blocks[i]
-        if i < round(self.cfg.grad_checkpoint * len(self.blocks)) and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        """Block i; the first grad_checkpoint x depth blocks keep only their inputs and attention outputs for
+        backward and recompute the rest there. Memory left over pays best as un-checkpointed blocks."""
+        recompute = i < round(self.cfg.grad_checkpoint * len(self.blocks)) and self.training and torch.is_grad_enabled()
+        return self.blocks[i](*args, recompute=recompute)
 
     def initialize_weights(self):
         # xavier-uniform linears with zero biases, the patch conv like a linear (DiT, PixArt-alpha)

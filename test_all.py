@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
 import csv
+import itertools
 import json
 import logging
 import random
@@ -280,25 +281,42 @@ def test_position_embeddings_follow_the_published_tables():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    """Checkpointed blocks give the same gradients, and keep the fused attention outputs: backward recomputes
+    the rest of the block but never reruns an attention kernel."""
     import model as M
+    from torch.utils._python_dispatch import TorchDispatchMode
     recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
 
-    def counting(block, *args, **kwargs):
-        recomputed.append(block)
-        return real(block, *args, **kwargs)
+    def counting(forward, *args, **kwargs):
+        recomputed.append(forward.__self__)
+        return real(forward, *args, **kwargs)
     monkeypatch.setattr(M, "checkpoint", counting)
-    grads = []
-    for share in (0.0, 0.5, True, 1.0):  # of STDiT-debug's 2 blocks: none, the first, both, both
-        recomputed.clear()
-        model = randomize(build_model("STDiT-debug", grad_checkpoint=share, **TEXT))
-        model.cfg.dropout = 0.0
-        y, mask = condition(model, 2, torch.Generator().manual_seed(0))
-        model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask).square().mean().backward()
-        grads.append([p.grad for p in model.parameters()])
-        assert recomputed == list(model.blocks)[:round(float(share) * 2)]
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
-            torch.testing.assert_close(a, b)
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.calls += op in M.FUSED_ATTENTION_OPS
+            return op(*args, **(kwargs or {}))
+    for name in ("STDiT-debug", "DiT-debug"):
+        grads = []
+        for share in (0.0, 0.5, True, 1.0):  # of the 2 blocks: none, the first, both, both
+            recomputed.clear()
+            model = randomize(build_model(name, grad_checkpoint=share, attn="sdpa", **TEXT))
+            model.cfg.dropout = 0.0
+            y, mask = condition(model, 2, torch.Generator().manual_seed(0))
+            with AttentionCalls() as counter:
+                out = model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask)
+                forward_calls = counter.calls  # STDiT: 3 per block (spatial, temporal, cross); DiT: 2 (self, cross)
+                out.square().mean().backward()
+            assert forward_calls == (3 if name == "STDiT-debug" else 2) * 2 and counter.calls == forward_calls
+            grads.append([p.grad for p in model.parameters()])
+            assert recomputed == list(model.blocks)[:round(float(share) * 2)]
+        for other in grads[1:]:
+            for a, b in zip(grads[0], other):
+                torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="share of the blocks"):
         build_model("STDiT-debug", grad_checkpoint=2)
 
@@ -324,9 +342,9 @@ def test_blocks_compile_without_graph_breaks():
     y, mask = torch.randn(2, 8, 64), torch.ones(2, 8, dtype=torch.bool)
     cases = [(dit.blocks[0], (torch.randn(2, 16, 64), torch.randn(2, 64), y, mask, None)),
              (stdit.blocks[0], (torch.randn(2, 3, 4, 64), torch.randn(2, 6 * 64), y, mask, torch.randn(1, 3, 64)))]
-    for block, args in cases:
+    for (block, args), recompute in itertools.product(cases, (False, True)):  # True: checkpointed, recomputed in backward
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(block)(*args)
+        explanation = torch._dynamo.explain(block)(*args, recompute=recompute)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
 
