@@ -219,6 +219,7 @@ class CaptionEmbedder(nn.Module):
 
 class DiTBlock(nn.Module):
     """adaLN-zero block: modulated self-attention and MLP, each gated; optional cross-attention."""
+    selective_checkpoint = True  # checkpointed: keep the attention outputs (checkpoint_block)
 
     def __init__(self, dim, heads, mlp_ratio, cross, impl):
         super().__init__()
@@ -241,6 +242,7 @@ class DiTBlock(nn.Module):
 
 class STDiTBlock(nn.Module):
     """Open-Sora v1.0 block on x (B, T, S, D); the block order follows SPEC.md step by step."""
+    selective_checkpoint = True  # checkpointed: keep the attention outputs (checkpoint_block)
 
     def __init__(self, dim, heads, mlp_ratio, impl):
         super().__init__()
@@ -381,8 +383,11 @@ class DiffusionTransformer(nn.Module):
     def run_block(self, i, *args):
         """Block i; the first grad_checkpoint x depth blocks keep only their inputs and attention outputs for
         backward and recompute the rest there. Memory left over pays best as un-checkpointed blocks."""
+        block = self.blocks[i]
         recompute = i < round(self.cfg.grad_checkpoint * len(self.blocks)) and self.training and torch.is_grad_enabled()
-        return self.blocks[i](*args, recompute=recompute)
+        if recompute and not block.selective_checkpoint:  # the whole block, around its compiled forward
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args, recompute=recompute)
 
     def initialize_weights(self):
         # xavier-uniform linears with zero biases, the patch conv like a linear (DiT, PixArt-alpha)

@@ -281,15 +281,16 @@ def test_position_embeddings_follow_the_published_tables():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
-    """Checkpointed blocks give the same gradients, and keep the fused attention outputs: backward recomputes
-    the rest of the block but never reruns an attention kernel."""
+    """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
+    attention outputs: backward recomputes the rest of the block but never reruns an attention kernel. Blocks
+    checkpointed whole (what sequence parallelism asks for) rerun it."""
     import model as M
     from torch.utils._python_dispatch import TorchDispatchMode
     recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
 
-    def counting(forward, *args, **kwargs):
-        recomputed.append(forward.__self__)
-        return real(forward, *args, **kwargs)
+    def counting(fn, *args, **kwargs):  # fn: a block's forward (selective) or the block itself (whole)
+        recomputed.append(getattr(fn, "__self__", fn))
+        return real(fn, *args, **kwargs)
     monkeypatch.setattr(M, "checkpoint", counting)
 
     class AttentionCalls(TorchDispatchMode):
@@ -300,20 +301,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         def __torch_dispatch__(self, op, types, args=(), kwargs=None):
             self.calls += op in M.FUSED_ATTENTION_OPS
             return op(*args, **(kwargs or {}))
-    for name in ("STDiT-debug", "DiT-debug"):
+    for name, selective in itertools.product(("STDiT-debug", "DiT-debug"), (True, False)):
         grads = []
         for share in (0.0, 0.5, True, 1.0):  # of the 2 blocks: none, the first, both, both
             recomputed.clear()
             model = randomize(build_model(name, grad_checkpoint=share, attn="sdpa", **TEXT))
             model.cfg.dropout = 0.0
+            for block in model.blocks:
+                block.selective_checkpoint = selective
             y, mask = condition(model, 2, torch.Generator().manual_seed(0))
             with AttentionCalls() as counter:
                 out = model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask)
-                forward_calls = counter.calls  # STDiT: 3 per block (spatial, temporal, cross); DiT: 2 (self, cross)
+                per_block = counter.calls // 2  # STDiT: 3 (spatial, temporal, cross); DiT: 2 (self, cross)
                 out.square().mean().backward()
-            assert forward_calls == (3 if name == "STDiT-debug" else 2) * 2 and counter.calls == forward_calls
+            assert per_block == (3 if name == "STDiT-debug" else 2)
+            checkpointed = round(float(share) * 2)
+            assert counter.calls == per_block * (2 + (0 if selective else checkpointed))
             grads.append([p.grad for p in model.parameters()])
-            assert recomputed == list(model.blocks)[:round(float(share) * 2)]
+            assert recomputed == list(model.blocks)[:checkpointed]
         for other in grads[1:]:
             for a, b in zip(grads[0], other):
                 torch.testing.assert_close(a, b)
@@ -1330,6 +1335,7 @@ def _sp_worker(rank, world, port, backend="gloo"):
         want = _grads(reference, x, y)
         for kind, overlap in SP_KINDS:
             model = _sp_copy(reference, group, kind, overlap)
+            assert not any(block.selective_checkpoint for block in model.blocks)  # checkpointed whole, around compile
             xs, ys = (i.detach().clone().requires_grad_(i.requires_grad) for i in (x, y))
             torch.manual_seed(100)
             with train.autocast(dev, precision):
