@@ -19,6 +19,7 @@ Sizes are read from tensor shapes, never stored at construction: one model train
 and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
 Every attention goes through one function, `attention`, so that file has exactly one seam to wrap.
 """
+import logging
 import math
 from dataclasses import dataclass, asdict
 from functools import partial
@@ -85,6 +86,10 @@ if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # fl
 
 def keep_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in FUSED_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# torch.compile warns once that a checkpoint policy must not meet in-place ops: the blocks have none
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda record: "context_fn" not in record.getMessage())
 
 
 def checkpoint_block(forward, *args):
