@@ -386,8 +386,9 @@ class DiffusionTransformer(nn.Module):
         return self.y_embedder(y, mask, drop)
 
     def run_block(self, i, *args):
-        """Block i; the first grad_checkpoint x depth blocks keep only their inputs and attention outputs for
-        backward and recompute the rest there. Memory left over pays best as un-checkpointed blocks."""
+        """Block i; the first grad_checkpoint x depth blocks keep only their inputs and attention outputs (blocks
+        without selective_checkpoint: only their inputs) for backward and recompute the rest there. Memory left
+        over pays best as un-checkpointed blocks."""
         block = self.blocks[i]
         recompute = i < round(self.cfg.grad_checkpoint * len(self.blocks)) and self.training and torch.is_grad_enabled()
         if recompute and not block.selective_checkpoint:  # the whole block, around its compiled forward

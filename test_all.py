@@ -352,6 +352,9 @@ def test_blocks_compile_without_graph_breaks():
         explanation = torch._dynamo.explain(block)(*args, recompute=recompute)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
+        targets = [str(node.target) for node in explanation.graphs[0].graph.nodes if node.op == "call_function"]
+        # checkpointed: the checkpoint itself is in the graph (an empty graph means it would run eagerly)
+        assert ("tag_activation_checkpoint" in targets) == recompute, targets[:5]
 
 
 def test_model_py_never_imports_torch_distributed():
