@@ -274,10 +274,46 @@ def bench_training(args, s, device, rank, world, log):
             step()
             torch.cuda.synchronize() if device.type == "cuda" else None
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        log(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+        log(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+        if device.type == "cuda":
+            log(kernel_summary(prof))
     if args.row:
         result["published_samples_per_s"], result["published_tokens_per_s"] = ROWS[args.row][1]
     return result
+
+
+KERNEL_CLASSES = (  # (class, name fragments): a GPU kernel's class is the first whose fragment its name holds
+    ("attention", ("fmha", "flash", "sdpa", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass")),
+    ("compiled (triton)", ("triton",)),
+    ("optimizer (foreach/fused)", ("multi_tensor_apply",)),
+    ("nccl", ("nccl",)),
+)
+
+
+def kernel_summary(prof, top=25):
+    """One profiled step's GPU kernels: busy and idle time, time by kernel class, and the top kernels by time."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return "no GPU kernels recorded"
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:  # the union of kernel intervals (us): streams may overlap
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    wall = end - spans[0][0]
+    by_class, by_name = {}, {}
+    for e in kernels:
+        name, us = e.name, e.time_range.elapsed_us()
+        group = next((c for c, parts in KERNEL_CLASSES if any(p in name.lower() for p in parts)), "other (aten)")
+        by_class[group] = by_class.get(group, 0.0) + us
+        total, count = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + us, count + 1)
+    summed = sum(by_class.values())
+    lines = [f"GPU: first to last kernel {wall / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(wall - busy) / 1e3:.1f} ms"]
+    lines += [f"  {c:26s} {us / 1e3:8.1f} ms {100 * us / summed:5.1f}%" for c, us in sorted(by_class.items(), key=lambda r: -r[1])]
+    lines += [f"  {us / 1e3:8.2f} ms {n:4d}x  {name[:110]}" for name, (us, n) in sorted(by_name.items(), key=lambda r: -r[1][0])[:top]]
+    return "\n".join(lines)
 
 
 def timed(fn, warmup, steps, device):

@@ -27,7 +27,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, so SDPA is the default
@@ -42,26 +43,36 @@ def modulate(x, shift, scale):
 
 
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
-SHORT_KEYS = 128  # "auto" runs the plain formula in compiled code up to this many keys
+SHORT_KEYS = 128  # "auto": up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
+QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
 
 
 def attention(q, k, v, mask=None, impl="auto"):
     """The single attention seam. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool, True = attend.
 
     flash: flash-attn (CUDA, half precision, no mask); sdpa: torch's fused kernels (flash, cuDNN or
-    memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks.
+    memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks;
+    efficient: SDPA's memory-efficient kernel over few keys (efficient_attention).
+    auto picks by the shapes, as measured fastest on an H100 (README, "Benchmarks"):
+      many queries, few keys (cross-attention to L = 120 caption tokens): efficient;
+      few queries and few keys (STDiT's temporal attention over T frames) inside torch.compile: math, which the
+        compiler fuses (2x faster there than any fused kernel, whose tiles would be mostly empty);
+      otherwise flash-attn when installed and unmasked, else sdpa (cuDNN on an H100).
     """
     if impl == "auto":
-        usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        # Few keys (STDiT's temporal attention over T frames, cross-attention to L = 120 caption tokens): inside
-        # torch.compile the plain formula becomes fused kernels that beat the fused SDPA kernels, which tile
-        # keys by 64-128 and so waste most of their work (measured on an H100: README, "Benchmarks")
-        if torch.compiler.is_compiling() and k.shape[1] <= SHORT_KEYS:
+        few_keys = k.shape[1] <= SHORT_KEYS
+        if few_keys and q.shape[1] > SHORT_KEYS and q.is_cuda:
+            impl = "efficient"
+        elif few_keys and torch.compiler.is_compiling():
             impl = "math"
+        elif flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
+            impl = "flash"
         else:
-            impl = "flash" if usable and mask is None else "sdpa"
+            impl = "sdpa"
     if impl == "flash":
         return flash_attn_func(q, k, v)
+    if impl == "efficient":
+        return efficient_attention(q, k, v, mask)
     q, k, v = (rearrange(t, "B N h d -> B h N d") for t in (q, k, v))
     bias = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): one key mask for all heads
     if impl == "sdpa":
@@ -74,18 +85,41 @@ def attention(q, k, v, mask=None, impl="auto"):
     return rearrange(out, "B h N d -> B N h d")
 
 
+def efficient_attention(q, k, v, mask=None):
+    """SDPA's memory-efficient kernel, which takes the key mask and keeps no (N, M) probabilities for backward,
+    on rows of at most QUERY_ROWS queries. Its backward runs one thread block per batch row, head and 128 keys:
+    over 120 caption tokens that is B*h blocks, 32 for two videos, a quarter of an H100's SMs (measured: STDiT-XL/2
+    64x512 went from 67.8k to 62.5k tokens/s). Each row of queries gets its own copy of the keys (a few KB)."""
+    B, N = q.shape[:2]
+    rows = -(-N // QUERY_ROWS)  # per sample
+    n = -(-N // rows)  # queries per row; the last row is padded with zero queries
+    if rows * n > N:
+        q = F.pad(q, (0, 0, 0, 0, 0, rows * n - N))
+    q = rearrange(q, "B (r n) h d -> (B r) h n d", r=rows)
+    k, v = (repeat(t, "B M h d -> (B r) h M d", r=rows) for t in (k, v))
+    bias = None if mask is None else repeat(mask, "B M -> (B r) 1 1 M", r=rows)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # math where the kernel is missing (CPU)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return rearrange(out, "(B r) h n d -> B (r n) h d", B=B)[:, :N]
+
+
 # The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long
 # sequences attention is most of a block's forward, yet its output is one row of D values a token (plus a
 # log-sum-exp a head), where all of a block's activations are 25-30 rows
-FUSED_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+ATEN_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (  # q, k, v laid out (B, h, N, d)
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
+FUSED_ATTENTION_OPS = set(ATEN_ATTENTION_OPS)
 if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
     FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
 
 
 def keep_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in FUSED_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in FUSED_ATTENTION_OPS:
+        keys = args[1].shape[1 if op not in ATEN_ATTENTION_OPS else 2]  # flash-attn's layout is (B, M, h, d)
+        if keys > SHORT_KEYS:  # attention over few keys (to caption tokens) is cheap to redo: recompute it
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # torch.compile warns once that a checkpoint policy must not meet in-place ops: the blocks have none

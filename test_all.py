@@ -212,6 +212,54 @@ def test_attention_implementations_agree(masked):
         torch.testing.assert_close(attention(q, k2, v2, mask, "math")[0], ref[0])
 
 
+def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
+    """efficient_attention cuts the queries into rows (the last one padded) that share their sample's keys and
+    mask: outputs and input gradients equal the plain formula's (on the CPU, SDPA's own formula runs)."""
+    import model as M
+    monkeypatch.setattr(M, "QUERY_ROWS", 16)  # 50 queries: 4 rows of 13, the last padded by 2
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, 4, 8, generator=gen, requires_grad=True) for n in (50, 7, 7))
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7], [5]])
+    grad = torch.randn(3, 50, 4, 8, generator=gen)
+    for m in (mask, None):
+        out, ref = attention(q, k, v, m, "efficient"), attention(q, k, v, m, "math")
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's memory-efficient kernel is a CUDA kernel (the GPU suite runs this)")
+def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(monkeypatch):
+    """auto: many queries over few masked keys (cross-attention to caption tokens) run SDPA's memory-efficient
+    kernel on rows of queries, eagerly and compiled, and equal the plain formula in outputs and input gradients."""
+    import model as M
+    from torch._inductor.utils import run_and_get_code
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(M, "QUERY_ROWS", 64)  # 300 queries: 5 rows of 60
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 16, device="cuda", generator=gen, requires_grad=True) for n in (300, 7, 7))
+    mask = torch.arange(7, device="cuda")[None] < torch.tensor([[3], [7]], device="cuda")
+    grad = torch.randn(2, 300, 4, 16, device="cuda", generator=gen)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            seen.add(op)
+            return op(*args, **(kwargs or {}))
+    seen = set()
+    with Ops():
+        out = attention(q, k, v, mask)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert torch.ops.aten._scaled_dot_product_efficient_attention.default in seen
+    ref = attention(q, k, v, mask, "math")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(torch.compile(M.attention), q, k, v, mask)
+    assert "efficient_attention" in "\n".join(code)
+    torch.testing.assert_close(compiled, ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 def test_whole_model_same_under_every_attention(name, kw):
     a = randomize(build_model(name, attn="math", **kw)).eval()
@@ -282,10 +330,14 @@ def test_position_embeddings_follow_the_published_tables():
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
-    attention outputs: backward recomputes the rest of the block but never reruns an attention kernel. Blocks
-    checkpointed whole (what sequence parallelism asks for) rerun it."""
+    attention outputs over many keys: backward recomputes the rest of the block, attention over few keys
+    included, but never reruns a long attention. Blocks checkpointed whole (what sequence parallelism asks
+    for) rerun every attention."""
     import model as M
     from torch.utils._python_dispatch import TorchDispatchMode
+    # with 10 as "few": the 16 spatial tokens of a debug frame are many keys; its 2 frames (temporal attention)
+    # and 8 caption tokens (cross-attention) are few
+    monkeypatch.setattr(M, "SHORT_KEYS", 10)
     recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
 
     def counting(fn, *args, **kwargs):  # fn: a block's forward (selective) or the block itself (whole)
@@ -316,7 +368,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
                 out.square().mean().backward()
             assert per_block == (3 if name == "STDiT-debug" else 2)
             checkpointed = round(float(share) * 2)
-            assert counter.calls == per_block * (2 + (0 if selective else checkpointed))
+            few_keys = 2 if name == "STDiT-debug" else 1  # temporal and cross; cross
+            rerun = few_keys if selective else per_block  # attention kernels a checkpointed block reruns
+            assert counter.calls == per_block * 2 + rerun * checkpointed
             grads.append([p.grad for p in model.parameters()])
             assert recomputed == list(model.blocks)[:checkpointed]
         for other in grads[1:]:
@@ -1129,6 +1183,31 @@ def test_iddpm_loss_terms():
     assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
     worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
     assert (worse > loss).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
+def test_training_step_never_waits_for_the_gpu():
+    """A training step (diffusion loss, backward, clipping, fused AdamW) queues GPU work without ever blocking
+    the CPU on it: a blocking copy or read-back would leave the GPU idle while the CPU catches up."""
+    from train import IDDPM, training_step
+    with torch.device("cuda"):
+        model = build_model("STDiT-debug", **TEXT)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    diffusion = IDDPM()
+    y, mask = (t.cuda() for t in condition(model, 2))
+    z = torch.randn(2, 4, 2, 8, 8, device="cuda")
+
+    def step():
+        training_step(model, diffusion, z, y, mask, "bf16").backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # the first step copies the noise schedule's tables to the GPU, once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
