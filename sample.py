@@ -63,10 +63,11 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
     mask2 = None if mask is None else torch.cat([mask, mask])
     drop = torch.arange(2 * B, device=device) >= B
     ch = C if cfg_channels is None else cfg_channels
-    for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", leave=False):
+    # the steps on the device, copied at once: a copy per step would block the CPU until the GPU has drained
+    for t, t_device in tqdm(list(zip(sched.timesteps, sched.timesteps.to(device))), desc=f"{sampler} sampling", leave=False):
         xin = sched.scale_model_input(torch.cat([x, x]), t)
         with autocast(device, precision):
-            out = model(xin, t.expand(2 * B).to(device), y2, mask2, force_drop=drop).float()
+            out = model(xin, t_device.expand(2 * B), y2, mask2, force_drop=drop).float()
         cond, uncond = out.chunk(2)
         eps = cond[:, :C].clone()
         eps[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance

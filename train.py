@@ -133,8 +133,8 @@ class IDDPM:
         self.on_device = {}  # device -> the tables there, copied once
 
     def table(self, name, device):
-        # copied once per device: a fresh copy at every use would be a blocking host-to-device copy, and each one
-        # would leave the GPU idle until the CPU queued new work (measured: 19 ms of a 386 ms step on an H100)
+        # copied once per device: a fresh copy at every use is a blocking host-to-device copy, after which the GPU
+        # waits for the CPU to queue new work (an H100 sat idle 19 ms of a 386 ms step with them, 8 ms without)
         if device not in self.on_device:
             self.on_device[device] = {k: v.to(device) for k, v in self.tables.items()}
         return self.on_device[device][name]
