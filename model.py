@@ -116,7 +116,7 @@ if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # fl
 
 def keep_attention(ctx, op, *args, **kwargs):
     if op in FUSED_ATTENTION_OPS:
-        keys = args[1].shape[1 if op not in ATEN_ATTENTION_OPS else 2]  # flash-attn's layout is (B, M, h, d)
+        keys = args[1].shape[2] if op in ATEN_ATTENTION_OPS else args[1].shape[1]  # flash-attn: (B, M, h, d)
         if keys > SHORT_KEYS:  # attention over few keys (to caption tokens) is cheap to redo: recompute it
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
