@@ -345,7 +345,7 @@ def gpu_facts(device, tflops=None):
 
 def bench_sampling(args, s, device, log):
     """Seconds per sample for sample.py's generate(): `--sample-steps` steps of `--sampler` with guidance (a batch
-    of 2B), then the SD-VAE decode; the model in bf16 with compiled blocks (eager with --baseline)."""
+    of 2B), then the SD-VAE decode; the model in bf16 compiled by sample.compile_for_sampling (eager with --baseline)."""
     import sample
     vae, text_encoder = build_encoders(args, device, log)
     torch.manual_seed(0)
@@ -354,8 +354,7 @@ def bench_sampling(args, s, device, log):
     if not args.baseline and device.type == "cuda":  # bf16 weights (CPUs run bf16 matmuls slowly)
         model.to(torch.bfloat16)
     if s["compile"]:
-        for block in model.blocks:
-            block.compile()
+        model = sample.compile_for_sampling(model)
     prompts = [f"prompt {i}: a red panda climbs a tree" for i in range(s["batch"])]
     size = (s["frames"], *s["size"])
 

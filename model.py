@@ -45,6 +45,7 @@ def modulate(x, shift, scale):
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
 SHORT_KEYS = 128  # "auto": up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
 QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # "cudnn"; MATH on CPUs
 
 
 def attention(q, k, v, mask=None, impl="auto"):
@@ -52,9 +53,11 @@ def attention(q, k, v, mask=None, impl="auto"):
 
     flash: flash-attn (CUDA, half precision, no mask); sdpa: torch's fused kernels (flash, cuDNN or
     memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks;
-    efficient: SDPA's memory-efficient kernel over few keys (efficient_attention).
+    efficient: SDPA's memory-efficient kernel over few keys (efficient_attention); cudnn: SDPA's cuDNN kernel
+    first (half precision on CUDA), then the others.
     auto picks by the shapes, as measured fastest on an H100 (README, "Benchmarks"):
-      many queries, few keys (cross-attention to L = 120 caption tokens): efficient;
+      many queries, few keys (cross-attention to L = 120 caption tokens): efficient when training, whose
+        backward is the cheapest; cudnn without gradients (sampling), whose forward takes half the time;
       few queries and few keys (STDiT's temporal attention over T frames) inside torch.compile: math, which the
         compiler fuses (2x faster there than any fused kernel, whose tiles would be mostly empty);
       otherwise flash-attn when installed and unmasked, else sdpa (cuDNN on an H100).
@@ -62,7 +65,7 @@ def attention(q, k, v, mask=None, impl="auto"):
     if impl == "auto":
         few_keys = k.shape[1] <= SHORT_KEYS
         if few_keys and q.shape[1] > SHORT_KEYS and q.is_cuda:
-            impl = "efficient"
+            impl = "efficient" if torch.is_grad_enabled() else "cudnn"
         elif few_keys and torch.compiler.is_compiling():
             impl = "math"
         elif flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
@@ -77,6 +80,9 @@ def attention(q, k, v, mask=None, impl="auto"):
     bias = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): one key mask for all heads
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    elif impl == "cudnn":
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     else:
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, M)
         if bias is not None:

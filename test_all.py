@@ -204,6 +204,7 @@ def test_attention_implementations_agree(masked):
     mask = (torch.arange(7)[None] < torch.tensor([[3], [7], [5]])) if masked else None
     ref = attention(q, k, v, mask, "math")
     torch.testing.assert_close(attention(q, k, v, mask, "sdpa"), ref)
+    torch.testing.assert_close(attention(q, k, v, mask, "cudnn"), ref)  # CPU: SDPA's math
     torch.testing.assert_close(attention(q, k, v, mask, "auto"), ref)  # CPU: auto falls back to SDPA
     # independent check: masked keys have no influence at all
     if masked:
@@ -231,7 +232,8 @@ def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's memory-efficient kernel is a CUDA kernel (the GPU suite runs this)")
 def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(monkeypatch):
     """auto: many queries over few masked keys (cross-attention to caption tokens) run SDPA's memory-efficient
-    kernel on rows of queries, eagerly and compiled, and equal the plain formula in outputs and input gradients."""
+    kernel on rows of queries, eagerly and compiled, and equal the plain formula in outputs and input gradients;
+    without gradients (sampling) they run the cuDNN kernel."""
     import model as M
     from torch._inductor.utils import run_and_get_code
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -258,6 +260,19 @@ def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(monkeypatc
     compiled, code = run_and_get_code(torch.compile(M.attention), q, k, v, mask)
     assert "efficient_attention" in "\n".join(code)
     torch.testing.assert_close(compiled, ref, atol=1e-5, rtol=1e-4)
+    # without gradients (sampling) in bf16: the cuDNN kernel, eagerly and compiled
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    seen = set()
+    with torch.no_grad(), Ops():
+        out = attention(qb, kb, vb, mask)
+    assert torch.ops.aten._scaled_dot_product_cudnn_attention.default in seen
+    ref = attention(qb.float(), kb.float(), vb.float(), mask, "math")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled, code = run_and_get_code(torch.compile(M.attention), qb, kb, vb, mask)
+    assert "cudnn_attention" in "\n".join(code)
+    torch.testing.assert_close(compiled.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
@@ -1163,6 +1178,31 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
         assert (out / sampler / "grid.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
+def test_compiled_sampling_gives_the_eager_videos():
+    """sample.compile_for_sampling (the whole model as one graph) samples what eager PyTorch samples in bf16, with
+    the cross-attention's cuDNN kernel (1,024 queries a sample, 8 caption keys, no gradients): as close to the
+    fp32 videos as eager bf16 is."""
+    import sample
+    from vae import RawVAE
+    model = randomize(build_model("STDiT-debug", **TEXT)).cuda()
+    y, mask = condition(model, 2)
+
+    class Captions:  # stand-in text encoder: fixed caption states
+        def encode(self, prompts):
+            return y.cuda(), mask.cuda(), None
+
+    class Latents(RawVAE):  # the latents, scaled into [-1, 1]: an untrained model's samples are far outside it
+        def decode(self, z):
+            return z / z.abs().amax()
+    args = (Latents(), Captions(), ["a", "b"], (4, 32, 32))
+    fp32 = sample.generate(model, *args, sampler="dpm", steps=3).float()
+    eager = sample.generate(model, *args, sampler="dpm", steps=3, precision="bf16").float()
+    compiled = sample.generate(sample.compile_for_sampling(model), *args, sampler="dpm", steps=3, precision="bf16").float()
+    assert fp32.std() > 20  # uint8 levels: not a constant video
+    assert (compiled - fp32).abs().mean() <= 2 * (eager - fp32).abs().mean() + 0.5
 
 
 def test_iddpm_loss_terms():
