@@ -46,7 +46,7 @@ def compile_for_sampling(model):
     """The model compiled as one graph for many denoising steps of one video size; fusing across blocks saves
     what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100: 106.4 ms a forward
     against 110.2 ms compiled block by block). Neither CUDA graphs (105.7 ms) nor autotuned matmuls (mode
-    "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of 1) pay enough to be the default.
+    "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of 1.3) pay enough to be the default.
     A sequence-parallel model compiles block by block: its collectives stay outside the compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
         for block in model.blocks:
@@ -139,7 +139,7 @@ def main(argv=None):
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="compile the model as one graph first (on a GPU: about a minute for STDiT-XL/2 at one video size)")
+    p.add_argument("--compile", action="store_true", help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
     p.add_argument("--outdir", default="samples")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"],

@@ -1602,8 +1602,8 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
 
 
 def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
-    """`torchrun --nproc_per_node=2 sample.py`: both ranks share each video's frames and rank 0 writes the
-    same videos as one process (same seed), up to rounding of a few uint8 levels."""
+    """`torchrun --nproc_per_node=2 sample.py --compile`: both ranks share each video's frames and rank 0 writes the
+    same videos as one eager process (same seed), up to rounding of a few uint8 levels."""
     import subprocess
     import sys
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
@@ -1611,8 +1611,9 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
     flags = ["sample.py", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
              "--sampler", "ddim", "--steps", "3", "--num-frames", "5"]
     here = os.path.dirname(os.path.abspath(__file__))
-    for outdir, launcher in (("one", [sys.executable]), ("sp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        done = subprocess.run([*launcher, *flags, "--outdir", str(tmp_path / outdir), "--sp-kind", "fastseq"],
+    for outdir, launcher, extra in (("one", [sys.executable], []),  # the ranks compile their blocks (compile_for_sampling)
+                                    ("sp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], ["--compile"])):
+        done = subprocess.run([*launcher, *flags, *extra, "--outdir", str(tmp_path / outdir), "--sp-kind", "fastseq"],
                               cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     from PIL import Image
