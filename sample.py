@@ -139,7 +139,8 @@ def main(argv=None):
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
     p.add_argument("--outdir", default="samples")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"],
