@@ -156,13 +156,22 @@ gather = torch.compiler.disable(_Gather.apply)
 # Attention modules. They take over the wrapped module's qkv and proj layers, so parameter names, and
 # with them checkpoints, stay exactly those of model.py.
 
-class UlyssesAttention(nn.Module):
+class SequenceAttention(nn.Module):
     def __init__(self, attn, shards):
         super().__init__()
         self.heads, self.impl, self.qkv, self.proj = attn.heads, attn.impl, attn.qkv, attn.proj
         self.shards = shards
 
     def forward(self, x, mask=None):  # x (B, n, D): this rank's n = N/P tokens
+        if x.dim() == 4:  # STDiT's temporal attention, (B, T/P, S, D): along the frames of every spatial position
+            B = x.shape[0]
+            x = self.attend(rearrange(x, "B T S D -> (B S) T D"), mask)
+            return rearrange(x, "(B S) T D -> B T S D", B=B)
+        return self.attend(x, mask)
+
+
+class UlyssesAttention(SequenceAttention):
+    def attend(self, x, mask=None):  # x (B, n, D)
         group = self.shards.group
         qkv = rearrange(self.qkv(x), "B n (three h d) -> B n three h d", three=3, h=self.heads)
         qkv = all_to_all(qkv, group, 3, 1)  # scatter heads, gather tokens: (B, N, 3, h/P, d)
@@ -172,13 +181,12 @@ class UlyssesAttention(nn.Module):
         return self.proj(rearrange(x, "B n h d -> B n (h d)"))
 
 
-class FastSeqAttention(nn.Module):
+class FastSeqAttention(SequenceAttention):
     def __init__(self, attn, shards, overlap=True):
-        super().__init__()
-        self.heads, self.impl, self.qkv, self.proj = attn.heads, attn.impl, attn.qkv, attn.proj
-        self.shards, self.overlap = shards, overlap
+        super().__init__(attn, shards)
+        self.overlap = overlap
 
-    def forward(self, x, mask=None):  # x (B, n, D)
+    def attend(self, x, mask=None):  # x (B, n, D)
         group, P, r = self.shards.group, self.shards.size, self.shards.rank
         h, D = self.heads // P, x.shape[-1]
         # the qkv rows of this rank's heads: the weight is laid out (three h d) x D

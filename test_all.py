@@ -275,6 +275,46 @@ def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(monkeypatc
     torch.testing.assert_close(compiled.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the frame-attention kernel is a Triton kernel for CUDA (the GPU suite runs this)")
+def test_frame_attention_kernel_equals_attention_along_frames():
+    """STDiT's temporal attention on CUDA runs the Triton frame kernel (q, k, v read in place from (B, T, S, 3D)):
+    its outputs and qkv gradients equal attention() over (B S) T in fp32 and bf16, for frame counts that are and
+    are not powers of two, head sizes 72 and 64, eagerly and compiled; the TemporalAttention module with the
+    kernel equals the same module forced onto attention()."""
+    import model as M
+    from einops import rearrange
+    from torch._inductor.utils import run_and_get_code
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def along_frames(qkv, heads):  # the reference: (B S) folded into the batch, the plain formula
+        q, k, v = rearrange(qkv.float(), "B T S (three h d) -> three (B S) T h d", three=3, h=heads)
+        return rearrange(attention(q, k, v, impl="math"), "(B S) T h d -> B T S (h d)", B=qkv.shape[0])
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for B, T, S, h, d in ((2, 16, 6, 3, 72), (3, 5, 7, 2, 64), (1, 64, 4, 2, 72), (2, 20, 5, 4, 16)):
+            qkv = torch.randn(B, T, S, 3 * h * d, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
+            grad = torch.randn(B, T, S, h * d, device="cuda", dtype=dtype, generator=gen)
+            out = M.frame_attention(qkv, h)
+            ref = along_frames(qkv, h)
+            torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+            got, = torch.autograd.grad(out, qkv, grad)
+            want, = torch.autograd.grad(ref, qkv, grad.float())
+            torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+    with torch.device("cuda"):
+        fused, plain = M.TemporalAttention(96, 4), M.TemporalAttention(96, 4, impl="math")
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 12, 96, device="cuda", generator=gen, requires_grad=True)
+    assert M.frame_kernel_fits(fused.qkv(x), fused.impl) and not M.frame_kernel_fits(plain.qkv(x), plain.impl)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fused), x)
+    assert "frame_attention" in "\n".join(code)
+    ref = plain(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    got = torch.autograd.grad(out, [x, *fused.parameters()], torch.ones_like(out))
+    want = torch.autograd.grad(ref, [x, *plain.parameters()], torch.ones_like(ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 def test_whole_model_same_under_every_attention(name, kw):
     a = randomize(build_model(name, attn="math", **kw)).eval()
