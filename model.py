@@ -63,8 +63,9 @@ def attention(q, k, v, mask=None, impl="auto"):
     auto picks by the shapes, as measured fastest on an H100 (README, "Benchmarks"):
       many queries, few keys (cross-attention to L = 120 caption tokens): efficient when training, whose
         backward is the cheapest; cudnn without gradients (sampling), whose forward takes half the time;
-      few queries and few keys (STDiT's temporal attention over T frames) inside torch.compile: math, which the
-        compiler fuses (2x faster there than any fused kernel, whose tiles would be mostly empty);
+      few queries and few keys inside torch.compile (STDiT's temporal attention where the frame kernel does not
+        run: no CUDA, over 64 frames, or sequence parallel): math, which the compiler fuses (2x faster there than
+        any SDPA kernel, whose tiles would be mostly empty);
       otherwise flash-attn when installed and unmasked, else sdpa (cuDNN on an H100).
     """
     if impl == "auto":

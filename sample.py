@@ -44,9 +44,10 @@ def make_scheduler(kind, steps, learn_sigma):
 
 def compile_for_sampling(model):
     """The model compiled as one graph for many denoising steps of one video size; fusing across blocks saves
-    what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100: 106.4 ms a forward
-    against 110.2 ms compiled block by block). Neither CUDA graphs (105.7 ms) nor autotuned matmuls (mode
-    "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of 1.3) pay enough to be the default.
+    what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100, before the frame
+    kernel: 106.4 ms a forward against 110.2 ms compiled block by block; 96.4 ms with it). Neither CUDA graphs
+    (105.7 ms) nor autotuned matmuls (mode "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of
+    1.3) paid enough to be the default.
     A sequence-parallel model compiles block by block: its collectives stay outside the compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
         for block in model.blocks:
