@@ -132,7 +132,7 @@ def frame_kernel_fits(qkv, impl):
 
 if triton is not None:
     @triton.jit
-    def _frame_tiles(qkv, T, S, heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _frame_tiles(T, S, heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """This program's (b, s, h): where its T x d tiles of q, k, v and of the output start, which of their
         entries are real (tiles are padded to powers of two), and the frame index t."""
         pid = tl.program_id(0)
@@ -153,7 +153,7 @@ if triton is not None:
     @triton.jit
     def _frame_attention_fwd(qkv, out, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        at, out_at, valid, t, D = _frame_tiles(qkv, T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
+        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
         q = tl.load(qkv + at, mask=valid, other=0.0)  # a token's row of qkv holds its q, k, v: D values each
         k = tl.load(qkv + at + D, mask=valid, other=0.0)
         v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
@@ -164,7 +164,7 @@ if triton is not None:
     @triton.jit
     def _frame_attention_bwd(qkv, grad, dqkv, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        at, out_at, valid, t, D = _frame_tiles(qkv, T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
+        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
         q = tl.load(qkv + at, mask=valid, other=0.0)
         k = tl.load(qkv + at + D, mask=valid, other=0.0)
         v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
