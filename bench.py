@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import seqparallel
 import train
-from model import build_model
+from model import build_model, quantize_fp8
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -59,6 +59,7 @@ ROWS = {
 }
 # Published sampling, Open-Sora v1.0 on one H800, 100 DDPM steps with guidance: seconds per sample
 PUBLISHED_SAMPLING = {"stdit-16x256": 5.0, "stdit-16x512": 20.0, "stdit-64x512": 40.0}
+SAMPLE_STEPS = {"ddpm": 100, "ddim": 50, "dpm": 20}  # --sample's default steps per sampler: v1.0's 100; 20 for DPM-Solver
 
 # T5-v1.1-XXL's encoder (DeepFloyd/t5-v1_1-xxl): 4,762,310,656 parameters
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
@@ -344,32 +345,63 @@ def gpu_facts(device, tflops=None):
 
 
 def bench_sampling(args, s, device, log):
-    """Seconds per sample for sample.py's generate(): `--sample-steps` steps of `--sampler` with guidance (a batch
-    of 2B), then the SD-VAE decode; the model in bf16 compiled by sample.compile_for_sampling (eager with --baseline)."""
+    """Seconds per sample for sample.py's generate(): for each `--sampler` (with its `--sample-steps`), that many
+    denoising steps with guidance (a batch of 2B), then the SD-VAE decode; the model in bf16 (its linears in fp8 with
+    --fp8) compiled by sample.compile_for_sampling (eager with --baseline). Also one guided forward timed alone, so
+    a step's time splits into the model and the rest (scheduler, guidance). One result per sampler."""
     import sample
     vae, text_encoder = build_encoders(args, device, log)
     torch.manual_seed(0)
     with device:
         model = build_model(s["model"], attn=s["attn"], caption_len=args.text_len, caption_channels=text_encoder.dim)
-    if not args.baseline and device.type == "cuda":  # bf16 weights (CPUs run bf16 matmuls slowly)
-        model.to(torch.bfloat16)
-    if s["compile"]:
-        model = sample.compile_for_sampling(model)
+        for p in model.parameters():  # open the zero-initialised branches, so every linear counts in the errors below
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.02)
     prompts = [f"prompt {i}: a red panda climbs a tree" for i in range(s["batch"])]
     size = (s["frames"], *s["size"])
-
-    def run():
-        sample.generate(model, vae, text_encoder, prompts, size, sampler=args.sampler, steps=args.sample_steps,
-                        cfg_scale=7.0, precision=args.precision)
-    seconds, _ = timed(run, 1, 1, device)  # the warm-up call compiles
     T, H, W = vae.latent_shape(*size)
-    result = dict(row=args.row, task="sampling", model=s["model"], frames=s["frames"], size=s["size"], batch=s["batch"],
-                  sampler=args.sampler, steps=args.sample_steps, cfg_scale=7.0, mode="baseline" if args.baseline else "fast",
-                  seconds_per_sample=round(seconds / s["batch"], 3),
-                  published_seconds_per_sample=PUBLISHED_SAMPLING.get(args.row) if args.sample_steps == 100 else None)
-    flops = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * args.sample_steps * s["batch"]
-    result.update(gpu_facts(device, flops / seconds / 1e12))
-    return result
+    B = s["batch"]
+    # one guided forward: the batch of 2B that every denoising step runs
+    y, mask, _ = text_encoder.encode(prompts * 2)
+    x = torch.randn(2 * B, model.cfg.in_channels, T, H, W, device=device)
+    t = torch.full((2 * B,), 500, device=device)
+    drop = torch.arange(2 * B, device=device) >= B
+
+    @torch.no_grad()
+    def forward(precision=args.precision):
+        with train.autocast(device, precision):
+            return model(x, t, y, mask, force_drop=drop)
+    errors = {}  # relative L2 error of that forward against the fp32 model: what bf16 and fp8 cost in accuracy
+    reference = forward("fp32").float() if args.fp8 else None
+    if not args.baseline and device.type == "cuda":  # bf16 weights (CPUs run bf16 matmuls slowly)
+        model.to(torch.bfloat16)
+    if args.fp8:  # sample.py --fp8
+        error = lambda: round(((forward("bf16").float() - reference).norm() / reference.norm()).item(), 4)
+        errors["forward_error_bf16"] = error()
+        quantize_fp8(model.to(torch.bfloat16))
+        errors["forward_error_fp8"] = error()
+    if s["compile"]:
+        model = sample.compile_for_sampling(model)
+    forward_s, _ = timed(forward, 2, 10, device)  # the warm-up calls compile
+    flops_per_step = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * B
+    results = []
+    steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
+    if len(steps) != len(args.sampler):
+        sys.exit(f"--sample-steps gives {len(steps)} step counts for {len(args.sampler)} samplers: give one each")
+    for sampler, n in zip(args.sampler, steps):
+        def run(n=n):
+            sample.generate(model, vae, text_encoder, prompts, size, sampler=sampler, steps=n, cfg_scale=7.0,
+                            precision=args.precision)
+        run(2)  # warm-up: the scheduler's and the decoder's first calls
+        seconds, _ = timed(run, 0, 1, device)
+        result = dict(row=args.row, task="sampling", model=s["model"], frames=s["frames"], size=s["size"], batch=B,
+                      sampler=sampler, steps=n, cfg_scale=7.0, fp8=args.fp8, mode="baseline" if args.baseline else "fast",
+                      seconds_per_sample=round(seconds / B, 3), forward_ms=round(forward_s * 1e3, 1), **errors,
+                      published_seconds_per_sample=PUBLISHED_SAMPLING.get(args.row) if n == 100 and sampler == "ddpm" else None)
+        result.update(gpu_facts(device, flops_per_step * n / seconds / 1e12))
+        log(json.dumps(result))
+        results.append(result)
+    return results
 
 
 def bench_encoders(args, s, device, log):
@@ -485,8 +517,9 @@ def main(argv=None):
     p.add_argument("--trial-timeout", type=int, default=900, help="seconds per --max-tokens trial")
     p.add_argument("--encoders", action="store_true", help="time the SD-VAE and T5 alone: plain calls vs ours")
     p.add_argument("--sample", action="store_true", help="time sampling (sample.py's generate) instead of training")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
-    p.add_argument("--sample-steps", type=int, default=100)
+    p.add_argument("--sampler", nargs="+", default=["ddpm"], choices=list(SAMPLE_STEPS), help="one or more, timed in turn")
+    p.add_argument("--sample-steps", type=int, nargs="+", help="one per sampler (default: ddpm 100, ddim 50, dpm 20)")
+    p.add_argument("--fp8", action="store_true", help="with --sample: the blocks' linears in fp8 (sample.py --fp8)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also print one step's top kernels (torch.profiler)")
@@ -505,6 +538,8 @@ def main(argv=None):
             print(f"{name}: done", file=sys.stderr, flush=True)
         return write(args, rows)
 
+    if args.fp8 and not args.sample:
+        sys.exit("--fp8 times sampling only: add --sample (fp8 training was slower, README)")
     distributed = "RANK" in os.environ
     s = settings(args)
     if s["sp"] > 1 and not distributed:
@@ -534,7 +569,7 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(str(e))
     if rank == 0:
-        write(args, [result])
+        write(args, result if isinstance(result, list) else [result])
     if dist.is_initialized():
         dist.destroy_process_group()
 

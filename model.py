@@ -314,6 +314,58 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+# FP8 inference (sample.py --fp8). Hopper's tensor cores multiply fp8 at twice the bf16 rate. Weights are rounded
+# to e4m3 once, with one scale per output channel; activations at every call, with one scale per token (row), so an
+# outlier token costs only its own row's precision, and the row's max-abs is one more reduction in the compiled
+# LayerNorm / modulate / GELU kernel that feeds the linear. Products accumulate in fp32; the output is bf16.
+# e4m3 keeps 3 mantissa bits (relative rounding error up to 1/16 per element, averaged down over a dot product).
+E4M3 = torch.float8_e4m3fn
+
+
+def fp8_rows(t):
+    """t (M, K) -> (t8 (M, K) e4m3, scale (M, 1) fp32) with t ~ t8 * scale; each row's max |t| lands on e4m3's 448."""
+    top = torch.finfo(E4M3).max
+    scale = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / top
+    return (t.float() / scale).clamp(-top, top).to(E4M3), scale
+
+
+class Fp8Linear(nn.Module):
+    """An nn.Linear for inference whose matmul runs in fp8 (torch._scaled_mm); off CUDA, the same fp8 values are
+    multiplied in fp32 (the reference the GPU test compares against)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w8, scale = fp8_rows(linear.weight.detach().float())  # (out, in), (out, 1)
+        self.register_buffer("weight", w8)
+        self.register_buffer("scale", scale.T.contiguous())  # (1, out): scales the output's columns
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):  # (..., in) -> (..., out) in bf16
+        x8, x_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
+        if x8.is_cuda:  # weight.t() is the column-major second operand _scaled_mm takes
+            y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.scale, bias=self.bias, out_dtype=torch.bfloat16)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                y = (x8.float() @ self.weight.float().t()) * x_scale * self.scale
+                y = (y if self.bias is None else y + self.bias.float()).to(torch.bfloat16)
+        return y.view(*x.shape[:-1], -1)
+
+
+def quantize_fp8(model):
+    """Replace the blocks' linears (attention, temporal attention, cross-attention, MLP) by Fp8Linear, in place, for
+    sampling only (no gradients). The adaLN linears stay: their rows are the batch, too few to pay. fp8 kernels need
+    both sides of a weight to be multiples of 16 (all of XL's are); other linears stay too. Returns the count."""
+    count = 0
+    for block in model.blocks:
+        for name, module in list(block.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if (isinstance(child, nn.Linear) and "adaLN" not in f"{name}.{child_name}"
+                        and child.in_features % 16 == 0 and child.out_features % 16 == 0):
+                    setattr(module, child_name, Fp8Linear(child))
+                    count += 1
+    return count
+
+
 class PatchEmbed(nn.Module):
     """Cuts (B, C, T, H, W) into patches and projects each to D: Conv2d per frame for DiT (the published
     DiT key has a 2D kernel), Conv3d for STDiT (patch (1, 2, 2) in Open-Sora v1.0)."""

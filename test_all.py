@@ -315,6 +315,74 @@ def test_frame_attention_kernel_equals_attention_along_frames():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_fp8_rows_round_each_row_to_e4m3():
+    """Each row's largest |value| lands on e4m3's 448 and every element comes back within e4m3's rounding: half a
+    step of 3 mantissa bits (1/16 of the value) for normal numbers, and a fixed step below them."""
+    x = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]  # rows of very different sizes
+    x[2, 5] = 1e4  # one outlier: it costs only its own row's precision
+    x8, scale = M.fp8_rows(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    torch.testing.assert_close(x8.float().abs().amax(dim=1), torch.full((6,), 448.0))
+    back = x8.float() * scale
+    assert ((back - x).abs() <= x.abs() / 16 + scale * 2.0**-9).all()
+    assert (back - x).abs().max() > 0  # it does round
+
+
+def test_fp8_linear_and_quantized_model():
+    """Fp8Linear (its reference path off CUDA: the same fp8 values multiplied in fp32) is within fp8's rounding of
+    the fp32 linear, and far coarser than bf16 would be (it really rounds to fp8); quantize_fp8 replaces the blocks'
+    linears except adaLN's, and the whole model's output stays within a few percent of the fp32 model's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512)
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        ref, got = lin(x), M.Fp8Linear(lin)(x)
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 7, 512) and 0.01 < err < 0.06
+    for name, kw, per_block in (("STDiT-debug", TEXT, 9), ("DiT-debug", dict(cond="adaln", **TEXT), 4)):
+        model = randomize(build_model(name, **kw), std=0.05).eval()
+        y, mask = condition(model, 2)
+        x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 700])
+        with torch.no_grad():
+            ref = model(x, t, y, mask)
+            assert M.quantize_fp8(model.to(torch.bfloat16)) == per_block * len(model.blocks)
+            with torch.autocast("cpu", torch.bfloat16):
+                got = model(x, t, y, mask).float()
+        assert isinstance(model.blocks[0].mlp.fc2, M.Fp8Linear)
+        assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in model.blocks if hasattr(b, "adaLN_modulation"))
+        assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm's fp8 kernels are CUDA kernels (the GPU suite runs this)")
+def test_fp8_linear_kernel_equals_reference_and_compiles():
+    """On CUDA, Fp8Linear runs torch._scaled_mm: it equals the reference path on the same fp8 values (up to the bf16
+    output's rounding), eagerly and compiled; a quantized model samples under compile_for_sampling."""
+    import sample
+    from vae import RawVAE
+    torch.manual_seed(0)
+    lin = M.Fp8Linear(torch.nn.Linear(1152, 4608))
+    x = torch.randn(4, 300, 1152, dtype=torch.bfloat16)
+    want = lin(x).float()
+    lin.cuda()
+    for f in (lin, torch.compile(lin)):
+        torch.testing.assert_close(f(x.cuda()).float().cpu(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    model = randomize(build_model("STDiT-debug", **TEXT)).cuda().to(torch.bfloat16)
+    M.quantize_fp8(model)
+    y, mask = condition(model, 2)
+
+    class Captions:
+        def encode(self, prompts):
+            return y.cuda(), mask.cuda(), None
+
+    class Latents(RawVAE):  # the latents, scaled into [-1, 1]
+        def decode(self, z):
+            return z / z.abs().amax()
+    args = (Latents(), Captions(), ["a", "b"], (4, 32, 32))
+    eager = sample.generate(model, *args, sampler="dpm", steps=3, precision="bf16").float()
+    compiled = sample.generate(sample.compile_for_sampling(model), *args, sampler="dpm", steps=3, precision="bf16").float()
+    assert eager.std() > 20 and (compiled - eager).abs().mean() < 2.0  # uint8 levels: not a constant video
+
+
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 def test_whole_model_same_under_every_attention(name, kw):
     a = randomize(build_model(name, attn="math", **kw)).eval()
@@ -1210,7 +1278,8 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
     prompts = ["a red circle moving left", "a blue square moving up"]
     for sampler in ("ddpm", "ddim", "dpm"):
         sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", prompts[0], "--prompt", prompts[1], "--sampler", sampler,
-                     "--steps", "3", "--outdir", str(out / sampler), "--num-frames", "6"] + ["--compile"] * (sampler == "dpm"))
+                     "--steps", "3", "--outdir", str(out / sampler), "--num-frames", "6"] + ["--compile"] * (sampler == "dpm")
+                    + ["--fp8"] * (sampler == "ddim"))
         videos = sorted((out / sampler).glob("*.mp4"))
         assert len(videos) == 2
         frames = data.read_video(str(videos[0]))
@@ -1804,6 +1873,24 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
     assert out["encoders"] == "online" and out["tokens"] == 2 * 2 * 2 and out["optimizer"] == "zero2"
     assert out["samples_per_s_per_gpu"] > 0 and out["model_tflops_per_gpu"] >= 0
     assert len(calls) == 3 and len({c for batch in calls for c in batch}) == 6  # fresh captions every step
+
+
+def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
+    """--sample times each sampler in one process, with a guided forward timed alone; with --fp8 it also reports
+    what bf16 and fp8 cost against the fp32 forward (fp8 coarser)."""
+    import bench
+    monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
+    monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
+    argv = ["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
+            "--sample", "--sampler", "ddpm", "dpm", "--sample-steps", "3", "2", "--no-compile", "--fp8"]
+    ddpm, dpm = run_bench(argv, capsys)
+    assert (ddpm["sampler"], ddpm["steps"], dpm["sampler"], dpm["steps"]) == ("ddpm", 3, "dpm", 2)
+    assert ddpm["fp8"] and ddpm["seconds_per_sample"] > 0 and ddpm["forward_ms"] > 0
+    assert 0 < ddpm["forward_error_bf16"] < ddpm["forward_error_fp8"] < 0.1
+    with pytest.raises(SystemExit, match="one each"):
+        bench.main(argv[:argv.index("--sample-steps")] + ["--sample-steps", "3", "--no-compile"])
+    with pytest.raises(SystemExit, match="--sample"):
+        bench.main(["--fp8"])
 
 
 def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):
