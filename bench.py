@@ -357,6 +357,7 @@ def bench_sampling(args, s, device, log):
         for p in model.parameters():  # open the zero-initialised branches, so every linear counts in the errors below
             if not p.any():
                 torch.nn.init.normal_(p, std=0.02)
+    model.eval()  # no random caption dropout: every forward below sees the same conditions
     prompts = [f"prompt {i}: a red panda climbs a tree" for i in range(s["batch"])]
     size = (s["frames"], *s["size"])
     T, H, W = vae.latent_shape(*size)

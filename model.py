@@ -329,6 +329,35 @@ def fp8_rows(t):
     return (t.float() / scale).clamp(-top, top).to(E4M3), scale
 
 
+if triton is not None:
+    @triton.jit
+    def _fp8_rows_kernel(x, out, scale, K, BLOCK: tl.constexpr):
+        """fp8_rows for one row, read once: its max |x|, then x / scale rounded (to nearest even) to e4m3.
+        div_rn divides exactly as torch does, so the kernel and fp8_rows agree bit for bit."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        v = tl.load(x + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12), 448.0)
+        tl.store(out + row * K + cols, tl.clamp(tl.math.div_rn(v, s), -448.0, 448.0).to(tl.float8e4nv), mask=cols < K)
+        tl.store(scale + row, s)
+
+
+@torch.library.custom_op("opensora::fp8_rows", mutates_args=())
+def fp8_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows as one Triton kernel that reads each row once. Compiled, fp8_rows runs at about 1 TB/s (32,768 rows
+    of 4,608: 0.45 ms), and the first fp8 forward of STDiT-XL/2 was no faster than bf16's (H200, 96.6 ms vs 97.0)."""
+    x = x.contiguous()
+    out, scale = torch.empty_like(x, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+    block = triton.next_power_of_2(x.shape[1])
+    _fp8_rows_kernel[(x.shape[0],)](x, out, scale, x.shape[1], BLOCK=block, num_warps=min(16, max(4, block // 512)))
+    return out, scale
+
+
+@fp8_rows_cuda.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear for inference whose matmul runs in fp8 (torch._scaled_mm); off CUDA, the same fp8 values are
     multiplied in fp32 (the reference the GPU test compares against)."""
@@ -341,10 +370,15 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x):  # (..., in) -> (..., out) in bf16
-        x8, x_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
-        if x8.is_cuda:  # weight.t() is the column-major second operand _scaled_mm takes
-            y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.scale, bias=self.bias, out_dtype=torch.bfloat16)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.is_cuda:
+            x8, x_scale = fp8_rows_cuda(rows) if triton is not None else fp8_rows(rows)
+            # weight.t() is the column-major operand _scaled_mm takes; fast accumulation (in the tensor cores' own
+            # accumulators) runs at 1.7x the bf16 rate at XL's shapes, against 1.4x with fp32 promotion (H200)
+            y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.scale, bias=self.bias, out_dtype=torch.bfloat16,
+                                 use_fast_accum=True)
         else:
+            x8, x_scale = fp8_rows(rows)
             with torch.autocast(x.device.type, enabled=False):
                 y = (x8.float() @ self.weight.float().t()) * x_scale * self.scale
                 y = (y if self.bias is None else y + self.bias.float()).to(torch.bfloat16)

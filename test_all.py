@@ -360,6 +360,10 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
     import sample
     from vae import RawVAE
     torch.manual_seed(0)
+    for K in (1152, 4608, 100):  # the Triton kernel rounds every row exactly as fp8_rows does
+        x = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
+        got, want = M.fp8_rows_cuda(x), M.fp8_rows(x)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
     lin = M.Fp8Linear(torch.nn.Linear(1152, 4608))
     x = torch.randn(4, 300, 1152, dtype=torch.bfloat16)
     want = lin(x).float()
