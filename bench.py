@@ -9,6 +9,7 @@ T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward
   python bench.py --row stdit-16x256 --baseline       # eager, math attention, fp32 weights, no fused kernels
   python bench.py --row stdit-64x512 --max-tokens     # the longest video (frames at 512x512) that trains
   python bench.py --row stdit-16x256 --sample         # seconds per sample: 100 DDPM steps + guidance + decode
+  python bench.py --row stdit-16x256 --sample --sampler ddpm dpm --fp8   # DDPM, then 20 DPM-Solver steps; fp8 linears
   python bench.py --row stdit-16x256 --encoders       # SD-VAE frames/s and T5 captions/s, plain calls vs ours
   torchrun --nproc_per_node=2 bench.py --model STDiT-XL/2 --tokens 368640 --size 512 512 --grad-checkpoint --sp-size 2
 

@@ -173,6 +173,9 @@ def main(argv=None):
         seqparallel.init_process_group(device)
     model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
     if args.fp8:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            p.error(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not {torch.cuda.get_device_name(device)}: "
+                    "use --precision bf16")
         if distributed and args.sp_kind == "fastseq":
             p.error("--fp8 runs with --sp-kind ulysses only (FastSeq slices the qkv weight per rank)")
         args.precision = "bf16"
