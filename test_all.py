@@ -1739,6 +1739,29 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
     assert len(list((tmp_path / "sp").glob("*.mp4"))) == 2
 
 
+def test_torchrun_sample_fp8_with_ulysses(tmp_path, tiny_t5):
+    """sample.py --fp8 under torchrun with Ulysses: every token row is rounded with its own scale wherever it lives,
+    so the ranks write the videos of one fp8 process; FastSeq (which slices the qkv weight) is refused."""
+    import subprocess
+    import sys
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
+    flags = ["sample.py", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
+             "--sampler", "ddim", "--steps", "3", "--num-frames", "5", "--fp8"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for outdir, launcher in (("one", [sys.executable]), ("sp", torchrun)):
+        done = subprocess.run([*launcher, *flags, "--outdir", str(tmp_path / outdir)], cwd=here, env=CPU_ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+    one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
+    assert one.shape == sp.shape and one.std() > 1 and np.abs(one - sp).max() <= 2
+    done = subprocess.run([*torchrun, *flags, "--sp-kind", "fastseq"], cwd=here, env=CPU_ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "--sp-kind ulysses only" in done.stderr
+
+
 # zero.py: K steps of ZeRO-2 over N gloo ranks must give the parameters of torch.optim.AdamW on one process
 # with the global batch.
 
