@@ -380,17 +380,14 @@ def bench_sampling(args, s, device, log):
     if args.fp8:  # sample.py --fp8
         error = lambda: round(((forward("bf16").float() - reference).norm() / reference.norm()).item(), 4)
         errors["forward_error_bf16"] = error()
-        quantize_fp8(model.to(torch.bfloat16))
+        quantize_fp8(model)
         errors["forward_error_fp8"] = error()
     if s["compile"]:
         model = sample.compile_for_sampling(model)
     forward_s, _ = timed(forward, 2, 10, device)  # the warm-up calls compile
     flops_per_step = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * B
     results = []
-    steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
-    if len(steps) != len(args.sampler):
-        sys.exit(f"--sample-steps gives {len(steps)} step counts for {len(args.sampler)} samplers: give one each")
-    for sampler, n in zip(args.sampler, steps):
+    for sampler, n in zip(args.sampler, args.sample_steps):
         def run(n=n):
             sample.generate(model, vae, text_encoder, prompts, size, sampler=sampler, steps=n, cfg_scale=7.0,
                             precision=args.precision)
@@ -542,6 +539,9 @@ def main(argv=None):
 
     if args.fp8 and not args.sample:
         sys.exit("--fp8 times sampling only: add --sample (fp8 training was slower, README)")
+    args.sample_steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
+    if len(args.sample_steps) != len(args.sampler):  # checked before any model is built
+        sys.exit(f"--sample-steps gives {len(args.sample_steps)} step counts for {len(args.sampler)} samplers: give one each")
     distributed = "RANK" in os.environ
     s = settings(args)
     if s["sp"] > 1 and not distributed:

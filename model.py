@@ -393,7 +393,9 @@ class Fp8Linear(nn.Module):
 def quantize_fp8(model):
     """Replace the blocks' linears (attention, temporal attention, cross-attention, MLP) by Fp8Linear, in place, for
     sampling only (no gradients). The adaLN linears stay: their rows are the batch, too few to pay. fp8 kernels need
-    both sides of a weight to be multiples of 16 (all of XL's are); other linears stay too. Returns the count."""
+    both sides of a weight to be multiples of 16 (all of XL's are); other linears stay too. The rest of the model
+    goes to bf16 first (a later .to(dtype) would cast the fp8 weights too). Returns the count."""
+    model.to(torch.bfloat16)
     count = 0
     for block in model.blocks:
         for name, module in list(block.named_modules()):

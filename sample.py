@@ -179,7 +179,7 @@ def main(argv=None):
         if distributed and args.sp_kind == "fastseq":
             p.error("--fp8 runs with --sp-kind ulysses only (FastSeq slices the qkv weight per rank)")
         args.precision = "bf16"
-        quantize_fp8(model.to(torch.bfloat16))
+        quantize_fp8(model)
     if distributed:
         try:
             seqparallel.apply_sequence_parallel(model, dist.group.WORLD, args.sp_kind)
