@@ -57,6 +57,35 @@ def compile_for_sampling(model):
     return torch.compile(model)
 
 
+def ddpm_step(sched, out, t, x, noise):
+    """x_{t-1} from x_t (IDDPM eqs. 10-15): what diffusers' DDPMScheduler.step computes for the "learned_range" and
+    "fixed_small" variances, with the noise passed in. step draws its noise itself from a CPU generator and copies
+    it from pageable memory, which makes the CPU wait for the GPU at every step before it can queue the next
+    forward; a pinned copy does not (test_ddpm_step_equals_diffusers)."""
+    eps, v = out.split(x.shape[1], dim=1) if out.shape[1] == 2 * x.shape[1] else (out, None)
+    prev = sched.previous_timestep(t)
+    ab = sched.alphas_cumprod[t]
+    ab_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.one
+    beta = 1 - ab / ab_prev  # the beta of this (respaced) step
+    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
+    if t == 0:
+        return mean
+    min_log = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20).log()  # log beta-tilde
+    # learned range: the model's v in [-1, 1] interpolates the log variance between beta-tilde and beta
+    log_var = min_log if v is None else (v + 1) / 2 * beta.log() + (1 - v) / 2 * min_log
+    return mean + (0.5 * log_var).exp() * noise
+
+
+def cpu_noise(shape, gen, device):
+    """Standard normal noise drawn from a CPU generator, so that one seed gives the same video on any device.
+    Pinned, its copy to a GPU runs behind the queued work instead of waiting for it."""
+    noise = torch.randn(shape, generator=gen)
+    if device.type == "cuda":
+        noise = noise.pin_memory()
+    return noise.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
              seed=0, precision="fp32"):
@@ -72,7 +101,7 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
     else:
         y, mask, _ = text_encoder.encode(list(prompts))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, C, *vae.latent_shape(*size), generator=gen).to(device)
+    x = cpu_noise((B, C, *vae.latent_shape(*size)), gen, device)
     sched = make_scheduler(sampler, steps, model.cfg.learn_sigma)
     # one batch of 2B: the conditional half, then the unconditional half with the null condition
     y2 = torch.cat([y, y])
@@ -89,7 +118,10 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
         eps[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
         # the variance half (learned sigma) of the conditional output goes to DDPM only
         model_out = torch.cat([eps, cond[:, C:]], dim=1) if sampler == "ddpm" else eps
-        x = sched.step(model_out, t, x, generator=gen).prev_sample
+        if sampler == "ddpm":
+            x = ddpm_step(sched, model_out, t, x, cpu_noise(x.shape, gen, device) if t > 0 else None)
+        else:  # DDIM (eta 0) and DPM-Solver++ draw no noise
+            x = sched.step(model_out, t, x).prev_sample
     video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 

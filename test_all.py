@@ -1296,6 +1296,24 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
 
 
+def test_ddpm_step_equals_diffusers():
+    """sample.ddpm_step with the noise given equals diffusers' DDPMScheduler.step drawing the same noise itself,
+    for the learned variance and the fixed one, at the first, a middle and the last (noise-free) step."""
+    import sample
+    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64).float()
+    for learn_sigma in (True, False):
+        sched = sample.make_scheduler("ddpm", 10, learn_sigma)
+        out = torch.randn(2, 8 if learn_sigma else 4, 3, 5, 5)
+        if learn_sigma:
+            out[:, 4:] = out[:, 4:].tanh()  # the variance half lies in [-1, 1]
+        for t in sched.timesteps[[0, 4, -1]]:
+            want = sched.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+            got = sample.ddpm_step(sched, out, t, x, noise if t > 0 else None)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert (got - x).abs().mean() > 1e-3  # a step that moves
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
 def test_compiled_sampling_gives_the_eager_videos():
     """sample.compile_for_sampling (the whole model as one graph) samples what eager PyTorch samples in bf16, with
