@@ -49,8 +49,9 @@ def compile_for_sampling(model):
     kernel: 106.4 ms a forward against 110.2 ms compiled block by block; 96.4 ms with it). Autotuned matmuls
     (mode "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of 1.3) did not pay enough to be the
     default. CUDA graphs (mode "reduce-overhead") pay with fp8 linears only: each adds a short rounding kernel,
-    and launching those is what a graph saves (same forward on an H200: 79.7 -> 75.7 ms in fp8; in bf16 on the
-    H100, 106.4 -> 105.7 ms). On a CPU the mode takes no graphs and compiles as the default does.
+    and launching those is what a graph saves (same forward in fp8 on an H200, separate runs: 79.7 ms
+    without, 75.7 and 77.8 ms with; in bf16 on the H100, 106.4 -> 105.7 ms). On a CPU the mode takes no graphs
+    and compiles as the default does; with fp8, "max-autotune" did not finish compiling STDiT-XL/2 in 470 s.
     A sequence-parallel model compiles block by block: its collectives stay outside the compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
         for block in model.blocks:
