@@ -348,7 +348,8 @@ def test_fp8_linear_and_quantized_model():
             assert M.quantize_fp8(model) == per_block * len(model.blocks)
             with torch.autocast("cpu", torch.bfloat16):
                 got = model(x, t, y, mask).float()
-        assert isinstance(model.blocks[0].mlp.fc2, M.Fp8Linear)
+        mlp = model.blocks[0].mlp  # its GELU moved into fc2's input rounding
+        assert isinstance(mlp.fc2, M.Fp8Linear) and mlp.fc2.gelu and isinstance(mlp.act, torch.nn.Identity)
         assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in model.blocks if hasattr(b, "adaLN_modulation"))
         assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
@@ -360,19 +361,22 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
     import sample
     from vae import RawVAE
     torch.manual_seed(0)
-    for K in (1152, 4608, 100):  # the Triton kernel rounds as fp8_rows does: the same scales, codes at most one apart
-        # in a few of every thousand values (a product that lands on a rounding tie in one and not the other)
+    for K, gelu in ((1152, False), (4608, False), (100, False), (4608, True), (100, True)):
+        # the Triton kernel rounds as fp8_rows does (with gelu, of the GELU in fp32): the same scales, codes at most one
+        # apart in a few of every thousand values (a product that lands on a rounding tie in one and not the other)
         x = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
-        (got, got_scale), (want, want_scale) = M.fp8_rows_cuda(x), M.fp8_rows(x)
-        torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0)
+        (got, got_scale) = M.fp8_rows_cuda(x, gelu)
+        want, want_scale = M.fp8_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
+        torch.testing.assert_close(got_scale, want_scale, rtol=1e-5 if gelu else 1e-6, atol=0)
         codes = (got.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
         assert codes.max() <= 1 and (codes > 0).float().mean() < 1e-2
-    lin = M.Fp8Linear(torch.nn.Linear(1152, 4608))
-    x = torch.randn(4, 300, 1152, dtype=torch.bfloat16)
-    want = lin(x).float()
-    lin.cuda()
-    for f in (lin, torch.compile(lin)):
-        torch.testing.assert_close(f(x.cuda()).float().cpu(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    for size, gelu in (((1152, 4608), False), ((4608, 1152), True)):  # an MLP's fc1, and its fc2 taking the GELU
+        lin = M.Fp8Linear(torch.nn.Linear(*size), gelu=gelu)
+        x = torch.randn(4, 300, size[0], dtype=torch.bfloat16)
+        want = lin(x).float()
+        lin.cuda()
+        for f in (lin, torch.compile(lin)):
+            torch.testing.assert_close(f(x.cuda()).float().cpu(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
     model = randomize(build_model("STDiT-debug", **TEXT)).cuda()
     M.quantize_fp8(model)
     y, mask = condition(model, 2)
