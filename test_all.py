@@ -365,7 +365,7 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
         # the Triton kernel rounds as fp8_rows does (with gelu, of the GELU in fp32): the same scales, codes at most one
         # apart in a few of every thousand values (a product that lands on a rounding tie in one and not the other)
         x = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
-        (got, got_scale) = M.fp8_rows_cuda(x, gelu)
+        got, got_scale = M.fp8_rows_cuda(x, gelu)
         want, want_scale = M.fp8_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
         torch.testing.assert_close(got_scale, want_scale, rtol=1e-5 if gelu else 1e-6, atol=0)
         codes = (got.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
