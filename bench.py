@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 import seqparallel
 import train
-from model import build_model, quantize_fp8
+from model import FLASH4, build_model, flash_attn_func, quantize_fp8
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -261,7 +261,7 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  attn=s["attn"], flash_attn="4" if FLASH4 else "2" if flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))

@@ -19,6 +19,7 @@ Sizes are read from tensor shapes, never stored at construction: one model train
 and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
 Every attention goes through one function, `attention`, so that file has exactly one seam to wrap.
 """
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass, asdict
@@ -35,6 +36,10 @@ try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, s
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:  # flash-attn 4 (`pip install flash-attn-4[cu13]`): CuTe DSL kernels compiled at run time, no toolchain needed
+    FLASH4 = importlib.util.find_spec("flash_attn.cute") is not None  # imported at first use: it takes seconds
+except ImportError:
+    FLASH4 = False
 try:  # ships with torch's CUDA builds; the CPU builds run frame attention through attention() instead
     import triton
     import triton.language as tl
@@ -56,7 +61,8 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 def attention(q, k, v, mask=None, impl="auto"):
     """The single attention seam. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool, True = attend.
 
-    flash: flash-attn (CUDA, half precision, no mask); sdpa: torch's fused kernels (flash, cuDNN or
+    flash: flash-attn (CUDA, half precision, no mask): version 4 (flash4) on Hopper and newer GPUs where it is
+    installed, else version 2; sdpa: torch's fused kernels (flash, cuDNN or
     memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks;
     efficient: SDPA's memory-efficient kernel over few keys (efficient_attention); cudnn: SDPA's cuDNN kernel
     first (half precision on CUDA), then the others.
@@ -66,7 +72,8 @@ def attention(q, k, v, mask=None, impl="auto"):
       few queries and few keys inside torch.compile (STDiT's temporal attention where the frame kernel does not
         run: no CUDA, over 64 frames, or sequence parallel): math, which the compiler fuses (2x faster there than
         any SDPA kernel, whose tiles would be mostly empty);
-      otherwise flash-attn when installed and unmasked, else sdpa (cuDNN on an H100).
+      otherwise flash-attn when it runs here and nothing is masked (flash-attn 4 only with gradients: in sampling
+        its padded heads made STDiT-XL/2's forward slower than cuDNN's, 80.2 against 71.6 ms), else sdpa (cuDNN).
     """
     if impl == "auto":
         few_keys = k.shape[1] <= SHORT_KEYS
@@ -74,11 +81,17 @@ def attention(q, k, v, mask=None, impl="auto"):
             impl = "efficient" if torch.is_grad_enabled() else "cudnn"
         elif few_keys and torch.compiler.is_compiling():
             impl = "math"
-        elif flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
+        elif mask is None and (flash4_runs(q) and torch.is_grad_enabled() or flash2_runs(q)):
             impl = "flash"
         else:
             impl = "sdpa"
+    if impl == "flash" and mask is not None:  # flash-attn takes no key mask
+        impl = "sdpa"
     if impl == "flash":
+        if flash4_runs(q):
+            return flash4(q, k, v)
+        if flash_attn_func is None:
+            raise ValueError("attn='flash' here needs flash-attn 2 (flash-attn 4 runs on Hopper and newer GPUs in half precision): use attn='sdpa'")
         return flash_attn_func(q, k, v)
     if impl == "efficient":
         return efficient_attention(q, k, v, mask)
@@ -95,6 +108,73 @@ def attention(q, k, v, mask=None, impl="auto"):
             scores = scores.masked_fill(~bias, float("-inf"))
         out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # softmax in fp32 even under bf16/fp16
     return rearrange(out, "B h N d -> B N h d")
+
+
+@torch.compiler.assume_constant_result
+def hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def flash4_runs(q):
+    """flash-attn 4 trains on Hopper (compute capability 9) and newer, in half precision."""
+    return FLASH4 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hopper_or_newer(q.device.index)
+
+
+def flash2_runs(q):
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+# flash-attn 4 on Hopper rounds head sizes up to 16 in its backward kernel but to 32 in the buffer it sums dq in:
+# at 72 and 80 (DiT-XL/2's heads are 72) its dq came out wrong (4.0.0b36, H200). Zero-padded to a multiple of
+# 32 (72 -> 96), q, k and v give the same scores and outputs, and dq is right.
+FLASH4_HEAD_MULTIPLE = 32
+
+
+def flash4(q, k, v):
+    """flash-attn 4 on q (B, N, h, d), k, v (B, M, h, d), heads zero-padded to FLASH4_HEAD_MULTIPLE."""
+    d = q.shape[-1]
+    pad = -d % FLASH4_HEAD_MULTIPLE
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return flash4_attention(q, k, v, d**-0.5)[0][..., :d]
+
+
+# As custom ops, a compiled block calls the kernels as they are (torch.compile does not trace into them) and a
+# checkpointed block can keep their outputs (keep_attention).
+@torch.library.custom_op("opensora::flash4_attention", mutates_args=())
+def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> the output (B, N, h, d) and the log-sum-exp of each query's scores (B, h, N), fp32."""
+    from flash_attn.cute import flash_attn_func as flash_attn4
+    out, lse = flash_attn4(q, k, v, softmax_scale=scale, return_lse=True)
+    return out, lse
+
+
+@flash4_attention.register_fake
+def _(q, k, v, scale):
+    B, N, h, _ = q.shape
+    return q.new_empty(B, N, h, v.shape[-1]), q.new_empty(B, h, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora::flash4_attention_backward", mutates_args=())
+def flash4_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd  # the backward of flash_attn.cute.flash_attn_func
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, scale)
+    return dq, dk, dv
+
+
+@flash4_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output)
+    ctx.scale = inputs[3]
+
+
+flash4_attention.register_autograd(  # the log-sum-exp is an output for backward only: it gets no gradient
+    lambda ctx, grad, _: (*flash4_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None), setup_context=_flash4_setup)
 
 
 def efficient_attention(q, k, v, mask=None):
@@ -233,6 +313,7 @@ ATEN_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (  # q, 
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
 FUSED_ATTENTION_OPS = set(ATEN_ATTENTION_OPS)
+FUSED_ATTENTION_OPS.add(torch.ops.opensora.flash4_attention.default)
 if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
     FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
 
@@ -618,8 +699,8 @@ class ModelConfig:
             raise ValueError("STDiT is text-conditioned: set num_classes=0 and give caption states")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attn!r}: use one of {ATTENTION_IMPLS}")
-        if self.attn == "flash" and flash_attn_func is None:
-            raise ValueError("attn='flash' needs the flash-attn package: install it or use attn='sdpa'")
+        if self.attn == "flash" and flash_attn_func is None and not FLASH4:
+            raise ValueError("attn='flash' needs the flash-attn package (flash-attn-4 on Hopper): install it or use attn='sdpa'")
         if self.arch == "dit" and self.patch[0] != 1:
             raise ValueError(f"DiT patches frames one by one: use patch (1, p, p), not {self.patch}")
         if self.hidden % self.heads:

@@ -91,7 +91,7 @@ def test_bad_configs_give_clear_errors():
         build_model("STDiT-debug", cond="adaln")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("DiT-XXL/2")
-    if M.flash_attn_func is None:
+    if M.flash_attn_func is None and not M.FLASH4:
         with pytest.raises(ValueError, match="flash-attn"):
             build_model("DiT-debug", attn="flash")
 
@@ -227,6 +227,79 @@ def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
         torch.testing.assert_close(out, ref)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b)
+
+
+def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
+    """Where flash-attn 4 runs, auto picks it for unmasked attention; flash4 zero-pads the heads to a multiple of
+    32 (its dq is wrong at 72) and scales the scores by the unpadded head size: with a stand-in for the kernel (the
+    plain formula at the scale it is given), outputs and input gradients equal the plain formula's. A key mask
+    sends flash to SDPA: flash-attn takes none."""
+    import model as M
+    seen = []
+
+    def kernel(q, k, v, scale):  # stand-in for the flash4_attention op: (output, log-sum-exp)
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1], scale))
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+        return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v), scores.logsumexp(-1)
+    monkeypatch.setattr(M, "flash4_attention", kernel)
+    monkeypatch.setattr(M, "flash4_runs", lambda q: True)
+    gen = torch.Generator().manual_seed(0)
+    for d, padded in ((72, 96), (64, 64)):
+        q, k, v = (torch.randn(2, n, 3, d, generator=gen, requires_grad=True) for n in (10, 7, 7))
+        grad = torch.randn(2, 10, 3, d, generator=gen)
+        seen.clear()
+        out, ref = attention(q, k, v), attention(q, k, v, impl="math")
+        assert seen == [(padded, padded, padded, d**-0.5)]
+        with torch.no_grad():  # sampling: SDPA, faster there than the padded heads
+            attention(q, k, v)
+        assert len(seen) == 1
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7]])
+    seen.clear()
+    torch.testing.assert_close(attention(q, k, v, mask, "flash"), attention(q, k, v, mask, "math"))
+    assert seen == []
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and M.FLASH4 and M.hopper_or_newer(0)),
+                    reason="flash-attn 4 is optional and runs on Hopper and newer GPUs (the GPU suite runs this where it is installed)")
+def test_flash_attn_4_equals_attention(monkeypatch):
+    """flash-attn 4 gives the plain formula's outputs and q, k, v gradients in bf16 at head sizes 72 (DiT-XL/2's,
+    where its dq is wrong unpadded) and 64, eagerly and compiled; a selectively checkpointed block keeps its
+    output instead of running it again in backward."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.utils._python_dispatch import TorchDispatchMode
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            calls.append(op)
+            return op(*args, **(kwargs or {}))
+    for d in (72, 64):
+        q, k, v = (torch.randn(2, n, 4, d, device="cuda", generator=gen).bfloat16().requires_grad_() for n in (300, 260, 260))
+        grad = torch.randn(2, 300, 4, d, device="cuda", generator=gen).bfloat16()
+        ref = attention(*(t.float() for t in (q, k, v)), impl="math")
+        want = torch.autograd.grad(ref, (q, k, v), grad.float())
+        calls = []
+        with Calls():
+            out = attention(q, k, v)
+        assert torch.ops.opensora.flash4_attention.default in calls
+        torch._dynamo.reset()
+        compiled, code = run_and_get_code(torch.compile(M.attention), q, k, v)
+        assert "flash4_attention" in "\n".join(code)
+        for o in (out, compiled):
+            assert ((o.float() - ref).norm() / ref.norm()) < 1e-2
+            for a, b in zip(torch.autograd.grad(o, (q, k, v), grad), want):
+                assert ((a.float() - b).norm() / b.norm()) < 1e-2
+    monkeypatch.setattr(M, "SHORT_KEYS", 10)  # a debug frame's 16 tokens are many keys, its 8 caption tokens few
+    model = randomize(build_model("DiT-debug", grad_checkpoint=1.0, **TEXT)).cuda()
+    y, mask = condition(model, 2)
+    calls = []
+    with Calls(), torch.autocast("cuda", torch.bfloat16):
+        model(torch.ones(2, 4, 2, 8, 8, device="cuda"), torch.tensor([5, 6], device="cuda"), y.cuda(), mask.cuda()).mean().backward()
+    assert calls.count(torch.ops.opensora.flash4_attention.default) == 2  # one a block, not again in backward
+    assert calls.count(torch.ops.opensora.flash4_attention_backward.default) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's memory-efficient kernel is a CUDA kernel (the GPU suite runs this)")
