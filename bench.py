@@ -54,7 +54,7 @@ ROWS = {
     "dit-16x512": (dict(model="DiT-XL/2", frames=16, size=(512, 512), batch=(1, 2)), (0.85, 14e3)),
     "stdit-16x512": (dict(model="STDiT-XL/2", frames=16, size=(512, 512), batch=(2, 2), ckpt=(0.15, 0)), (1.45, 23e3)),
     "dit-64x512": (dict(model="DiT-XL/2", frames=64, size=(512, 512), batch=(1, 1), ckpt=(0.6, 0.5)), (0.08, 5e3)),
-    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 2), ckpt=(0.89, 0.79)), (0.40, 25e3)),
+    "stdit-64x512": (dict(model="STDiT-XL/2", frames=64, size=(512, 512), batch=(2, 1), ckpt=(0.89, 0.5)), (0.40, 25e3)),
     "stdit-360x512": (dict(model="STDiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (0.10, 18e3)),
     "dit-360x512": (dict(model="DiT-XL/2", frames=360, size=(512, 512), batch=(1, 1), ckpt=(1, 1), sp=2), (None, None)),
 }
