@@ -115,13 +115,17 @@ def hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def half_on_gpu(q):  # what flash-attn takes
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def flash4_runs(q):
-    """flash-attn 4 trains on Hopper (compute capability 9) and newer, in half precision."""
-    return FLASH4 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hopper_or_newer(q.device.index)
+    """flash-attn 4 trains on Hopper (compute capability 9) and newer."""
+    return FLASH4 and half_on_gpu(q) and hopper_or_newer(q.device.index)
 
 
 def flash2_runs(q):
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return flash_attn_func is not None and half_on_gpu(q)
 
 
 # flash-attn 4 on Hopper rounds head sizes up to 16 in its backward kernel but to 32 in the buffer it sums dq in:
