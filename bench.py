@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 import seqparallel
 import train
-from model import FLASH4, build_model, flash_attn_func, quantize_fp8
+import model as M
+from model import build_model, quantize_fp8
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -261,7 +262,7 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], flash_attn="4" if FLASH4 else "2" if flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  attn=s["attn"], flash_attn="4" if M.FLASH4 else "2" if M.flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -502,6 +503,9 @@ def main(argv=None):
     p.add_argument("--baseline", action="store_true", help="eager, math attention, fp32 weights, no fused kernels")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each block")
     p.add_argument("--attn", choices=["auto", "flash", "sdpa", "math"])
+    p.add_argument("--no-flash-attn", action="store_true",
+                   help="leave flash-attn (4 or 2) out where it is installed: attn auto then runs SDPA's kernels there, "
+                        "its other choices (frame kernel, memory-efficient cross-attention) as they are")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
@@ -537,6 +541,8 @@ def main(argv=None):
             print(f"{name}: done", file=sys.stderr, flush=True)
         return write(args, rows)
 
+    if args.no_flash_attn:  # as if it were not installed (the result's flash_attn says null)
+        M.FLASH4, M.flash_attn_func = False, None
     if args.fp8 and not args.sample:
         sys.exit("--fp8 times sampling only: add --sample (fp8 training was slower, README)")
     args.sample_steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]

@@ -230,10 +230,10 @@ def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
 
 
 def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
-    """Where flash-attn 4 runs, auto picks it for unmasked attention; flash4 zero-pads the heads to a multiple of
-    32 (its dq is wrong at 72) and scales the scores by the unpadded head size: with a stand-in for the kernel (the
-    plain formula at the scale it is given), outputs and input gradients equal the plain formula's. A key mask
-    sends flash to SDPA: flash-attn takes none."""
+    """Where flash-attn 4 runs, auto picks it for unmasked attention over FLASH4_KEYS keys or more while training;
+    flash4 zero-pads the heads to a multiple of 32 (its dq is wrong at 72) and scales the scores by the unpadded
+    head size: with a stand-in for the kernel (the plain formula at the scale it is given), outputs and input
+    gradients equal the plain formula's. A key mask sends flash to SDPA: flash-attn takes none."""
     import model as M
     seen = []
 
@@ -243,7 +243,10 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
         return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v), scores.logsumexp(-1)
     monkeypatch.setattr(M, "flash4_attention", kernel)
     monkeypatch.setattr(M, "flash4_runs", lambda q: True)
+    monkeypatch.setattr(M, "FLASH4_KEYS", 7)
     gen = torch.Generator().manual_seed(0)
+    attention(*(torch.randn(2, n, 3, 8, generator=gen) for n in (10, 6, 6)))  # fewer keys: SDPA
+    assert seen == []
     for d, padded in ((72, 96), (64, 64)):
         q, k, v = (torch.randn(2, n, 3, d, generator=gen, requires_grad=True) for n in (10, 7, 7))
         grad = torch.randn(2, 10, 3, d, generator=gen)
@@ -266,8 +269,8 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
                     reason="flash-attn 4 is optional and runs on Hopper and newer GPUs (the GPU suite runs this where it is installed)")
 def test_flash_attn_4_equals_attention(monkeypatch):
     """flash-attn 4 gives the plain formula's outputs and q, k, v gradients in bf16 at head sizes 72 (DiT-XL/2's,
-    where its dq is wrong unpadded) and 64, eagerly and compiled; a selectively checkpointed block keeps its
-    output instead of running it again in backward."""
+    where its dq is wrong unpadded; q, k and v as views of one tensor) and 64, eagerly and compiled; a selectively
+    checkpointed block keeps its output instead of running it again in backward."""
     from torch._inductor.utils import run_and_get_code
     from torch.utils._python_dispatch import TorchDispatchMode
     gen = torch.Generator("cuda").manual_seed(0)
@@ -276,8 +279,12 @@ def test_flash_attn_4_equals_attention(monkeypatch):
         def __torch_dispatch__(self, op, types, args=(), kwargs=None):
             calls.append(op)
             return op(*args, **(kwargs or {}))
+    monkeypatch.setattr(M, "FLASH4_KEYS", 16)  # the tensors below have 260-300 keys, a debug frame 16
     for d in (72, 64):
-        q, k, v = (torch.randn(2, n, 4, d, device="cuda", generator=gen).bfloat16().requires_grad_() for n in (300, 260, 260))
+        if d == 72:  # views of one qkv tensor, as Attention passes them
+            q, k, v = torch.randn(2, 300, 3, 4, d, device="cuda", generator=gen).bfloat16().requires_grad_().unbind(2)
+        else:  # fewer keys than queries
+            q, k, v = (torch.randn(2, n, 4, d, device="cuda", generator=gen).bfloat16().requires_grad_() for n in (300, 260, 260))
         grad = torch.randn(2, 300, 4, d, device="cuda", generator=gen).bfloat16()
         ref = attention(*(t.float() for t in (q, k, v)), impl="math")
         want = torch.autograd.grad(ref, (q, k, v), grad.float())
@@ -1998,6 +2005,18 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
     assert out["encoders"] == "online" and out["tokens"] == 2 * 2 * 2 and out["optimizer"] == "zero2"
     assert out["samples_per_s_per_gpu"] > 0 and out["model_tflops_per_gpu"] >= 0
     assert len(calls) == 3 and len({c for batch in calls for c in batch}) == 6  # fresh captions every step
+
+
+def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
+    """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
+    machine then times auto with and without it."""
+    import model as M
+    monkeypatch.setattr(M, "FLASH4", True)  # as where flash-attn 4 is installed
+    monkeypatch.setattr(M, "half_on_gpu", lambda q: False)  # ... but never run here
+    argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
+            "--precomputed", "--steps", "1", "--warmup", "1", "--no-compile"]
+    assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
+    assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None and not M.FLASH4
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
