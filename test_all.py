@@ -1655,9 +1655,9 @@ def _sp_worker(rank, world, port, backend="gloo"):
     else:
         torch.set_num_threads(1)
     precision = "bf16" if bf16 else "fp32"
-    if bf16:  # on GPUs, cross-attention to the 8 caption tokens runs the memory-efficient kernel, in rows of queries
-        import model as M
-        M.SHORT_KEYS, M.QUERY_ROWS = 8, 16
+    if bf16:  # on GPUs, cross-attention to the 8 caption tokens runs the memory-efficient kernel, in rows of queries,
+        import model as M  # and self-attention flash-attn 4 where it is installed (on Hopper)
+        M.SHORT_KEYS, M.QUERY_ROWS, M.FLASH4_KEYS = 8, 16, 9
     group = dist.group.WORLD
     with pytest.raises(ValueError, match=f"{world} sequence-parallel ranks cannot share 3 attention heads"):
         seqparallel.apply_sequence_parallel(build_model("DiT-debug", heads=3, hidden=48, **TEXT), group)
