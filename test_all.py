@@ -2013,6 +2013,7 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     import model as M
     monkeypatch.setattr(M, "FLASH4", True)  # as where flash-attn 4 is installed
     monkeypatch.setattr(M, "half_on_gpu", lambda q: False)  # ... but never run here
+    monkeypatch.setattr(M, "flash_attn_func", M.flash_attn_func)  # restored after the test, which clears it
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
             "--precomputed", "--steps", "1", "--warmup", "1", "--no-compile"]
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
