@@ -84,15 +84,19 @@ def attention(q, k, v, mask=None, impl="auto"):
             impl = "efficient" if torch.is_grad_enabled() else "cudnn"
         elif few_keys and torch.compiler.is_compiling():
             impl = "math"
-        elif mask is None and (flash4_runs(q) and k.shape[1] >= FLASH4_KEYS and torch.is_grad_enabled() or flash2_runs(q)):
-            impl = "flash"
+        elif mask is None and flash4_runs(q) and k.shape[1] >= FLASH4_KEYS and torch.is_grad_enabled():
+            impl = "flash4"
+        elif mask is None and flash2_runs(q):
+            impl = "flash2"
         else:
             impl = "sdpa"
     if impl == "flash" and mask is not None:  # flash-attn takes no key mask
         impl = "sdpa"
-    if impl == "flash":
-        if flash4_runs(q):
-            return flash4(q, k, v)
+    if impl == "flash":  # asked for by name: version 4 where it runs, else 2
+        impl = "flash4" if flash4_runs(q) else "flash2"
+    if impl == "flash4":
+        return flash4(q, k, v)
+    if impl == "flash2":
         if flash_attn_func is None:
             raise ValueError("attn='flash' here needs flash-attn 2 (flash-attn 4 runs on Hopper and newer GPUs in half precision): use attn='sdpa'")
         return flash_attn_func(q, k, v)

@@ -233,7 +233,8 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
     """Where flash-attn 4 runs, auto picks it for unmasked attention over FLASH4_KEYS keys or more while training;
     flash4 zero-pads the heads to a multiple of 32 (its dq is wrong at 72) and scales the scores by the unpadded
     head size: with a stand-in for the kernel (the plain formula at the scale it is given), outputs and input
-    gradients equal the plain formula's. A key mask sends flash to SDPA: flash-attn takes none."""
+    gradients equal the plain formula's. A key mask sends flash to SDPA: flash-attn takes none. With flash-attn 2
+    installed too, auto runs version 2 where it leaves version 4 out."""
     import model as M
     seen = []
 
@@ -263,6 +264,15 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
     seen.clear()
     torch.testing.assert_close(attention(q, k, v, mask, "flash"), attention(q, k, v, mask, "math"))
     assert seen == []
+    # flash-attn 2 installed too: auto runs it where flash-attn 4 is left out (few keys, no gradients), never 4
+    monkeypatch.setattr(M, "flash_attn_func", lambda q, k, v: seen.append("flash-attn 2") or attention(q, k, v, impl="math"))
+    monkeypatch.setattr(M, "flash2_runs", lambda q: True)
+    attention(*(torch.randn(2, n, 3, 8, generator=gen) for n in (10, 6, 6)))
+    with torch.no_grad():
+        attention(q, k, v)
+    assert seen == ["flash-attn 2"] * 2
+    attention(q, k, v, impl="flash")  # asked for by name: version 4 where it runs
+    assert seen[-1] == (64, 64, 64, 64**-0.5)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and M.FLASH4 and M.hopper_or_newer(0)),
