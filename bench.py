@@ -5,6 +5,7 @@ the GPU synchronised around the timed steps. The timed step is train.py's own: e
 T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward -> clip -> AdamW.
 
   python bench.py --row stdit-16x256                  # one published row (`--row all`: every row)
+  python bench.py --row all --precomputed --side-by-side   # every row, as many at once as there are GPUs here
   python bench.py --row stdit-16x256 --precomputed    # the model step alone, on given latents and T5 states
   python bench.py --row stdit-16x256 --baseline       # eager, math attention, fp32 weights, no fused kernels
   python bench.py --row stdit-64x512 --max-tokens     # the longest video (frames at 512x512) that trains
@@ -34,8 +35,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -429,14 +432,21 @@ def bench_encoders(args, s, device, log):
     return result
 
 
-def child(argv, extra, nproc, timeout):
-    """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs): its JSON result, or
-    {"failed": True, "error": why}. A fresh process frees all memory, and an out-of-memory error on one rank of
-    a sequence-parallel group cannot hang the others forever."""
+def child(argv, extra, nproc, timeout, gpus=None):
+    """Run bench.py with argv + extra in a fresh process (torchrun for several GPUs), on the given GPUs (indices
+    among those this process sees; default all): its JSON result, or {"failed": True, "error": why}. A fresh
+    process frees all memory, and an out-of-memory error on one rank of a sequence-parallel group cannot hang the
+    others forever."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     argv = strip(argv, valued=("--out",))  # the parent writes the results it keeps
+    env = None
+    if gpus is not None:  # CUDA_VISIBLE_DEVICES names physical GPUs: map through the ones this process was given
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids[i] for i in gpus)}
     try:
-        out = subprocess.run(launcher + [os.path.abspath(__file__)] + argv + extra, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(launcher + [os.path.abspath(__file__)] + argv + extra, capture_output=True, text=True,
+                             timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(failed=True, error=f"timed out after {timeout} s")
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -444,6 +454,39 @@ def child(argv, extra, nproc, timeout):
         return json.loads(lines[-1])
     errors = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line] or out.stderr.splitlines()[-1:]
     return dict(failed=True, error=errors[-1].strip() if errors else f"exit code {out.returncode}")
+
+
+def all_rows(args, argv):
+    """--row all: every row in its own process (torchrun for the sequence-parallel ones), one after the other, or
+    with --side-by-side as many at once as this host has GPUs for, each on GPUs of its own. Results in ROWS order."""
+    gpus = max(1, torch.cuda.device_count())
+    jobs = []
+    for name, (row, _) in ROWS.items():
+        nproc = args.sp_size or row.get("sp", 1)
+        if nproc > gpus:
+            print(f"{name}: needs {nproc} GPUs, skipped")
+        else:
+            jobs.append((name, nproc))
+    free, turn = list(range(gpus)), threading.Condition()
+
+    def run(job):
+        name, nproc = job
+        mine = None
+        if args.side_by_side:
+            with turn:  # wait for enough free GPUs
+                turn.wait_for(lambda: len(free) >= nproc)
+                mine, free[:nproc] = free[:nproc], []
+        try:
+            result = child(strip(argv, "--row", "all", "--side-by-side"), ["--row", name], nproc, args.trial_timeout, mine)
+        finally:
+            if mine is not None:
+                with turn:
+                    free.extend(mine)
+                    turn.notify_all()
+        print(f"{name}: done" + (f" (GPUs {mine})" if mine is not None else ""), file=sys.stderr, flush=True)
+        return dict(result, row=name)
+    with ThreadPoolExecutor(gpus if args.side_by_side else 1) as pool:
+        return list(pool.map(run, jobs))
 
 
 def strip(argv, *flags, valued=()):
@@ -527,19 +570,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also print one step's top kernels (torch.profiler)")
     p.add_argument("--comm-profile", action="store_true", help="also the share of step time in NCCL kernels")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="with --row all: run rows at the same time, each on GPUs of its own (one host, several GPUs)")
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
 
-    if args.row == "all":  # every row in its own process (torchrun for the sequence-parallel ones)
-        rows = []
-        for name, (row, _) in ROWS.items():
-            nproc = args.sp_size or row.get("sp", 1)
-            if nproc > max(1, torch.cuda.device_count()):
-                print(f"{name}: needs {nproc} GPUs, skipped")
-                continue
-            rows.append(dict(child(strip(argv, "--row", "all"), ["--row", name], nproc, args.trial_timeout), row=name))
-            print(f"{name}: done", file=sys.stderr, flush=True)
-        return write(args, rows)
+    if args.side_by_side and args.row != "all":
+        sys.exit("--side-by-side spreads the rows of --row all over this host's GPUs: add --row all, or leave it out")
+    if args.row == "all":
+        return write(args, all_rows(args, argv))
 
     if args.no_flash_attn:  # as if it were not installed (the result's flash_attn says null)
         M.FLASH4, M.flash_attn_func = False, None

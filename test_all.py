@@ -2091,6 +2091,44 @@ def test_bench_max_tokens_search(monkeypatch):
         bench.max_tokens(bench.argparse.Namespace(tokens=None, trial_timeout=1), dict(frames=4, sp=1), [], lambda *a: None)
 
 
+def test_bench_rows_side_by_side(monkeypatch, capsys):
+    """--row all --side-by-side runs rows at the same time, each on GPUs no running row holds (the 2-GPU rows on
+    both), with the results in the rows' order; without it, one row at a time on all GPUs. A child's GPU indices
+    go through CUDA_VISIBLE_DEVICES as this process was given it."""
+    import threading
+    import time
+    import bench
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 2)
+    held, calls, lock, real_child = set(), [], threading.Lock(), bench.child
+
+    def fake_child(argv, extra, nproc, timeout, gpus=None):
+        assert "--side-by-side" not in argv and "all" not in argv
+        with lock:
+            assert gpus is None or (len(gpus) == nproc and not held & set(gpus))
+            held.update(gpus or [])
+            calls.append((extra[1], gpus, len(held)))
+        time.sleep(0.05)
+        with lock:
+            held.difference_update(gpus or [])
+        return dict(step_s=1.0)
+    monkeypatch.setattr(bench, "child", fake_child)
+    for flags, most in (([], 0), (["--side-by-side"], 2)):
+        results = run_bench(["--row", "all", "--precomputed"] + flags, capsys)
+        assert [r["row"] for r in results] == list(bench.ROWS)
+        assert max(n for _, _, n in calls) == most and len(calls) == len(bench.ROWS)
+        sp_rows = {name for name, (row, _) in bench.ROWS.items() if row.get("sp", 1) == 2}
+        assert all(sorted(g) == [0, 1] for name, g, _ in calls if name in sp_rows and g is not None)
+        calls.clear()
+    with pytest.raises(SystemExit, match="add --row all"):
+        bench.main(["--row", "dit-img256", "--side-by-side"])
+    seen = {}
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kw: seen.update(kw["env"]) or
+                        bench.argparse.Namespace(returncode=0, stdout='{"step_s": 1.0}\n', stderr=""))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert real_child([], ["--row", "dit-img256"], 1, 10, gpus=[1]) == {"step_s": 1.0}
+    assert seen["CUDA_VISIBLE_DEVICES"] == "5"
+
+
 def test_bench_children_leave_the_output_file_to_the_parent(monkeypatch, tmp_path):
     """--row all and --max-tokens run each trial in a child: only the parent appends to --out, once per result."""
     import bench
