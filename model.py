@@ -54,7 +54,7 @@ def modulate(x, shift, scale):
 
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
 SHORT_KEYS = 128  # "auto": up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
-FLASH4_KEYS = 2048  # "auto": flash-attn 4 from this many keys on (H200: 9-23% faster steps at 4,096 and more; none at 256, 1,024)
+FLASH4_KEYS = 2048  # "auto": flash-attn 4 from this many keys on (H200: steps 9-23% shorter at 4,096+; none at 256, 1,024)
 QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # "cudnn"; MATH on CPUs
 
@@ -74,7 +74,7 @@ def attention(q, k, v, mask=None, impl="auto"):
         run: no CUDA, over 64 frames, or sequence parallel): math, which the compiler fuses (2x faster there than
         any SDPA kernel, whose tiles would be mostly empty);
       otherwise flash-attn when it runs here and nothing is masked, else sdpa (cuDNN). flash-attn 4 only over
-        FLASH4_KEYS keys or more and with gradients: DiT-XL/2 trained 9-23% faster with it at 4,096 to 65,536 keys,
+        FLASH4_KEYS keys or more and with gradients: DiT-XL/2's steps were 9-23% shorter with it at 4,096 to 65,536 keys,
         but no faster at 1,024 keys and 1.6-2.3% slower at 256 (STDiT-XL/2's spatial attention, DiT-XL/2 images),
         and in sampling its padded heads made STDiT-XL/2's forward slower than cuDNN's, 80.2 against 71.6 ms.
     """
