@@ -46,7 +46,7 @@ import torch.distributed as dist
 import seqparallel
 import train
 import model as M
-from model import build_model, quantize_fp8
+from model import build_model, enable_fp8_training, quantize_fp8
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -198,6 +198,7 @@ def bench_training(args, s, device, rank, world, log):
     with device:  # initialise on the GPU: an XL model's init on one CPU thread takes a minute
         model = build_model(s["model"], cond=s["cond"], num_classes=s["classes"], attn=s["attn"], grad_checkpoint=s["ckpt"],
                             caption_len=args.text_len, caption_channels=text_encoder.dim if text_encoder else 4096)
+    fp8_linears = enable_fp8_training(model) if args.fp8 else 0  # train.py --fp8
     n_params = sum(p.numel() for p in model.parameters())
     H, W = (n // 8 for n in s["size"])  # SD-VAE latents
     S = (H // model.cfg.patch[1]) * (W // model.cfg.patch[2])
@@ -265,7 +266,7 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], flash_attn="4" if M.FLASH4 else "2" if M.flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  attn=s["attn"], fp8_linears=fp8_linears, flash_attn="4" if M.FLASH4 else "2" if M.flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -565,7 +566,8 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true", help="time sampling (sample.py's generate) instead of training")
     p.add_argument("--sampler", nargs="+", default=["ddpm"], choices=list(SAMPLE_STEPS), help="one or more, timed in turn")
     p.add_argument("--sample-steps", type=int, nargs="+", help="one per sampler (default: ddpm 100, ddim 50, dpm 20)")
-    p.add_argument("--fp8", action="store_true", help="with --sample: the blocks' linears in fp8 (sample.py --fp8)")
+    p.add_argument("--fp8", action="store_true", help="the blocks' linears in fp8: training as train.py --fp8, with --sample as "
+                   "sample.py --fp8")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also print one step's top kernels (torch.profiler)")
@@ -582,8 +584,6 @@ def main(argv=None):
 
     if args.no_flash_attn:  # as if it were not installed (the result's flash_attn says null)
         M.FLASH4, M.flash_attn_func = False, None
-    if args.fp8 and not args.sample:
-        sys.exit("--fp8 times sampling only: add --sample (fp8 training was slower, README)")
     args.sample_steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
     if len(args.sample_steps) != len(args.sampler):  # checked before any model is built
         sys.exit(f"--sample-steps gives {len(args.sample_steps)} step counts for {len(args.sampler)} samplers: give one each")

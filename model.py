@@ -403,7 +403,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")  # a module, so quantize_fp8 can move it into fc2's input rounding
         self.fc2 = nn.Linear(hidden, out or dim)
 
+    fp8 = False  # enable_fp8_training: fc1, GELU, fc2 as one _Fp8Mlp
+
     def forward(self, x):
+        if self.fp8:
+            return _as_rows(_Fp8Mlp.apply, x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -515,6 +519,212 @@ def quantize_fp8(model):
                     setattr(module, child_name, Fp8Linear(child, gelu=fuse))
                     if fuse:
                         module.act = nn.Identity()
+                    count += 1
+    return count
+
+
+# FP8 training (train.py --fp8). The blocks' linears multiply in fp8 where Hopper's tensor cores run twice the bf16
+# rate: in forward, and for the input gradient in backward. The weight gradient (the sum over all tokens) stays
+# bf16, from the bf16 activations a bf16 linear keeps anyway; the fp32 master weights and the optimizer are as
+# without. Every fp8 operand has one scale per row of the matmul: per token for activations and output gradients,
+# per output channel for the forward's weights, per input channel for the input gradient's. (torchao calls this
+# recipe "rowwise with high-precision weight gradient".) One Triton pass per output gradient rounds it and sums
+# its columns for the bias gradient; in the MLP that pass also runs the GELU's backward.
+if triton is not None:
+    @triton.jit
+    def _fp8_grad_rows_kernel(grad, h, dh, g, out, scale, colsum, M, K, GELU: tl.constexpr, ROWS: tl.constexpr,
+                              TILE: tl.constexpr, BLOCK: tl.constexpr):
+        """ROWS rows of grad (M, K), TILE at a time, each read once: rounded to e4m3 with one scale per row, as
+        fp8_rows; the rows' column sums into colsum (programs, K). GELU: grad is the gradient at GELU(h): the gradient
+        at h is rounded and summed instead, and also written to dh in bf16, next to GELU(h) (g), which the weight
+        gradient needs."""
+        cols = tl.arange(0, BLOCK)[None, :]
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in range(0, ROWS, TILE):
+            rows = tl.program_id(0) * ROWS + r + tl.arange(0, TILE)[:, None]  # (TILE, 1)
+            keep = (cols < K) & (rows < M)
+            at = rows.to(tl.int64) * K + cols
+            v = tl.load(grad + at, mask=keep, other=0.0).to(tl.float32)
+            if GELU:  # d/dx of 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2 / pi), c = 0.044715
+                x = tl.load(h + at, mask=keep, other=0.0).to(tl.float32)
+                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.7978845608028654 * (x + 0.044715 * x * x * x)],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+                tl.store(g + at, (0.5 * x * (1.0 + t)).to(g.dtype.element_ty), mask=keep)
+                v = v * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x))
+                tl.store(dh + at, v.to(dh.dtype.element_ty), mask=keep)
+            acc += tl.sum(v, axis=0)
+            top = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)[:, None]  # (TILE, 1)
+            tl.store(out + at, tl.clamp(v * tl.math.div_rn(448.0, top), -448.0, 448.0).to(tl.float8e4nv), mask=keep)
+            tl.store(scale + rows, tl.math.div_rn(top, 448.0), mask=rows < M)
+        tl.store(colsum + tl.program_id(0) * K + tl.arange(0, BLOCK), acc, mask=tl.arange(0, BLOCK) < K)
+
+
+GRAD_ROWS = 32  # rows per program of _fp8_grad_rows_kernel: its column sums are (M / 32, K) fp32
+
+
+def _fp8_grad_outputs(grad, h):
+    out, scale = _fp8_outputs(grad)
+    like = h if h is not None else grad.new_empty(0)
+    return out, scale, grad.new_empty(grad.shape[1], dtype=torch.float32), torch.empty_like(like), torch.empty_like(like)
+
+
+@torch.library.custom_op("opensora::fp8_grad_rows", mutates_args=())
+def fp8_grad_rows_cuda(grad: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor, torch.Tensor]:
+    """grad (M, K) -> (e4m3 rows, their scales (M, 1), column sums (K,) fp32, dh, g): see _fp8_grad_rows_kernel. Without
+    h, dh and g are empty."""
+    grad = grad.contiguous()
+    h = None if h is None else h.contiguous()
+    out, scale, _, dh, g = _fp8_grad_outputs(grad, h)
+    M, K = grad.shape
+    programs = triton.cdiv(M, GRAD_ROWS)
+    block = triton.next_power_of_2(K)
+    partial = grad.new_empty(programs, K, dtype=torch.float32)
+    # measured fastest (H200, 49,152 rows): 1 row at a time on 8 warps with the GELU (4,608 wide: 746 us, against
+    # 773 us on 16 warps); without it, 2 or 4 rows at a time on 4 warps (3,456 wide: 137 us; 1,152: 61 us, against
+    # 180 and 93 us a row at a time on 16 and 4 warps)
+    tile, warps = (1, 8) if h is not None else (4 if block <= 2048 else 2, 4)
+    _fp8_grad_rows_kernel[(programs,)](grad, grad if h is None else h, dh, g, out, scale, partial, M, K, GELU=h is not None,
+                                       ROWS=GRAD_ROWS, TILE=tile, BLOCK=block, num_warps=warps)
+    return out, scale, partial.sum(0), dh, g
+
+
+@fp8_grad_rows_cuda.register_fake
+def _(grad, h=None):
+    return _fp8_grad_outputs(grad, h)
+
+
+def gelu_tanh_backward(grad, h):
+    """The tanh-approximated GELU's derivative at h times grad, in fp32 (the reference for the Triton pass)."""
+    h = h.float()
+    t = torch.tanh(0.7978845608028654 * (h + 0.044715 * h**3))
+    return grad.float() * (0.5 * (1 + t) + 0.5 * h * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * h * h))
+
+
+def fp8_grad_rows(grad, h=None):
+    """fp8_grad_rows_cuda's reference in torch ops (CPUs run it)."""
+    if h is None:
+        g, dh, v = None, None, grad.float()
+    else:
+        g = F.gelu(h.float(), approximate="tanh").to(h.dtype)
+        v = gelu_tanh_backward(grad, h)
+        dh = v.to(h.dtype)
+    out, scale = fp8_rows(v)
+    return out, scale, v.sum(0), dh, g
+
+
+def _rows8(x, gelu=False):
+    """x (M, K) -> e4m3 rows and scales (of GELU(x) with gelu): the Triton pass on CUDA."""
+    if x.is_cuda and triton is not None:
+        return fp8_rows_cuda(x, gelu)
+    return fp8_rows(F.gelu(x.float(), approximate="tanh") if gelu else x)
+
+
+def _grad_rows8(grad, h=None):
+    if grad.is_cuda and triton is not None:
+        return fp8_grad_rows_cuda(grad, h)
+    return fp8_grad_rows(grad, h)
+
+
+def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
+    """(a8 * a_scale) @ (b8 * b_scale).T + bias in dtype (bf16 on CUDA): a8 (M, K) and b8 (N, K) e4m3, scales (M, 1)
+    and (N, 1).
+    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes, against 1.4x with
+    fp32 promotion; H200): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
+    if a8.is_cuda:
+        bias = None if bias is None else bias.to(torch.bfloat16)
+        return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
+    y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()  # the same fp8 values multiplied in fp32
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
+def _weight8(weight, transpose=False):
+    """A weight (N, K) in e4m3 for the forward (scales per output channel) or, transposed (K, N), for the input
+    gradient (scales per input channel: _scaled_mm scales rows of each operand, not along the summed axis)."""
+    return _rows8((weight.t() if transpose else weight).contiguous())
+
+
+def _working_dtype(x):
+    """bf16 on CUDA (what the fp8 kernels write and the bf16 weight gradient reads); CPUs keep x's dtype (their bf16
+    matmuls are slow: the fp32 demo stays fp32 but for the fp8 rounding)."""
+    return torch.bfloat16 if x.is_cuda else x.dtype
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T + b for x (M, K) rows: forward and the input gradient in fp8, the weight and bias gradients from x
+    and the output gradient in bf16 (returned in the weights' dtype: fp32 ones under autocast too)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.to(_working_dtype(x))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm8(*_rows8(x), *_weight8(weight), bias=bias, fast=True, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad8, scale, bias_grad, _, _ = _grad_rows8(grad)
+        dx = _mm8(grad8, scale, *_weight8(weight, transpose=True), dtype=x.dtype)
+        return dx, (grad.t().to(x.dtype) @ x).to(weight.dtype), bias_grad.to(weight.dtype) if ctx.has_bias else None
+
+
+class _Fp8Mlp(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) for x (M, D) rows, each linear as in _Fp8Linear; the GELU runs inside the passes that round
+    fc2's input (forward) and fc1's output gradient (backward), so the wide hidden rows are read once each way."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        x = x.to(_working_dtype(x))
+        h = _mm8(*_rows8(x), *_weight8(w1), bias=b1, fast=True, dtype=x.dtype)  # (M, 4D) before the GELU
+        ctx.save_for_backward(x, h, w1, w2)
+        return _mm8(*_rows8(h, gelu=True), *_weight8(w2), bias=b2, fast=True, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, w1, w2 = ctx.saved_tensors
+        grad8, scale, b2_grad, _, _ = _grad_rows8(grad)
+        dg = _mm8(grad8, scale, *_weight8(w2, transpose=True), dtype=x.dtype)  # at GELU(h)
+        dh8, dh_scale, b1_grad, dh, g = _grad_rows8(dg, h)  # at h; and GELU(h) again, for fc2's weight gradient
+        dx = _mm8(dh8, dh_scale, *_weight8(w1, transpose=True), dtype=x.dtype)
+        w1_grad, w2_grad = dh.t() @ x, grad.t().to(g.dtype) @ g
+        return dx, w1_grad.to(w1.dtype), b1_grad.to(w1.dtype), w2_grad.to(w2.dtype), b2_grad.to(w2.dtype)
+
+
+def _as_rows(fn, x, *args):
+    y = fn(x.reshape(-1, x.shape[-1]), *args)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class Fp8TrainLinear(nn.Linear):
+    """An nn.Linear (same parameters, same checkpoint keys) whose matmuls run as _Fp8Linear."""
+
+    def forward(self, x):
+        return _as_rows(_Fp8Linear.apply, x, self.weight, self.bias)
+
+
+def fp8_trainable(linear):
+    """fp8 kernels need both sides of a weight to be multiples of 16 (all of XL's are)."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def enable_fp8_training(model):
+    """Train the blocks' linears (attention, temporal attention, cross-attention, MLP) in fp8, in place: each MLP runs
+    as one _Fp8Mlp, the other linears become Fp8TrainLinear. The adaLN linears stay (their rows are the batch, too few
+    to pay), as do linears whose sides are not multiples of 16. Parameters and state-dict keys do not change.
+    Returns the count of linears."""
+    count = 0
+    for block in model.blocks:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, Mlp) and fp8_trainable(module.fc1) and fp8_trainable(module.fc2):
+                module.fp8 = True
+                count += 2
+                continue
+            if isinstance(module, Mlp) or "adaLN" in name:
+                continue
+            for child_name, child in module.named_children():
+                if type(child) is nn.Linear and "adaLN" not in child_name and fp8_trainable(child):
+                    child.__class__ = Fp8TrainLinear  # the same module, its forward swapped
                     count += 1
     return count
 

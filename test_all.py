@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import random
+from functools import partial
 
 import av
 import numpy as np
@@ -482,6 +483,132 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
     eager = sample.generate(model, *args, sampler="dpm", steps=3, precision="bf16").float()
     compiled = sample.generate(sample.compile_for_sampling(model), *args, sampler="dpm", steps=3, precision="bf16").float()
     assert eager.std() > 20 and (compiled - eager).abs().mean() < 2.0  # uint8 levels: not a constant video
+
+
+def _fp8_check_grads(module, x, out_grad):
+    """Output, input gradient and parameter gradients of module at x (float copies)."""
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    got = torch.autograd.grad(out, [x, *module.parameters()], out_grad)
+    return [out.float()] + [g.float() for g in got]
+
+
+def _relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_fp8_training_linears_round_in_fp8_and_keep_weight_gradients_exact():
+    """fp8 training (enable_fp8_training; off CUDA the same fp8 values multiplied in fp32): the output and the input
+    gradient are within fp8's rounding of the fp32 linear's and really rounded (not bf16-close); a linear's weight and
+    bias gradients are the fp32 ones (they are not rounded to fp8); in the MLP, fc1's come through fc2's fp8 input
+    gradient and fc2's weight gradient from fc1's fp8 output, so they are rounded once, fc2's bias gradient is exact. The reference passes: the GELU's derivative is autograd's, the column sums
+    are the bias gradient."""
+    torch.manual_seed(0)
+    h, g = torch.randn(5, 40), torch.randn(5, 40)
+    h.requires_grad_()
+    torch.nn.functional.gelu(h, approximate="tanh").backward(g)
+    out, scale, colsum, dh, gelu = M.fp8_grad_rows(g, h.detach())
+    torch.testing.assert_close(dh, h.grad)
+    torch.testing.assert_close(colsum, h.grad.sum(0))
+    torch.testing.assert_close(gelu, torch.nn.functional.gelu(h.detach(), approximate="tanh"))
+    assert ((out.float() * scale - dh).abs() <= dh.abs() / 16 + scale * 2.0**-9).all()
+    for module in (torch.nn.Linear(64, 48), M.Mlp(64, 256)):
+        x = torch.randn(3, 10, 64)
+        out_grad = torch.randn(3, 10, 48 if isinstance(module, torch.nn.Linear) else 64)
+        want = _fp8_check_grads(module, x, out_grad)
+        fp8 = M.Fp8TrainLinear if isinstance(module, torch.nn.Linear) else None
+        if fp8:
+            module.__class__ = fp8
+        else:
+            module.fp8 = True
+        got = _fp8_check_grads(module, x, out_grad)
+        errors = [_relative(a, b) for a, b in zip(got, want)]
+        assert 0.01 < errors[0] < 0.08 and 0.01 < errors[1] < 0.08, errors  # output, input gradient
+        if fp8:
+            assert max(errors[2:]) < 1e-6, errors  # weight and bias gradients: fp32 as without fp8
+        else:
+            assert max(errors[2:5]) < 0.08 and errors[5] < 1e-6, errors  # all but fc2's bias gradient rounded once
+
+
+def test_fp8_training_model_keeps_keys_and_learns():
+    """enable_fp8_training swaps the blocks' linears but adaLN's in place: the same parameters and state-dict keys;
+    the loss and every parameter's gradient stay within fp8's rounding of the plain model's, and a few AdamW steps
+    on one batch lower the loss as they do without fp8."""
+    from train import IDDPM, training_step
+    for name, kw, per_block in (("STDiT-debug", TEXT, 9), ("DiT-debug", dict(num_classes=10, cond="adaln"), 4)):
+        plain = randomize(build_model(name, **kw), std=0.05)
+        fp8 = randomize(build_model(name, **kw), std=0.05)
+        keys = list(fp8.state_dict())
+        assert M.enable_fp8_training(fp8) == per_block * len(fp8.blocks)
+        assert list(fp8.state_dict()) == keys
+        assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in fp8.blocks if hasattr(b, "adaLN_modulation"))
+        assert isinstance(fp8.blocks[0].attn.qkv, M.Fp8TrainLinear) and fp8.blocks[0].mlp.fp8
+        y, mask = (torch.randint(0, 10, (4,)), None) if kw.get("num_classes") else condition(plain, 4)
+        z = torch.randn(4, 4, 2, 8, 8)
+        losses = {}
+        for tag, model in (("plain", plain), ("fp8", fp8)):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            losses[tag] = []
+            for step in range(6):
+                torch.manual_seed(step)  # the same timesteps and noise for both
+                loss = training_step(model, IDDPM(), z, y, mask, "fp32")
+                opt.zero_grad()
+                loss.backward()
+                if step == 0:
+                    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+                    losses[tag + " grads"] = grads
+                opt.step()
+                losses[tag].append(loss.item())
+        assert abs(losses["fp8"][0] - losses["plain"][0]) < 0.03 * losses["plain"][0]
+        assert _relative(losses["fp8 grads"], losses["plain grads"]) < 0.1
+        assert losses["fp8"][-1] < losses["fp8"][0] and losses["plain"][-1] < losses["plain"][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 training's kernels are CUDA kernels (the GPU suite runs this)")
+def test_fp8_training_kernels_equal_reference_compiled_and_checkpointed():
+    """On CUDA: the Triton gradient pass equals its reference (codes at most one apart, the same scales, column sums,
+    GELU derivative and GELU); a DiT-XL-wide block with fp8 linears gives, compiled, with and without selective
+    checkpointing, the outputs and gradients of the same block run through the reference path (the same fp8 values
+    multiplied in fp32, on the CPU), within bf16's and fast accumulation's rounding."""
+    torch.manual_seed(0)
+    for K, gelu in ((1152, False), (4608, True), (100, True), (3456, False)):
+        g = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-3, 3, 300, device="cuda")[:, None]
+        h = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * 2 if gelu else None
+        got, want = M.fp8_grad_rows_cuda(g, h), M.fp8_grad_rows(g, h)
+        torch.testing.assert_close(got[1], want[1], rtol=2e-3 if gelu else 1e-6, atol=0)  # tanh.approx in the GELU
+        if gelu:  # the derivative in tanh.approx: values within one e4m3 step (near the derivative's zero, signs differ)
+            back, ref = got[0].float() * got[1], want[0].float() * want[1]
+            assert ((back - ref).abs() <= ref.abs() / 8 + want[1] * 2.0**-8).all()
+        else:
+            codes = (got[0].view(torch.uint8).int() - want[0].view(torch.uint8).int()).abs()
+            assert codes.max() <= 1 and (codes > 0).float().mean() < 1e-2
+        torch.testing.assert_close(got[2], want[2], rtol=2e-3, atol=2e-3 * want[2].abs().max().item())
+        if gelu:
+            for a, b in zip(got[3:], want[3:]):
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+        else:
+            assert got[3].numel() == got[4].numel() == 0
+
+    class Blocks(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([block])
+    block = randomize(M.DiTBlock(1152, 16, 4.0, False, "auto"), std=0.03).to(torch.bfloat16)
+    assert M.enable_fp8_training(Blocks(block)) == 4
+    x, c = torch.randn(2, 256, 1152, dtype=torch.bfloat16), torch.randn(2, 1152, dtype=torch.bfloat16)
+    out_grad = torch.randn(2, 256, 1152, dtype=torch.bfloat16)
+
+    def run(module, *args):
+        x_ = args[0].detach().clone().requires_grad_()
+        out = module(x_, *args[1:])
+        grads = torch.autograd.grad(out, [x_, *block.parameters()], out_grad.to(out.device))
+        return [t.float().cpu() for t in (out, *grads)]
+    want = run(block, x, c)  # CPU: the reference path
+    block.cuda()
+    for recompute in (False, True):
+        got = run(torch.compile(partial(block.forward, recompute=recompute)), x.cuda(), c.cuda())
+        for name, a, b in zip(["out", "x"] + [n for n, _ in block.named_parameters()], got, want):
+            assert _relative(a, b) < 0.03, (recompute, name, _relative(a, b))
 
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
@@ -2044,8 +2171,15 @@ def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
     assert 0 < ddpm["forward_error_bf16"] < ddpm["forward_error_fp8"] < 0.1
     with pytest.raises(SystemExit, match="one each"):
         bench.main(argv[:argv.index("--sample-steps")] + ["--sample-steps", "3", "--no-compile"])
-    with pytest.raises(SystemExit, match="--sample"):
-        bench.main(["--fp8"])
+
+
+def test_bench_trains_in_fp8(capsys):
+    """--fp8 without --sample times training as train.py --fp8 runs it: the blocks' linears in fp8."""
+    argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--precomputed",
+            "--steps", "1", "--warmup", "1", "--no-compile"]
+    plain, = run_bench(argv, capsys)
+    fp8, = run_bench(argv + ["--fp8"], capsys)
+    assert plain["fp8_linears"] == 0 and fp8["fp8_linears"] == 7 * 2 and fp8["step_s"] > 0  # 2 blocks, cross-attention
 
 
 def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):

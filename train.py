@@ -33,7 +33,7 @@ from tqdm import tqdm
 import data
 import seqparallel
 import zero
-from model import build_model, config_dict
+from model import build_model, config_dict, enable_fp8_training
 from text import TextEncoder
 from vae import build_vae
 
@@ -82,6 +82,10 @@ def get_args(argv=None):
                    help="recompute blocks in backward to save memory: all (default), or this share of them, e.g. 0.5")
     p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const=0.0)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--fp8", action="store_true",
+                   help="the blocks' linears multiply in fp8 (forward and input gradients; weight gradients, master "
+                        "weights and optimizer as without): Hopper and Ada GPUs; CPUs multiply the same fp8 values in "
+                        "fp32 (slow: for tests)")
     p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
     p.add_argument("--zero", type=int, default=0, choices=[0, 2], help="2: ZeRO-2 (zero.py) instead of DDP")
@@ -376,6 +380,11 @@ def run(args):
     # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
     ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
+    if args.fp8:  # after the EMA copy, which samples at the end with the plain linears
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            sys.exit(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not {torch.cuda.get_device_name(device)}: "
+                     "leave --fp8 out")
+        log(f"fp8 training: {enable_fp8_training(model)} linears")
 
     # parallelism: sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all
     # ranks (over a sequence-parallel group that average is exactly the single-process gradient)
