@@ -634,8 +634,9 @@ def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
     if a8.is_cuda:
         bias = None if bias is None else bias.to(torch.bfloat16)
         return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
-    y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()  # the same fp8 values multiplied in fp32
-    return (y if bias is None else y + bias.float()).to(dtype)
+    with torch.autocast(a8.device.type, enabled=False):  # the same fp8 values multiplied in fp32
+        y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()
+        return (y if bias is None else y + bias.float()).to(dtype)
 
 
 def _weight8(weight, transpose=False):
