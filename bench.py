@@ -8,6 +8,7 @@ T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward
   python bench.py --row all --precomputed --side-by-side   # every row, as many at once as there are GPUs here
   python bench.py --row stdit-16x256 --precomputed    # the model step alone, on given latents and T5 states
   python bench.py --row stdit-16x256 --baseline       # eager, math attention, fp32 weights, no fused kernels
+  python bench.py --row dit-img256 --precomputed --fp8   # training with the blocks' linears in fp8 (train.py --fp8)
   python bench.py --row stdit-64x512 --max-tokens     # the longest video (frames at 512x512) that trains
   python bench.py --row stdit-16x256 --sample         # seconds per sample: 100 DDPM steps + guidance + decode
   python bench.py --row stdit-16x256 --sample --sampler ddpm dpm --fp8   # DDPM, then 20 DPM-Solver steps; fp8 linears

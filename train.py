@@ -6,6 +6,7 @@ Train DiT / STDiT with IDDPM diffusion.
   torchrun --nproc_per_node=8 train.py --data data.csv     # DDP over 8 GPUs
   torchrun --nproc_per_node=8 train.py --data data.csv --sp-size 2   # 4 data-parallel x 2 sequence-parallel
   python data.py precompute --data data.csv --out feats && python train.py --features feats   # encoders run once
+  python train.py --data data.csv --zero 2 --compile --fp8   # H100/H200: the blocks' linears in fp8 (model.py)
 
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
