@@ -472,6 +472,26 @@ def _(x, gelu=False):
     return _fp8_outputs(x)
 
 
+def _rows8(x, gelu=False):
+    """x (M, K) -> e4m3 rows and scales (of GELU(x) with gelu): the Triton pass on CUDA."""
+    if x.is_cuda and triton is not None:
+        return fp8_rows_cuda(x, gelu)
+    return fp8_rows(F.gelu(x.float(), approximate="tanh") if gelu else x)
+
+
+def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
+    """(a8 * a_scale) @ (b8 * b_scale).T + bias in dtype (bf16 on CUDA): a8 (M, K) and b8 (N, K) e4m3, scales (M, 1)
+    and (N, 1).
+    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes, against 1.4x with
+    fp32 promotion; H200): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
+    if a8.is_cuda:
+        bias = None if bias is None else bias.to(torch.bfloat16)
+        return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
+    with torch.autocast(a8.device.type, enabled=False):  # the same fp8 values multiplied in fp32
+        y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()
+        return (y if bias is None else y + bias.float()).to(dtype)
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear for inference whose matmul runs in fp8 (torch._scaled_mm); off CUDA, the same fp8 values are
     multiplied in fp32 (the reference the GPU test compares against). gelu: the input is taken before its GELU,
@@ -487,20 +507,13 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x):  # (..., in) -> (..., out) in bf16
         rows = x.reshape(-1, x.shape[-1])
-        if rows.is_cuda and triton is not None:
-            x8, x_scale = fp8_rows_cuda(rows, self.gelu)
-        else:
-            x8, x_scale = fp8_rows(F.gelu(rows.float(), approximate="tanh") if self.gelu else rows)
-        if rows.is_cuda:
-            # weight.t() is the column-major operand _scaled_mm takes; fast accumulation (in the tensor cores' own
-            # accumulators) runs at 1.7x the bf16 rate at XL's shapes, against 1.4x with fp32 promotion (H200)
-            y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.scale, bias=self.bias, out_dtype=torch.bfloat16,
-                                 use_fast_accum=True)
-        else:
-            with torch.autocast(x.device.type, enabled=False):
-                y = (x8.float() @ self.weight.float().t()) * x_scale * self.scale
-                y = (y if self.bias is None else y + self.bias.float()).to(torch.bfloat16)
+        y = _mm8(*_rows8(rows, self.gelu), self.weight, self.scale.t(), bias=self.bias, fast=True)
         return y.view(*x.shape[:-1], -1)
+
+
+def fp8_fits(linear):
+    """fp8 kernels need both sides of a weight to be multiples of 16 (all of XL's are)."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
 def quantize_fp8(model):
@@ -513,8 +526,7 @@ def quantize_fp8(model):
     for block in model.blocks:
         for name, module in list(block.named_modules()):
             for child_name, child in list(module.named_children()):
-                if (isinstance(child, nn.Linear) and "adaLN" not in f"{name}.{child_name}"
-                        and child.in_features % 16 == 0 and child.out_features % 16 == 0):
+                if isinstance(child, nn.Linear) and "adaLN" not in f"{name}.{child_name}" and fp8_fits(child):
                     fuse = isinstance(module, Mlp) and child_name == "fc2"  # the GELU moves into fc2's rounding
                     setattr(module, child_name, Fp8Linear(child, gelu=fuse))
                     if fuse:
@@ -613,30 +625,10 @@ def fp8_grad_rows(grad, h=None):
     return out, scale, v.sum(0), dh, g
 
 
-def _rows8(x, gelu=False):
-    """x (M, K) -> e4m3 rows and scales (of GELU(x) with gelu): the Triton pass on CUDA."""
-    if x.is_cuda and triton is not None:
-        return fp8_rows_cuda(x, gelu)
-    return fp8_rows(F.gelu(x.float(), approximate="tanh") if gelu else x)
-
-
 def _grad_rows8(grad, h=None):
     if grad.is_cuda and triton is not None:
         return fp8_grad_rows_cuda(grad, h)
     return fp8_grad_rows(grad, h)
-
-
-def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
-    """(a8 * a_scale) @ (b8 * b_scale).T + bias in dtype (bf16 on CUDA): a8 (M, K) and b8 (N, K) e4m3, scales (M, 1)
-    and (N, 1).
-    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes, against 1.4x with
-    fp32 promotion; H200): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
-    if a8.is_cuda:
-        bias = None if bias is None else bias.to(torch.bfloat16)
-        return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
-    with torch.autocast(a8.device.type, enabled=False):  # the same fp8 values multiplied in fp32
-        y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()
-        return (y if bias is None else y + bias.float()).to(dtype)
 
 
 def _weight8(weight, transpose=False):
@@ -704,11 +696,6 @@ class Fp8TrainLinear(nn.Linear):
         return _as_rows(_Fp8Linear.apply, x, self.weight, self.bias)
 
 
-def fp8_trainable(linear):
-    """fp8 kernels need both sides of a weight to be multiples of 16 (all of XL's are)."""
-    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-
-
 def enable_fp8_training(model):
     """Train the blocks' linears (attention, temporal attention, cross-attention, MLP) in fp8, in place: each MLP runs
     as one _Fp8Mlp, the other linears become Fp8TrainLinear. The adaLN linears stay (their rows are the batch, too few
@@ -717,14 +704,14 @@ def enable_fp8_training(model):
     count = 0
     for block in model.blocks:
         for name, module in list(block.named_modules()):
-            if isinstance(module, Mlp) and fp8_trainable(module.fc1) and fp8_trainable(module.fc2):
+            if isinstance(module, Mlp) and fp8_fits(module.fc1) and fp8_fits(module.fc2):
                 module.fp8 = True
                 count += 2
                 continue
             if isinstance(module, Mlp) or "adaLN" in name:
                 continue
             for child_name, child in module.named_children():
-                if type(child) is nn.Linear and "adaLN" not in child_name and fp8_trainable(child):
+                if type(child) is nn.Linear and "adaLN" not in child_name and fp8_fits(child):
                     child.__class__ = Fp8TrainLinear  # the same module, its forward swapped
                     count += 1
     return count
