@@ -1625,6 +1625,32 @@ def test_training_step_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
+def test_online_encoding_never_waits_for_the_gpu(tmp_path, tiny_t5):
+    """Encoding a batch online with the encoders compiled, as train.py --compile and bench.py run them (SD-VAE
+    frames, T5 captions never seen before), queues its GPU work without blocking the CPU either: the caption tokens
+    reach the GPU from pinned memory. (Eager, transformers' T5 itself reads its padding mask back.)"""
+    from train import encode
+    make_tiny_sd_vae(tmp_path)
+    vae = build_vae("sd", path=str(tmp_path), micro_batch=2, device="cuda").compile_for_speed()
+    text_encoder = TextEncoder(tiny_t5, max_length=8, device="cuda", cache_size=0).compile_for_speed()
+    video = torch.rand(2, 3, 3, 16, 16, device="cuda") * 2 - 1
+    captions = ["a red ball", "a blue cube rolls"]
+    reference = encode(vae, text_encoder, video, captions, sample=False)  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z, y, mask = encode(vae, text_encoder, video, captions, sample=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert z.shape == (2, 4, 3, 2, 2) and y.shape[:2] == mask.shape == (2, 8)
+    for got, want in zip((z, y, mask), reference):
+        torch.testing.assert_close(got, want)
+    y_cpu, mask_cpu, _ = TextEncoder(tiny_t5, max_length=8, cache_size=0).encode(captions)
+    assert torch.equal(mask.cpu(), mask_cpu) and not mask_cpu.all()  # padded captions: the mask matters
+    assert ((y.cpu() - y_cpu).norm() / y_cpu.norm()).item() < 0.05  # the GPU runs T5 in bf16
+
+
 def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     """`torchrun --nproc_per_node=2 train.py` on CPU (gloo): both ranks train, save their RNG states, and
     a resume on the same world size continues."""

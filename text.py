@@ -143,10 +143,15 @@ class TextEncoder:
                            f"or use a real text encoder")
         """Encode captions through the model in one batch: states (B, L, dim), mask (B, L), pooled (B, dim)."""
         tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+                                return_tensors="pt")
+        # a plain copy to the GPU blocks the CPU until the GPU has finished all queued work, so the CPU could
+        # no longer queue the training step ahead of it; from pinned memory the copy is queued like a kernel
+        pinned = self.device.type == "cuda"
+        ids, attention = ((t.pin_memory() if pinned else t).to(self.device, non_blocking=True)
+                          for t in (tokens.input_ids, tokens.attention_mask))
+        out = self.model(input_ids=ids, attention_mask=attention)
         states = out.last_hidden_state                                           # (B, L, dim)
-        mask = tokens.attention_mask.bool()                                      # (B, L), True = real token
+        mask = attention.bool()                                                  # (B, L), True = real token
         if self.is_clip:
             # CLIP was trained to summarise a caption in its final-LN end-of-text token: use that
             pooled = out.pooler_output                                           # (B, dim)
