@@ -631,7 +631,7 @@ def _grad_rows8(grad, h=None):
     return fp8_grad_rows(grad, h)
 
 
-def _weight8(weight, transpose=False):
+def fp8_weight(weight, transpose=False):
     """A weight (N, K) in e4m3 for the forward (scales per output channel) or, transposed (K, N), for the input
     gradient (scales per input channel: _scaled_mm scales rows of each operand, not along the summed axis)."""
     return _rows8((weight.t() if transpose else weight).contiguous())
@@ -643,23 +643,38 @@ def _working_dtype(x):
     return torch.bfloat16 if x.is_cuda else x.dtype
 
 
+def fp8_forward(x, weight8, bias=None):
+    """x (M, K) rows through an fp8 linear, weight8 = fp8_weight(weight): bf16 on CUDA, x's dtype on CPUs."""
+    return _mm8(*_rows8(x), *weight8, bias=bias, fast=True, dtype=x.dtype)
+
+
+def fp8_input_grad(grad, weight8, dtype):
+    """The input gradient (M, K) of an fp8 linear, from output-gradient rows grad (M, N) and
+    weight8 = fp8_weight(weight, transpose=True) (bf16 on CUDA, dtype on CPUs); also the bias gradient (N,) fp32
+    that the rounding pass sums."""
+    grad8, scale, bias_grad, _, _ = _grad_rows8(grad)
+    return _mm8(grad8, scale, *weight8, dtype=dtype), bias_grad
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T + b for x (M, K) rows: forward and the input gradient in fp8, the weight and bias gradients from x
     and the output gradient in bf16 (returned in the weights' dtype: fp32 ones under autocast too)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, *weight8s):
+        """weight8s, where the caller has them: fp8_weight(weight) and fp8_weight(weight, transpose=True), as four
+        tensors (FastSeq rounds the whole qkv weight, as one process does, and passes its heads' rows)."""
         x = x.to(_working_dtype(x))
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _mm8(*_rows8(x), *_weight8(weight), bias=bias, fast=True, dtype=x.dtype)
+        ctx.save_for_backward(x, weight, *weight8s[2:])
+        ctx.has_bias, ctx.given = bias is not None, len(weight8s)
+        return fp8_forward(x, weight8s[:2] or fp8_weight(weight), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad8, scale, bias_grad, _, _ = _grad_rows8(grad)
-        dx = _mm8(grad8, scale, *_weight8(weight, transpose=True), dtype=x.dtype)
-        return dx, (grad.t().to(x.dtype) @ x).to(weight.dtype), bias_grad.to(weight.dtype) if ctx.has_bias else None
+        x, weight, *weight8_t = ctx.saved_tensors
+        dx, bias_grad = fp8_input_grad(grad, weight8_t or fp8_weight(weight, transpose=True), x.dtype)
+        return (dx, (grad.t().to(x.dtype) @ x).to(weight.dtype), bias_grad.to(weight.dtype) if ctx.has_bias else None,
+                *[None] * ctx.given)
 
 
 class _Fp8Mlp(torch.autograd.Function):
@@ -669,17 +684,16 @@ class _Fp8Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         x = x.to(_working_dtype(x))
-        h = _mm8(*_rows8(x), *_weight8(w1), bias=b1, fast=True, dtype=x.dtype)  # (M, 4D) before the GELU
+        h = fp8_forward(x, fp8_weight(w1), b1)  # (M, 4D) before the GELU
         ctx.save_for_backward(x, h, w1, w2)
-        return _mm8(*_rows8(h, gelu=True), *_weight8(w2), bias=b2, fast=True, dtype=x.dtype)
+        return _mm8(*_rows8(h, gelu=True), *fp8_weight(w2), bias=b2, fast=True, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, h, w1, w2 = ctx.saved_tensors
-        grad8, scale, b2_grad, _, _ = _grad_rows8(grad)
-        dg = _mm8(grad8, scale, *_weight8(w2, transpose=True), dtype=x.dtype)  # at GELU(h)
+        dg, b2_grad = fp8_input_grad(grad, fp8_weight(w2, transpose=True), x.dtype)  # at GELU(h)
         dh8, dh_scale, b1_grad, dh, g = _grad_rows8(dg, h)  # at h; and GELU(h) again, for fc2's weight gradient
-        dx = _mm8(dh8, dh_scale, *_weight8(w1, transpose=True), dtype=x.dtype)
+        dx = _mm8(dh8, dh_scale, *fp8_weight(w1, transpose=True), dtype=x.dtype)
         w1_grad, w2_grad = dh.t() @ x, grad.t().to(g.dtype) @ g
         return dx, w1_grad.to(w1.dtype), b1_grad.to(w1.dtype), w2_grad.to(w2.dtype), b2_grad.to(w2.dtype)
 
@@ -689,11 +703,16 @@ def _as_rows(fn, x, *args):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def fp8_linear(x, weight, bias=None, *weight8s):
+    """F.linear(x, weight, bias) for x (..., K) with the matmuls of _Fp8Linear (weight8s: see its forward)."""
+    return _as_rows(_Fp8Linear.apply, x, weight, bias, *weight8s)
+
+
 class Fp8TrainLinear(nn.Linear):
     """An nn.Linear (same parameters, same checkpoint keys) whose matmuls run as _Fp8Linear."""
 
     def forward(self, x):
-        return _as_rows(_Fp8Linear.apply, x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.bias)
 
 
 def enable_fp8_training(model):

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import model as M
 from model import attention
 
 SP_KINDS = ("ulysses", "fastseq")
@@ -111,10 +112,12 @@ class _GatherProject(torch.autograd.Function):
     first, then chunk j as soon as broadcast j has landed, while j+1.. are still in flight.
     Backward: the gradient of chunk j is computed and its reduce (sum) to rank j launched, then the next;
     the weight gradient is computed while the reduces run. (Without overlap, FastSeqAttention simply
-    projects _Gather's output: one all-gather, one reduce-scatter.)"""
+    projects _Gather's output: one all-gather, one reduce-scatter.)
+    fp8 (w8 ... wt_scale given, as model._Fp8Linear takes them): the projection and the input gradients multiply
+    in fp8 as model.Fp8TrainLinear's do (train.py --fp8); the weight and bias gradients stay as they are."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):  # x (B, n, D) -> (B, P*n, F)
+    def forward(ctx, x, weight, bias, group, w8=None, w_scale=None, w8t=None, wt_scale=None):  # (B, n, D) -> (B, P*n, F)
         P, r, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
         x = x.contiguous()
         chunks = [x if j == r else torch.empty_like(x) for j in range(P)]
@@ -123,27 +126,34 @@ class _GatherProject(torch.autograd.Function):
         for j in [r] + [j for j in range(P) if j != r]:  # own chunk first: it needs no wait
             if j != r:
                 works[j].wait()
-            outs[j] = F.linear(chunks[j], weight, bias)
+            if w8 is not None:
+                outs[j] = M.fp8_forward(chunks[j].flatten(0, 1), (w8, w_scale), bias).view(*x.shape[:2], -1)
+            else:
+                outs[j] = F.linear(chunks[j], weight, bias)
         works[r].wait()  # our own send
-        ctx.save_for_backward(weight, *chunks)
+        ctx.save_for_backward(weight, w8t, wt_scale, *chunks)
         ctx.group = group
         return torch.cat(outs, dim=1)
 
     @staticmethod
     def backward(ctx, grad):  # grad (B, P*n, F)
-        weight, *chunks = ctx.saved_tensors
+        weight, w8t, wt_scale, *chunks = ctx.saved_tensors
         group = ctx.group
         P, r, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
         grads = grad.chunk(P, dim=1)
         dx, works = [], []
         for j in range(P):
-            dx.append(grads[j] @ weight)  # (B, n, D)
+            if w8t is not None:
+                rows, _ = M.fp8_input_grad(grads[j].flatten(0, 1), (w8t, wt_scale), chunks[j].dtype)
+                dx.append(rows.view(chunks[j].shape))
+            else:
+                dx.append(grads[j] @ weight)  # (B, n, D)
             works.append(dist.reduce(dx[j], dst=ranks[j], op=dist.ReduceOp.SUM, group=group, async_op=True))
-        d_weight = sum(g.flatten(0, 1).T @ c.flatten(0, 1) for g, c in zip(grads, chunks))  # (F, D)
+        d_weight = sum(g.flatten(0, 1).T.to(c.dtype) @ c.flatten(0, 1) for g, c in zip(grads, chunks))  # (F, D)
         d_bias = grad.sum((0, 1))
         for work in works:
             work.wait()
-        return dx[r], d_weight, d_bias, None
+        return dx[r], d_weight.to(weight.dtype), d_bias.to(weight.dtype), None, None, None, None, None
 
 
 # torch.compile'd blocks (train.py --compile) run the collectives eagerly, between compiled graphs
@@ -192,11 +202,20 @@ class FastSeqAttention(SequenceAttention):
         # the qkv rows of this rank's heads: the weight is laid out (three h d) x D
         weight = self.qkv.weight.view(3, self.heads, -1, D)[:, r * h: (r + 1) * h].reshape(-1, D)
         bias = self.qkv.bias.view(3, self.heads, -1)[:, r * h: (r + 1) * h].reshape(-1)
+        weight8s = ()
+        if isinstance(self.qkv, M.Fp8TrainLinear):  # train.py --fp8: the whole weight rounded as one process rounds
+            # it (scales per output channel, and per input channel over all heads), then this rank's heads
+            mine = lambda t: t.reshape(3, self.heads, -1, t.shape[-1])[:, r * h: (r + 1) * h].reshape(-1, t.shape[-1])
+            with torch.no_grad():
+                (w8, w_scale), (w8t, wt_scale) = M.fp8_weight(self.qkv.weight), M.fp8_weight(self.qkv.weight, transpose=True)
+            weight8s = (mine(w8), mine(w_scale), mine(w8t.t()).t().contiguous(), wt_scale)
         if torch.is_autocast_enabled(x.device.type):  # cast before the gather: half the bytes travel
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         if self.overlap:
-            qkv = gather_project(x, weight, bias, group)  # (B, N, 3 h/P d)
+            qkv = gather_project(x, weight, bias, group, *weight8s)  # (B, N, 3 h/P d)
+        elif weight8s:
+            qkv = M.fp8_linear(gather(x, group, 1), weight, bias, *weight8s)
         else:
             qkv = F.linear(gather(x, group, 1), weight, bias)
         q, k, v = rearrange(qkv, "B N (three h d) -> three B N h d", three=3, h=h)
