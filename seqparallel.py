@@ -207,7 +207,8 @@ class FastSeqAttention(SequenceAttention):
             # it (scales per output channel, and per input channel over all heads), then this rank's heads
             mine = lambda t: t.reshape(3, self.heads, -1, t.shape[-1])[:, r * h: (r + 1) * h].reshape(-1, t.shape[-1])
             with torch.no_grad():
-                (w8, w_scale), (w8t, wt_scale) = M.fp8_weight(self.qkv.weight), M.fp8_weight(self.qkv.weight, transpose=True)
+                w8, w_scale = M.fp8_weight(self.qkv.weight)
+                w8t, wt_scale = M.fp8_weight(self.qkv.weight, transpose=True)
             weight8s = (mine(w8), mine(w_scale), mine(w8t.t()).t().contiguous(), wt_scale)
         if torch.is_autocast_enabled(x.device.type):  # cast before the gather: half the bytes travel
             dtype = torch.get_autocast_dtype(x.device.type)
