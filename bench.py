@@ -578,6 +578,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
 
+    if args.fp8 and args.precision == "fp16" and not args.sample:  # as train.py refuses it
+        sys.exit("--fp8 trains under bf16 autocast (its kernels write bf16): drop --precision fp16")
     if args.side_by_side and args.row != "all":
         sys.exit("--side-by-side spreads the rows of --row all over this host's GPUs: add --row all, or leave it out")
     if args.row == "all":

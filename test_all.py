@@ -1795,6 +1795,18 @@ def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5,
         tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
 
 
+def test_train_flags_that_cannot_go_together(capsys):
+    """train.py refuses, in one sentence naming the fix, flags that cannot run together, before anything is built."""
+    import train
+    for argv, said in ((["--demo", "--fp8", "--precision", "fp16"], "drop --precision fp16"),
+                       (["--data", "a.csv", "--features", "f"], "not both"),
+                       (["--steps", "2"], "pass --data CSV")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv)
+        assert said in capsys.readouterr().err
+    assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
+
+
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
 # equal the single-process gradient (the contract in seqparallel.py's docstring), outputs must equal too.
 
@@ -2280,6 +2292,9 @@ def test_bench_trains_in_fp8(capsys):
     plain, = run_bench(argv, capsys)
     fp8, = run_bench(argv + ["--fp8"], capsys)
     assert plain["fp8_linears"] == 0 and fp8["fp8_linears"] == 7 * 2 and fp8["step_s"] > 0  # 2 blocks, cross-attention
+    import bench
+    with pytest.raises(SystemExit, match="drop --precision fp16"):
+        bench.main(argv + ["--fp8", "--precision", "fp16"])
 
 
 def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):

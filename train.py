@@ -111,6 +111,9 @@ def get_args(argv=None):
         p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
     if args.data and args.features:
         p.error("pass --data or --features, not both: features already hold the encoded manifest")
+    if args.fp8 and args.precision == "fp16":
+        p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
+                "--precision fp16 (--fp8 runs under bf16, the default)")
     return args
 
 
