@@ -1601,12 +1601,18 @@ def test_iddpm_loss_terms():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
-def test_training_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_training_step_never_waits_for_the_gpu(fp8):
     """A training step (diffusion loss, backward, clipping, fused AdamW) queues GPU work without ever blocking
-    the CPU on it: a blocking copy or read-back would leave the GPU idle while the CPU catches up."""
+    the CPU on it: a blocking copy or read-back would leave the GPU idle while the CPU catches up. With fp8
+    training too (its rounding passes and fp8 matmuls)."""
     from train import IDDPM, training_step
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
     with torch.device("cuda"):
         model = build_model("STDiT-debug", **TEXT)
+    if fp8:
+        assert M.enable_fp8_training(model) > 0
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     diffusion = IDDPM()
     y, mask = (t.cuda() for t in condition(model, 2))
@@ -1617,7 +1623,7 @@ def test_training_step_never_waits_for_the_gpu():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step()  # the first step copies the noise schedule's tables to the GPU, once
+    step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
