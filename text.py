@@ -138,10 +138,10 @@ class TextEncoder:
                   path, metadata={"captions": json.dumps(captions)})
 
     def _run(self, captions):
+        """Encode captions through the model in one batch: states (B, L, dim), mask (B, L), pooled (B, dim)."""
         if self.model is None:
             raise KeyError(f"captions not in the precomputed file: {captions[:3]}; encode them with save_precomputed "
                            f"or use a real text encoder")
-        """Encode captions through the model in one batch: states (B, L, dim), mask (B, L), pooled (B, dim)."""
         tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
         # a plain copy to the GPU blocks the CPU until the GPU has finished all queued work, so the CPU could
