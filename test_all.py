@@ -6,6 +6,12 @@ layouts, a step-by-step re-implementation of the STDiT block, resumed against un
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `pytest -n N`: share the cores among the N workers (set before torch starts its thread pool); with torch's
+    # default of a thread per core in each, the CPU tests ran 3x slower on 2 cores with -n 4, and on a 32-core GPU
+    # machine (two suites of -n 4) 13 of them did not finish in 4 minutes
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import csv
 import itertools
