@@ -869,6 +869,25 @@ def test_tiny_t5_from_folder(tmp_path):
     assert long_states.shape == (1, 16, 32) and long_mask.all()
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_t5_mask_built_on_the_cpu_gives_transformers_states(tmp_path, implementation):
+    """TextEncoder builds T5's attention mask on the CPU with transformers' own function (so that on a GPU no step
+    waits for transformers' padding check): the states equal transformers' call with the (B, L) mask, padded or not."""
+    make_tiny_t5(tmp_path)
+    enc = TextEncoder(str(tmp_path), max_length=8, cache_size=0)
+    enc.model.set_attn_implementation(implementation)
+    for captions in (["a red circle moves up", "the dog"], [" ".join([word] * 20) for word in ("red", "blue")]):
+        tokens = enc.tokenizer(captions, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+        padded = not tokens.attention_mask.bool().all()
+        given = enc._model_mask(tokens.attention_mask, tokens.attention_mask)
+        assert given is None if not padded else given.shape == (2, 1, 8, 8)
+        states, _, _ = enc.encode(captions)
+        want = enc.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        torch.testing.assert_close(states, want, rtol=0, atol=0)
+        unmasked = enc.model(input_ids=tokens.input_ids).last_hidden_state
+        assert torch.equal(states, unmasked) != padded  # the padding mask matters where there is padding
+
+
 def test_text_cache_skips_the_model(tmp_path):
     make_tiny_t5(tmp_path)
     enc = TextEncoder(str(tmp_path), max_length=16, cache_size=2)
@@ -1638,14 +1657,17 @@ def test_training_step_never_waits_for_the_gpu(fp8):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
-def test_online_encoding_never_waits_for_the_gpu(tmp_path, tiny_t5):
-    """Encoding a batch online with the encoders compiled, as train.py --compile and bench.py run them (SD-VAE
-    frames, T5 captions never seen before), queues its GPU work without blocking the CPU either: the caption tokens
-    reach the GPU from pinned memory. (Eager, transformers' T5 itself reads its padding mask back.)"""
+@pytest.mark.parametrize("t5", ["compiled", "eager"])
+def test_online_encoding_never_waits_for_the_gpu(tmp_path, tiny_t5, t5):
+    """Encoding a batch online (SD-VAE frames compiled as train.py --compile and bench.py run it, T5 captions never
+    seen before, T5 compiled or not) queues its GPU work without blocking the CPU either: the caption tokens and T5's
+    attention mask, built on the CPU, reach the GPU from pinned memory."""
     from train import encode
     make_tiny_sd_vae(tmp_path)
     vae = build_vae("sd", path=str(tmp_path), micro_batch=2, device="cuda").compile_for_speed()
-    text_encoder = TextEncoder(tiny_t5, max_length=8, device="cuda", cache_size=0).compile_for_speed()
+    text_encoder = TextEncoder(tiny_t5, max_length=8, device="cuda", cache_size=0)
+    if t5 == "compiled":
+        text_encoder.compile_for_speed()
     video = torch.rand(2, 3, 3, 16, 16, device="cuda") * 2 - 1
     captions = ["a red ball", "a blue cube rolls"]
     reference = encode(vae, text_encoder, video, captions, sample=False)  # compiles

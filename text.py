@@ -144,12 +144,8 @@ class TextEncoder:
                            f"or use a real text encoder")
         tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
-        # a plain copy to the GPU blocks the CPU until the GPU has finished all queued work, so the CPU could
-        # no longer queue the training step ahead of it; from pinned memory the copy is queued like a kernel
-        pinned = self.device.type == "cuda"
-        ids, attention = ((t.pin_memory() if pinned else t).to(self.device, non_blocking=True)
-                          for t in (tokens.input_ids, tokens.attention_mask))
-        out = self.model(input_ids=ids, attention_mask=attention)
+        ids, attention = (self._to_device(t) for t in (tokens.input_ids, tokens.attention_mask))
+        out = self.model(input_ids=ids, attention_mask=self._model_mask(tokens.attention_mask, attention))
         states = out.last_hidden_state                                           # (B, L, dim)
         mask = attention.bool()                                                  # (B, L), True = real token
         if self.is_clip:
@@ -161,6 +157,26 @@ class TextEncoder:
             weights = mask.unsqueeze(-1).float()                                 # (B, L, 1)
             pooled = (states.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
         return states, mask, pooled
+
+    def _to_device(self, t):
+        # a plain copy to the GPU blocks the CPU until the GPU has finished all queued work, so the CPU could
+        # no longer queue the training step ahead of it; from pinned memory the copy is queued like a kernel
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+
+    def _model_mask(self, cpu_mask, device_mask):
+        """The attention mask to give the model. From the (B, L) mask transformers builds T5's (B, 1, L, L) one on
+        the GPU, after asking whether any token is padded at all (`mask.all()`, a read that blocks the CPU until the
+        GPU has drained, once a step, outside compiled code). For T5 the same transformers function builds it here
+        from the CPU copy, and it goes over ready-made (None: no padding, no mask)."""
+        if not self.is_t5:
+            return device_mask
+        from transformers.masking_utils import create_bidirectional_mask
+        shape_only = torch.empty(*cpu_mask.shape, 0, dtype=self.dtype)  # it reads batch, length and dtype only
+        mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=shape_only, attention_mask=cpu_mask)
+        if mask is None:
+            return None
+        # another attention implementation's mask object (flex attention's BlockMask) is left to transformers
+        return self._to_device(mask) if isinstance(mask, torch.Tensor) else device_mask
 
     @torch.no_grad()
     def encode(self, captions):
