@@ -172,7 +172,8 @@ class TextEncoder:
             return device_mask
         from transformers.masking_utils import create_bidirectional_mask
         shape_only = torch.empty(*cpu_mask.shape, 0, dtype=self.dtype)  # it reads batch, length and dtype only
-        mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=shape_only, attention_mask=cpu_mask)
+        # positional: transformers 5.0 names the second argument input_embeds, later ones inputs_embeds
+        mask = create_bidirectional_mask(self.model.config, shape_only, cpu_mask)
         if mask is None:
             return None
         # another attention implementation's mask object (flex attention's BlockMask) is left to transformers
