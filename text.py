@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+from transformers.masking_utils import create_bidirectional_mask
 
 # short name -> (hub id or folder, tokens L). 120 tokens is Open-Sora v1.0's (and PixArt-alpha's) T5 length;
 # 77 is CLIP's positional-embedding size, the longest caption CLIP can read. "minilm" resolves lazily (see
@@ -170,7 +171,6 @@ class TextEncoder:
         from the CPU copy, and it goes over ready-made (None: no padding, no mask)."""
         if not self.is_t5:
             return device_mask
-        from transformers.masking_utils import create_bidirectional_mask
         shape_only = torch.empty(*cpu_mask.shape, 0, dtype=self.dtype)  # it reads batch, length and dtype only
         # positional: transformers 5.0 names the second argument input_embeds, later ones inputs_embeds
         mask = create_bidirectional_mask(self.model.config, shape_only, cpu_mask)
