@@ -578,6 +578,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
 
+    for name in ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size", "steps", "trial_timeout"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            sys.exit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.warmup < 0:
+        sys.exit(f"--warmup must be 0 or more, not {args.warmup}")
+    for name, values in (("size", args.size), ("sample-steps", args.sample_steps)):
+        if values and min(values) < 1:
+            sys.exit(f"--{name} must be positive, not {' '.join(map(str, values))}")
     if args.fp8 and args.precision == "fp16" and not args.sample:  # as train.py refuses it
         sys.exit("--fp8 trains under bf16 autocast (its kernels write bf16): drop --precision fp16")
     if args.side_by_side and args.row != "all":

@@ -195,6 +195,11 @@ def main(argv=None):
         prompts += data.DEMO_PROMPTS
     if not prompts:
         p.error("give at least one --prompt, a --prompt-file or --demo-prompts")
+    for name in ("num_samples", "num_frames", "steps", "fps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.image_size is not None and min(args.image_size) < 1:
+        p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_samples)]
 
     from text import TextEncoder

@@ -1543,7 +1543,7 @@ def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
         tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
 
 
-def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
+def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
     import sample
@@ -1560,6 +1560,11 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5):
         assert (out / sampler / "grid.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
+    for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
+                      (["--image-size", "0", "16"], "--image-size must be positive")):
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
+        assert said in capsys.readouterr().err
 
 
 def test_ddpm_step_equals_diffusers():
@@ -1830,11 +1835,15 @@ def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5,
 
 
 def test_train_flags_that_cannot_go_together(capsys):
-    """train.py refuses, in one sentence naming the fix, flags that cannot run together, before anything is built."""
+    """train.py refuses, in one sentence naming the fix, flags that cannot run together or cannot run at all, before
+    anything is built."""
     import train
     for argv, said in ((["--demo", "--fp8", "--precision", "fp16"], "drop --precision fp16"),
                        (["--data", "a.csv", "--features", "f"], "not both"),
-                       (["--steps", "2"], "pass --data CSV")):
+                       (["--steps", "2"], "pass --data CSV"),
+                       (["--data", "missing.csv"], "python data.py manifest FOLDER missing.csv"),
+                       (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                       (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1")):
         with pytest.raises(SystemExit):
             train.get_args(argv)
         assert said in capsys.readouterr().err
@@ -2330,6 +2339,19 @@ def test_bench_trains_in_fp8(capsys):
     import bench
     with pytest.raises(SystemExit, match="drop --precision fp16"):
         bench.main(argv + ["--fp8", "--precision", "fp16"])
+
+
+def test_bench_refuses_counts_that_cannot_run():
+    """bench.py names the flag at fault before anything is built: zero or negative counts, sizes and steps."""
+    import bench
+    for flags, said in ((["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                        (["--frames", "-2"], "--frames must be at least 1, not -2"),
+                        (["--warmup", "-1"], "--warmup must be 0 or more, not -1"),
+                        (["--size", "0", "256"], "--size must be positive, not 0 256"),
+                        (["--sample", "--sample-steps", "0"], "--sample-steps must be positive, not 0")):
+        with pytest.raises(SystemExit, match=said):
+            bench.main(["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--precomputed", "--no-compile",
+                        "--steps", "1", "--warmup", "1", *flags])  # tiny, so a missing check fails fast instead
 
 
 def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):
