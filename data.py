@@ -161,10 +161,15 @@ def resize_crop(video, size):
 
 # The dataset: one CSV row per clip, Open-Sora's manifest format.
 
-def read_manifest(csv_path):
+def missing_manifest(csv_path):
+    """The sentence for a --data manifest that is not there (None where it is): the commands check it first."""
     if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"Manifest {csv_path} not found; build one with "
-                                f"`python data.py manifest VIDEO_FOLDER {csv_path}`.")
+        return f"--data {csv_path}: no such file; write a manifest with `python data.py manifest VIDEO_FOLDER {csv_path}`"
+
+
+def read_manifest(csv_path):
+    if missing_manifest(csv_path):
+        raise FileNotFoundError(missing_manifest(csv_path))
     # newline="" lets the csv module keep quoted captions that contain line breaks intact.
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -683,6 +688,8 @@ def main(argv=None):
     pre.add_argument("--num-workers", type=int, default=4)
     pre.add_argument("--seed", type=int, default=42, help="train.py's --seed: it picks the clip windows")
     args = parser.parse_args(argv)
+    if args.command == "precompute" and missing_manifest(args.data):  # before any encoder loads
+        pre.error(missing_manifest(args.data))
     try:
         if args.command == "precompute":
             path = precompute(args)

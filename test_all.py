@@ -1841,13 +1841,19 @@ def test_train_flags_that_cannot_go_together(capsys):
     for argv, said in ((["--demo", "--fp8", "--precision", "fp16"], "drop --precision fp16"),
                        (["--data", "a.csv", "--features", "f"], "not both"),
                        (["--steps", "2"], "pass --data CSV"),
-                       (["--data", "missing.csv"], "python data.py manifest FOLDER missing.csv"),
+                       (["--data", "missing.csv"], "python data.py manifest VIDEO_FOLDER missing.csv"),
                        (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
                        (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1")):
         with pytest.raises(SystemExit):
             train.get_args(argv)
         assert said in capsys.readouterr().err
     assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
+    import vae
+    for command in (partial(data.main, ["precompute", "--data", "missing.csv", "--out", "feats"]),  # before T5 loads
+                    partial(vae.train_vqvae, ["--data", "missing.csv"])):
+        with pytest.raises(SystemExit):
+            command()
+        assert "--data missing.csv: no such file" in capsys.readouterr().err
 
 
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must

@@ -111,8 +111,8 @@ def get_args(argv=None):
         p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
     if args.data and args.features:
         p.error("pass --data or --features, not both: features already hold the encoded manifest")
-    if args.data and not os.path.isfile(args.data):
-        p.error(f"--data {args.data}: no such file; write a manifest with `python data.py manifest FOLDER {args.data}`")
+    if args.data and data.missing_manifest(args.data):
+        p.error(data.missing_manifest(args.data))
     for name in ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum", "log_every", "ckpt_every",
                  "sp_size", "vae_micro_batch", "demo_videos"):
         if getattr(args, name) < 1:

@@ -646,9 +646,11 @@ def train_vqvae(argv=None):
     args = p.parse_args(argv)
     if not args.data and not args.demo:
         p.error("pass --data CSV (see `python data.py manifest --help`) or --demo")
+    import data                      # here, not at the top: loading a VAE needs no video I/O
+    if args.data and data.missing_manifest(args.data):
+        p.error(data.missing_manifest(args.data))
     if args.cache is None:
         args.cache = args.demo
-    import data                      # here, not at the top: loading a VAE needs no video I/O
     from tqdm import tqdm
     began = time.time()
     torch.manual_seed(args.seed)
