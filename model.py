@@ -1105,11 +1105,15 @@ def pos_embed_3d(dim, grid, space_scale=1.0, time_scale=1.0, device=None):
 def load_checkpoint(model, path):
     """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours (.pt/.pth/.safetensors) into model.
     Never unpickles code. Fixed position tables are dropped: ours are computed for any grid."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, corrupt, not a checkpoint, or pickled objects (which weights_only refuses)
+        raise ValueError(f"{path} cannot be read as weights ({type(e).__name__}): pass a .pt, .pth or .safetensors file "
+                         "of tensors (torch.load runs with weights_only=True: pickled objects are refused)") from e
     for wrapper in ("ema", "model", "state_dict", "module"):  # the containers training scripts use
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]

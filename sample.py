@@ -189,6 +189,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
         with open(args.prompt_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
     if args.demo_prompts:

@@ -175,6 +175,10 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         M.load_checkpoint(build_model("DiT-debug", **TEXT), tmp_path / "evil.pt")
+    for name in ("garbage.pt", "garbage.safetensors"):  # corrupt files: one sentence, not the reader's traceback
+        (tmp_path / name).write_text("not a checkpoint")
+        with pytest.raises(ValueError, match="cannot be read as weights"):
+            M.load_checkpoint(build_model("DiT-debug", **TEXT), tmp_path / name)
 
 
 def test_cfg_dropout_uses_the_null_condition():
@@ -1561,6 +1565,7 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
     for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
+                      (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
                       (["--image-size", "0", "16"], "--image-size must be positive")):
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
@@ -1843,7 +1848,8 @@ def test_train_flags_that_cannot_go_together(capsys):
                        (["--steps", "2"], "pass --data CSV"),
                        (["--data", "missing.csv"], "python data.py manifest VIDEO_FOLDER missing.csv"),
                        (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-                       (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1")):
+                       (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1"),
+                       (["--demo", "--init", "missing.pt"], "--init missing.pt: no such file")):
         with pytest.raises(SystemExit):
             train.get_args(argv)
         assert said in capsys.readouterr().err

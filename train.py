@@ -113,6 +113,8 @@ def get_args(argv=None):
         p.error("pass --data or --features, not both: features already hold the encoded manifest")
     if args.data and data.missing_manifest(args.data):
         p.error(data.missing_manifest(args.data))
+    if args.init and not os.path.isfile(args.init):
+        p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     for name in ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum", "log_every", "ckpt_every",
                  "sp_size", "vae_micro_batch", "demo_videos"):
         if getattr(args, name) < 1:
@@ -386,7 +388,10 @@ def run(args):
                      f"{model.cfg.patch} does not tile: pick a size whose latents are multiples of it")
     if args.init:
         from model import load_checkpoint
-        load_checkpoint(model, args.init)
+        try:
+            load_checkpoint(model, args.init)
+        except ValueError as e:  # unreadable, or its keys or shapes do not fit: the message says which
+            sys.exit(f"--init: {e}")
     # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
     ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
