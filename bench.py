@@ -581,6 +581,10 @@ def main(argv=None):
     for name in ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size", "steps", "trial_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             sys.exit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.model and args.model not in M.PRESETS:
+        sys.exit(f"--model {args.model} is not a preset: choose one of {', '.join(M.PRESETS)}")
+    if args.grad_checkpoint is not None and not 0 <= args.grad_checkpoint <= 1:
+        sys.exit(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if args.warmup < 0:
         sys.exit(f"--warmup must be 0 or more, not {args.warmup}")
     for name, values in (("size", args.size), ("sample-steps", args.sample_steps)):

@@ -1143,14 +1143,14 @@ STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads
                 for size, (d, D, h) in _DIT_SIZES.items() if size != "L" for p in (2, 4)}
 STDiT_models["STDiT-demo"] = dict(arch="stdit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # CPU demo: minutes on 2 cores
 STDiT_models["STDiT-debug"] = dict(arch="stdit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
+PRESETS = {**DiT_models, **STDiT_models}
 
 
 def build_model(name, **overrides):
     """A preset by name, with ModelConfig fields overridden, e.g. build_model("DiT-XL/2", num_classes=1000, cond="adaln")."""
-    presets = {**DiT_models, **STDiT_models}
-    if name not in presets:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(presets)}")
-    cfg = ModelConfig(**{**presets[name], **overrides})
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
+    cfg = ModelConfig(**{**PRESETS[name], **overrides})
     return (DiT if cfg.arch == "dit" else STDiT)(cfg)
 
 

@@ -1849,7 +1849,9 @@ def test_train_flags_that_cannot_go_together(capsys):
                        (["--data", "missing.csv"], "python data.py manifest VIDEO_FOLDER missing.csv"),
                        (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
                        (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1"),
-                       (["--demo", "--init", "missing.pt"], "--init missing.pt: no such file")):
+                       (["--demo", "--init", "missing.pt"], "--init missing.pt: no such file"),
+                       (["--demo", "--model", "DiT-XXL/2"], "--model DiT-XXL/2 is not a preset: choose one of DiT-S/2"),
+                       (["--demo", "--grad-checkpoint", "2"], "from 0 to 1")):
         with pytest.raises(SystemExit):
             train.get_args(argv)
         assert said in capsys.readouterr().err
@@ -2360,7 +2362,9 @@ def test_bench_refuses_counts_that_cannot_run():
                         (["--frames", "-2"], "--frames must be at least 1, not -2"),
                         (["--warmup", "-1"], "--warmup must be 0 or more, not -1"),
                         (["--size", "0", "256"], "--size must be positive, not 0 256"),
-                        (["--sample", "--sample-steps", "0"], "--sample-steps must be positive, not 0")):
+                        (["--sample", "--sample-steps", "0"], "--sample-steps must be positive, not 0"),
+                        (["--model", "DiT-XXL/2"], "--model DiT-XXL/2 is not a preset"),
+                        (["--grad-checkpoint", "1.5"], "from 0 to 1")):
         with pytest.raises(SystemExit, match=said):
             bench.main(["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--precomputed", "--no-compile",
                         "--steps", "1", "--warmup", "1", *flags])  # tiny, so a missing check fails fast instead

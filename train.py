@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import seqparallel
 import zero
-from model import build_model, config_dict, enable_fp8_training
+from model import PRESETS, build_model, config_dict, enable_fp8_training
 from text import TextEncoder
 from vae import build_vae
 
@@ -113,6 +113,10 @@ def get_args(argv=None):
         p.error("pass --data or --features, not both: features already hold the encoded manifest")
     if args.data and data.missing_manifest(args.data):
         p.error(data.missing_manifest(args.data))
+    if args.model not in PRESETS:
+        p.error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
+    if not 0 <= args.grad_checkpoint <= 1:
+        p.error(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if args.init and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     for name in ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum", "log_every", "ckpt_every",
