@@ -228,6 +228,7 @@ def main(argv=None):
             seqparallel.apply_sequence_parallel(model, dist.group.WORLD, args.sp_kind)
         except ValueError as e:
             p.error(str(e))
+    patch = model.cfg.patch
     if args.compile:
         model = compile_for_sampling(model)
     train_args = meta["args"]
@@ -236,6 +237,16 @@ def main(argv=None):
     size = (args.num_frames or train_args["num_frames"], *(args.image_size or train_args["image_size"]))
     if 0 in size:
         p.error("the model was trained at native sizes: pass --image-size H W")
+    try:  # checked before sampling: the video size must give latents that the model's patch tiles
+        latent = vae.latent_shape(*size)
+    except ValueError as e:
+        p.error(str(e))
+    if any(n % k for n, k in zip(latent, patch)):
+        p.error(f"{size[0]}x{size[1]}x{size[2]} gives latents of {latent} (T, H, W), which the patch {patch} does not "
+                f"tile: pick --num-frames and --image-size whose latents are multiples of it")
+    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= vae.out_channels:
+        p.error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
+                f"{vae.out_channels} of them")
     frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
                       args.cfg_channels, args.seed, args.precision)
     if distributed:

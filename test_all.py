@@ -1566,6 +1566,8 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
     for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
                       (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
+                      (["--image-size", "17", "17"], "which the patch (1, 2, 2) does not tile"),
+                      (["--cfg-channels", "9"], "--cfg-channels 9: the latents have 3 channels"),
                       (["--image-size", "0", "16"], "--image-size must be positive")):
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
