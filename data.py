@@ -688,8 +688,12 @@ def main(argv=None):
     pre.add_argument("--num-workers", type=int, default=4)
     pre.add_argument("--seed", type=int, default=42, help="train.py's --seed: it picks the clip windows")
     args = parser.parse_args(argv)
-    if args.command == "precompute" and missing_manifest(args.data):  # before any encoder loads
-        pre.error(missing_manifest(args.data))
+    if args.command == "precompute":  # checked before any encoder loads
+        if missing_manifest(args.data):
+            pre.error(missing_manifest(args.data))
+        for name in ("vae_micro_batch", "num_frames", "frame_interval", "batch_size", "shard_size"):
+            if getattr(args, name) < 1:
+                pre.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     try:
         if args.command == "precompute":
             path = precompute(args)

@@ -1864,6 +1864,9 @@ def test_train_flags_that_cannot_go_together(capsys):
         with pytest.raises(SystemExit):
             command()
         assert "--data missing.csv: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vae.train_vqvae(["--demo", "--batch-size", "0"])
+    assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
 
 
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
