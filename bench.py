@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+import data
 import seqparallel
 import train
 import model as M
@@ -578,9 +579,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
 
-    for name in ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size", "steps", "trial_timeout"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            sys.exit(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    data.refuse_counts_below_one(sys.exit, args, ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size",
+                                                  "steps", "trial_timeout"))
     if args.model and args.model not in M.PRESETS:
         sys.exit(f"--model {args.model} is not a preset: choose one of {', '.join(M.PRESETS)}")
     if args.grad_checkpoint is not None and not 0 <= args.grad_checkpoint <= 1:

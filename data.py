@@ -167,6 +167,15 @@ def missing_manifest(csv_path):
         return f"--data {csv_path}: no such file; write a manifest with `python data.py manifest VIDEO_FOLDER {csv_path}`"
 
 
+def refuse_counts_below_one(error, args, names):
+    """Call error (a parser's .error, or sys.exit) with one sentence for the first command-line count in names
+    (argparse dests; None means not given) that is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
 def read_manifest(csv_path):
     if missing_manifest(csv_path):
         raise FileNotFoundError(missing_manifest(csv_path))
@@ -691,9 +700,8 @@ def main(argv=None):
     if args.command == "precompute":  # checked before any encoder loads
         if missing_manifest(args.data):
             pre.error(missing_manifest(args.data))
-        for name in ("vae_micro_batch", "num_frames", "frame_interval", "batch_size", "shard_size"):
-            if getattr(args, name) < 1:
-                pre.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+        refuse_counts_below_one(pre.error, args, ("vae_micro_batch", "num_frames", "frame_interval", "batch_size",
+                                                  "shard_size"))
     try:
         if args.command == "precompute":
             path = precompute(args)

@@ -957,10 +957,15 @@ class DiffusionTransformer(nn.Module):
         """Token grid (T/p_t, H/p_h, W/p_w) of latents x (B, C, T, H, W), read from its shape."""
         if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected latents (B, {self.cfg.in_channels}, T, H, W), got {tuple(x.shape)}")
-        if any(n % p for n, p in zip(x.shape[2:], self.cfg.patch)):
-            raise ValueError(f"latent size (T, H, W) = {tuple(x.shape[2:])} is not divisible by the patch "
-                             f"{self.cfg.patch}: crop or resize the video so each side is a multiple")
-        return tuple(n // p for n, p in zip(x.shape[2:], self.cfg.patch))
+        return self.token_grid(x.shape[2:])
+
+    def token_grid(self, latent_shape):
+        """Token grid for latents of shape (T, H, W), or one sentence where the patch does not tile them (train.py
+        and sample.py ask before they start, the forward at every call)."""
+        if any(n % p for n, p in zip(latent_shape, self.cfg.patch)):
+            raise ValueError(f"latent size (T, H, W) = {tuple(latent_shape)} is not divisible by the patch "
+                             f"{self.cfg.patch}: crop or resize the video to a size whose latents are multiples of it")
+        return tuple(n // p for n, p in zip(latent_shape, self.cfg.patch))
 
     def unpatchify(self, x, grid):  # (B, N, p_t*p_h*p_w*C_out) -> (B, C_out, T, H, W)
         (T, H, W), (pt, ph, pw) = grid, self.cfg.patch

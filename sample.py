@@ -197,9 +197,7 @@ def main(argv=None):
         prompts += data.DEMO_PROMPTS
     if not prompts:
         p.error("give at least one --prompt, a --prompt-file or --demo-prompts")
-    for name in ("num_samples", "num_frames", "steps", "fps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps"))
     if args.image_size is not None and min(args.image_size) < 1:
         p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_samples)]
@@ -228,7 +226,6 @@ def main(argv=None):
             seqparallel.apply_sequence_parallel(model, dist.group.WORLD, args.sp_kind)
         except ValueError as e:
             p.error(str(e))
-    patch = model.cfg.patch
     if args.compile:
         model = compile_for_sampling(model)
     train_args = meta["args"]
@@ -238,12 +235,9 @@ def main(argv=None):
     if 0 in size:
         p.error("the model was trained at native sizes: pass --image-size H W")
     try:  # checked before sampling: the video size must give latents that the model's patch tiles
-        latent = vae.latent_shape(*size)
+        model.token_grid(vae.latent_shape(*size))
     except ValueError as e:
-        p.error(str(e))
-    if any(n % k for n, k in zip(latent, patch)):
-        p.error(f"{size[0]}x{size[1]}x{size[2]} gives latents of {latent} (T, H, W), which the patch {patch} does not "
-                f"tile: pick --num-frames and --image-size whose latents are multiples of it")
+        p.error(f"{size[0]}x{size[1]}x{size[2]} (--num-frames, --image-size): {e}")
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= vae.out_channels:
         p.error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
                 f"{vae.out_channels} of them")

@@ -1566,7 +1566,7 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
     for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
                       (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
-                      (["--image-size", "17", "17"], "which the patch (1, 2, 2) does not tile"),
+                      (["--image-size", "17", "17"], "is not divisible by the patch (1, 2, 2)"),
                       (["--cfg-channels", "9"], "--cfg-channels 9: the latents have 3 channels"),
                       (["--image-size", "0", "16"], "--image-size must be positive")):
         with pytest.raises(SystemExit):
@@ -1837,7 +1837,7 @@ def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5,
                  "--outdir", str(tmp_path / "samples")])
     assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 16, 16, 3)
     # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
-    with pytest.raises(SystemExit, match="does not tile"):
+    with pytest.raises(SystemExit, match="not divisible by the patch"):
         tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
 
 

@@ -119,10 +119,8 @@ def get_args(argv=None):
         p.error(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if args.init and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
-    for name in ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum", "log_every", "ckpt_every",
-                 "sp_size", "vae_micro_batch", "demo_videos"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    data.refuse_counts_below_one(p.error, args, ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum",
+                                                 "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos"))
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
@@ -384,12 +382,9 @@ def run(args):
     if vae is not None:  # checked now, not at the first batch; native sizes are cropped to fit (see data below)
         H, W = args.image_size if args.image_size != [0, 0] else [compression[1] * model.cfg.patch[1]] * 2
         try:
-            latent = vae.latent_shape(args.num_frames, H, W)
+            model.token_grid(vae.latent_shape(args.num_frames, H, W))
         except ValueError as e:
-            sys.exit(str(e))
-        if any(n % p for n, p in zip(latent, model.cfg.patch)):
-            sys.exit(f"{args.num_frames}x{H}x{W} gives {args.vae} latents of {latent} (T, H, W), which the patch "
-                     f"{model.cfg.patch} does not tile: pick a size whose latents are multiples of it")
+            sys.exit(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}")
     if args.init:
         from model import load_checkpoint
         try:

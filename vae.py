@@ -649,10 +649,8 @@ def train_vqvae(argv=None):
     import data                      # here, not at the top: loading a VAE needs no video I/O
     if args.data and data.missing_manifest(args.data):
         p.error(data.missing_manifest(args.data))
-    for name in ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers", "embedding_dim", "n_codes",
-                 "batch_size", "steps", "val_clips", "eval_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
+                                                 "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
     if args.cache is None:
         args.cache = args.demo
     from tqdm import tqdm
