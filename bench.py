@@ -1,5 +1,6 @@
 """
-Training and sampling throughput the way the published tables count it (SPEC.md): per GPU samples/s and
+Training and sampling throughput the way the published tables count it (Open-Sora v1.0's and OpenDiT's READMEs,
+March 2024: 8x H800, per GPU, T5 and the VAE online in the video rows): per GPU samples/s and
 tokens/s, MFU against the bf16 matmul peak measured in the same run, and peak memory, after warm-up, with
 the GPU synchronised around the timed steps. The timed step is train.py's own: encode (SD-VAE per frame and
 T5-v1.1-XXL, online as the published rows ran them) -> training_step -> backward -> clip -> AdamW.
@@ -25,7 +26,7 @@ in micro-batches; the baseline is eager PyTorch, math attention, fp32 weights un
 for-loop AdamW, and the SD-VAE and T5 as plain bf16 diffusers/transformers calls on the whole batch.
 
 Tokens are counted after the SD-VAE (x8) and the patch (1, 2, 2): 16x256x256 is 4,096 tokens per sample.
-MFU counts model FLOPs (SPEC.md): training = 3 x forward; forward per token per layer 24 D^2 + 4 D N for DiT
+MFU counts model FLOPs (forward and backward as in Kaplan et al., 2020): training = 3 x forward; forward per token per layer 24 D^2 + 4 D N for DiT
 (plus 4 D^2 + 4 D L with cross-attention) and 36 D^2 + 4 D (S + T + L) for STDiT; encoder FLOPs and the
 recomputation of gradient checkpointing are not counted.
 """
@@ -45,12 +46,17 @@ import torch
 import torch.distributed as dist
 
 import data
+import gpu_kernels
+import sample
 import seqparallel
 import train
-import model as M
-from model import build_model, enable_fp8_training, quantize_fp8
+from fp8 import enable_fp8_training, quantize_fp8
+from model import PRESETS, build_model
+from text import TextEncoder
+from vae import build_vae
+from zero import ZeRO2
 
-# The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows), SPEC.md: name -> settings,
+# The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows; see the docstring): name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
 # (online, --precomputed): the fastest that fit an 80 GB H100 (online, T5-XXL holds 9.5 GB of it).
 ROWS = {
@@ -145,8 +151,6 @@ def build_encoders(args, device, log, text=True):
     from diffusers import AutoencoderKL
     from transformers import T5Config, T5EncoderModel
 
-    from text import TextEncoder
-    from vae import build_vae
     micro_batch = args.vae_micro_batch if not args.baseline else 0  # 0: every frame of the batch in one call
     try:
         vae = build_vae("sd", path=args.vae_path, micro_batch=micro_batch, device=device, dtype=torch.bfloat16)
@@ -211,7 +215,6 @@ def bench_training(args, s, device, rank, world, log):
         seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind, overlap=not args.no_overlap)
     fused = device.type == "cuda" and not args.baseline
     if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
-        from zero import ZeRO2
         net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
     elif s["optimizer"] == "fsdp2":  # torch's own ZeRO-2, for comparison
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -268,7 +271,7 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], fp8_linears=fp8_linears, flash_attn="4" if M.FLASH4 else "2" if M.flash_attn_func else None, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  attn=s["attn"], fp8_linears=fp8_linears, flash_attn=gpu_kernels.flash_version(), optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -357,7 +360,6 @@ def bench_sampling(args, s, device, log):
     denoising steps with guidance (a batch of 2B), then the SD-VAE decode; the model in bf16 (its linears in fp8 with
     --fp8) compiled by sample.compile_for_sampling (eager with --baseline). Also one guided forward timed alone, so
     a step's time splits into the model and the rest (scheduler, guidance). One result per sampler."""
-    import sample
     vae, text_encoder = build_encoders(args, device, log)
     torch.manual_seed(0)
     with device:
@@ -581,8 +583,8 @@ def main(argv=None):
 
     data.refuse_counts_below_one(sys.exit, args, ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size",
                                                   "steps", "trial_timeout"))
-    if args.model and args.model not in M.PRESETS:
-        sys.exit(f"--model {args.model} is not a preset: choose one of {', '.join(M.PRESETS)}")
+    if args.model and args.model not in PRESETS:
+        sys.exit(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
     if args.grad_checkpoint is not None and not 0 <= args.grad_checkpoint <= 1:
         sys.exit(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if args.warmup < 0:
@@ -597,8 +599,12 @@ def main(argv=None):
     if args.row == "all":
         return write(args, all_rows(args, argv))
 
-    if args.no_flash_attn:  # as if it were not installed (the result's flash_attn says null)
-        M.FLASH4, M.flash_attn_func = False, None
+    with gpu_kernels.override(flash_attn=not args.no_flash_attn):  # off: as if not installed (the result says null)
+        return run(args, argv)
+
+
+def run(args, argv):
+    """One row (or one --max-tokens search) as main's checked flags ask."""
     args.sample_steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
     if len(args.sample_steps) != len(args.sampler):  # checked before any model is built
         sys.exit(f"--sample-steps gives {len(args.sample_steps)} step counts for {len(args.sampler)} samplers: give one each")

@@ -22,10 +22,17 @@ from itertools import product
 import av
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from einops import rearrange
 from av.video.reformatter import VideoReformatter
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
+
+from seqparallel import init_process_group, local_device
+from text import TextEncoder
+from vae import build_vae
 
 log = logging.getLogger(__name__)
 # What a broken or missing file raises (av's errors subclass these). Anything else, say a TypeError in a
@@ -483,7 +490,6 @@ FEATURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.f
 def write_shard(path, rows, skipped=()):
     """rows: dicts with index, caption, video_shape, latent, text, mask. Written to path.tmp and renamed, so a
     shard file that exists is complete: this is what makes an interrupted run resumable."""
-    from safetensors.torch import save_file
     tensors, samples = {}, []
     for row in rows:
         for key in ("latent", "text", "mask"):
@@ -497,11 +503,6 @@ def write_shard(path, rows, skipped=()):
 def precompute(args):
     """Encode args.data into shards under args.out; under torchrun each rank encodes the shards s with
     s % world == rank on its own GPU, and rank 0 writes index.json once every shard is there."""
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from text import TextEncoder
-    from vae import build_vae
-    from seqparallel import init_process_group, local_device
     distributed, device = "RANK" in os.environ, local_device()
     if distributed:
         init_process_group(device)
@@ -614,7 +615,6 @@ class FeatureDataset(torch.utils.data.Dataset):
         return tuple(self.samples[i][2]["video_shape"])
 
     def __getitem__(self, i):
-        from safetensors import safe_open
         index, file, sample = self.samples[i]
         # safe_open maps the file and reads only this sample's tensors
         with safe_open(os.path.join(self.folder, file), "pt") as f:

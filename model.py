@@ -19,8 +19,6 @@ Sizes are read from tensor shapes, never stored at construction: one model train
 and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
 Every attention goes through one function, `attention`, so that file has exactly one seam to wrap.
 """
-import importlib.util
-import logging
 import math
 from dataclasses import dataclass, asdict
 from functools import partial
@@ -28,23 +26,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from einops import rearrange
+from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, so SDPA is the default
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-try:  # flash-attn 4 (`pip install flash-attn-4[cu13]`): CuTe DSL kernels compiled at run time, no toolchain needed
-    FLASH4 = importlib.util.find_spec("flash_attn.cute") is not None  # imported at first use: it takes seconds
-except ImportError:
-    FLASH4 = False
-try:  # ships with torch's CUDA builds; the CPU builds run frame attention through attention() instead
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+import gpu_kernels
 
 
 def modulate(x, shift, scale):
@@ -53,299 +39,34 @@ def modulate(x, shift, scale):
 
 
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
-SHORT_KEYS = 128  # "auto": up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
-FLASH4_KEYS = 2048  # "auto": flash-attn 4 from this many keys on (H200: steps 9-23% shorter at 4,096+; none at 256, 1,024)
-QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # "cudnn"; MATH on CPUs
 
 
 def attention(q, k, v, mask=None, impl="auto"):
     """The single attention seam. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool, True = attend.
 
-    flash: flash-attn (CUDA, half precision, no mask): version 4 (flash4) on Hopper and newer GPUs where it is
-    installed, else version 2; sdpa: torch's fused kernels (flash, cuDNN or
-    memory-efficient, picked by torch); math: the plain formula, the reference for tests and benchmarks;
-    efficient: SDPA's memory-efficient kernel over few keys (efficient_attention); cudnn: SDPA's cuDNN kernel
-    first (half precision on CUDA), then the others.
-    auto picks by the shapes, as measured fastest on an H100 (README, "Benchmarks"):
-      many queries, few keys (cross-attention to L = 120 caption tokens): efficient when training, whose
-        backward is the cheapest; cudnn without gradients (sampling), whose forward takes half the time;
-      few queries and few keys inside torch.compile (STDiT's temporal attention where the frame kernel does not
-        run: no CUDA, over 64 frames, or sequence parallel): math, which the compiler fuses (2x faster there than
-        any SDPA kernel, whose tiles would be mostly empty);
-      otherwise flash-attn when it runs here and nothing is masked, else sdpa (cuDNN). flash-attn 4 only over
-        FLASH4_KEYS keys or more and with gradients: DiT-XL/2's steps were 9-23% shorter with it at 4,096 to 65,536 keys,
-        but no faster at 1,024 keys and 1.6-2.3% slower at 256 (STDiT-XL/2's spatial attention, DiT-XL/2 images),
-        and in sampling its padded heads made STDiT-XL/2's forward slower than cuDNN's, 80.2 against 71.6 ms.
-    """
-    if impl == "auto":
-        few_keys = k.shape[1] <= SHORT_KEYS
-        if few_keys and q.shape[1] > SHORT_KEYS and q.is_cuda:
-            impl = "efficient" if torch.is_grad_enabled() else "cudnn"
-        elif few_keys and torch.compiler.is_compiling():
-            impl = "math"
-        elif mask is None and flash4_runs(q) and k.shape[1] >= FLASH4_KEYS and torch.is_grad_enabled():
-            impl = "flash4"
-        elif mask is None and flash2_runs(q):
-            impl = "flash2"
-        else:
-            impl = "sdpa"
-    if impl == "flash" and mask is not None:  # flash-attn takes no key mask
-        impl = "sdpa"
-    if impl == "flash":  # asked for by name: version 4 where it runs, else 2
-        impl = "flash4" if flash4_runs(q) else "flash2"
-    if impl == "flash4":
-        return flash4(q, k, v)
-    if impl == "flash2":
-        if flash_attn_func is None:
-            raise ValueError("attn='flash' here needs flash-attn 2 (flash-attn 4 runs on Hopper and newer GPUs in half precision): use attn='sdpa'")
-        return flash_attn_func(q, k, v)
-    if impl == "efficient":
-        return efficient_attention(q, k, v, mask)
+    impl sdpa: torch's fused kernels (flash, cuDNN or memory-efficient, picked by torch); math: the plain
+    formula, the reference for tests and benchmarks. auto (the default) and flash go to gpu_kernels.attention,
+    which picks a GPU speed path by the shapes and hands back to these two where none pays (gpu_kernels.py)."""
+    if impl not in ("sdpa", "math"):
+        return gpu_kernels.attention(q, k, v, mask, impl, reference=attention)
     q, k, v = (rearrange(t, "B N h d -> B h N d") for t in (q, k, v))
     bias = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): one key mask for all heads
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    elif impl == "cudnn":
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     else:
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, M)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, N, M), Attention(Q, K, V) of Vaswani et al.
         if bias is not None:
             scores = scores.masked_fill(~bias, float("-inf"))
         out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # softmax in fp32 even under bf16/fp16
     return rearrange(out, "B h N d -> B N h d")
 
 
-@torch.compiler.assume_constant_result
-def hopper_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def half_on_gpu(q):  # what flash-attn takes
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def flash4_runs(q):
-    """flash-attn 4 trains on Hopper (compute capability 9) and newer."""
-    return FLASH4 and half_on_gpu(q) and hopper_or_newer(q.device.index)
-
-
-def flash2_runs(q):
-    return flash_attn_func is not None and half_on_gpu(q)
-
-
-# flash-attn 4 on Hopper rounds head sizes up to 16 in its backward kernel but to 32 in the buffer it sums dq in:
-# at 72 and 80 (DiT-XL/2's heads are 72) its dq came out wrong (4.0.0b36, H200). Zero-padded to a multiple of
-# 32 (72 -> 96), q, k and v give the same scores and outputs, and dq is right.
-FLASH4_HEAD_MULTIPLE = 32
-
-
-def flash4(q, k, v):
-    """flash-attn 4 on q (B, N, h, d), k, v (B, M, h, d), heads zero-padded to FLASH4_HEAD_MULTIPLE."""
-    d = q.shape[-1]
-    pad = -d % FLASH4_HEAD_MULTIPLE
-    if pad:
-        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    return flash4_attention(q, k, v, d**-0.5)[0][..., :d]
-
-
-# As custom ops, a compiled block calls the kernels as they are (torch.compile does not trace into them) and a
-# checkpointed block can keep their outputs (keep_attention).
-@torch.library.custom_op("opensora::flash4_attention", mutates_args=())
-def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> the output (B, N, h, d) and the log-sum-exp of each query's scores (B, h, N), fp32."""
-    from flash_attn.cute import flash_attn_func as flash_attn4
-    out, lse = flash_attn4(q, k, v, softmax_scale=scale, return_lse=True)
-    return out, lse
-
-
-@flash4_attention.register_fake
-def _(q, k, v, scale):
-    B, N, h, _ = q.shape
-    return q.new_empty(B, N, h, v.shape[-1]), q.new_empty(B, h, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("opensora::flash4_attention_backward", mutates_args=())
-def flash4_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                              lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd  # the backward of flash_attn.cute.flash_attn_func
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, scale)
-    return dq, dk, dv
-
-
-@flash4_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _flash4_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:3], *output)
-    ctx.scale = inputs[3]
-
-
-flash4_attention.register_autograd(  # the log-sum-exp is an output for backward only: it gets no gradient
-    lambda ctx, grad, _: (*flash4_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None), setup_context=_flash4_setup)
-
-
-def efficient_attention(q, k, v, mask=None):
-    """SDPA's memory-efficient kernel, which takes the key mask and keeps no (N, M) probabilities for backward,
-    on rows of at most QUERY_ROWS queries. Its backward runs one thread block per batch row, head and 128 keys:
-    over 120 caption tokens that is B*h blocks, 32 for two videos, a quarter of an H100's SMs (STDiT-XL/2 64x512
-    trained at 62.5k tokens/s unfolded, 68.8k folded). Each row of queries gets its own copy of the keys."""
-    B, N = q.shape[:2]
-    rows = -(-N // QUERY_ROWS)  # per sample
-    n = -(-N // rows)  # queries per row; the last row is padded with zero queries
-    if rows * n > N:
-        q = F.pad(q, (0, 0, 0, 0, 0, rows * n - N))
-    q = rearrange(q, "B (r n) h d -> (B r) h n d", r=rows)
-    k, v = (repeat(t, "B M h d -> (B r) h M d", r=rows) for t in (k, v))
-    bias = None if mask is None else repeat(mask, "B M -> (B r) 1 1 M", r=rows)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # math where the kernel is missing (CPU)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return rearrange(out, "(B r) h n d -> B (r n) h d", B=B)[:, :N]
-
-
-# Attention along the frames (STDiT's temporal attention) as one Triton kernel. Over T <= 64 frames every
-# (sample, spatial position, head) is one small T x T attention. Run through attention(), (B, T, S, 3D) must be
-# transposed to (B S) T first and the output back, four copies of the activations, and the batched 16 x 16
-# matmuls run far from peak: 12.6 ms of a 106 ms sampling forward (STDiT-XL/2 16x256, a guided batch of 8,
-# H100). The kernel reads q, k and v where the qkv projection wrote them and writes the output in (B, T, S, D):
-# one program per (b, s, h) loads three T x d tiles, keeps the T x T scores in registers, and stores one tile.
-
-FRAME_KERNEL_FRAMES = 64  # the kernel keeps a T x T tile in registers: up to 64 x 64 (longer: attention())
-
-
-def frame_kernel_fits(qkv, impl):
-    """Whether TemporalAttention runs the Triton kernel on qkv (B, T, S, 3D): CUDA, impl auto, few frames."""
-    return triton is not None and impl == "auto" and qkv.is_cuda and qkv.shape[1] <= FRAME_KERNEL_FRAMES
-
-
-if triton is not None:
-    @triton.jit
-    def _frame_tiles(T, S, heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's (b, s, h): where its T x d tiles of q, k, v and of the output start, which of their
-        entries are real (tiles are padded to powers of two), and the frame index t."""
-        pid = tl.program_id(0)
-        head, bs = pid % heads, pid // heads  # bs = b S + s
-        t, d = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
-        token = ((bs // S * T + t) * S + bs % S).to(tl.int64)[:, None]  # row of (b, t, s) in (B T S)
-        column = head * HEAD_DIM + d[None, :]
-        D = heads * HEAD_DIM
-        return token * (3 * D) + column, token * D + column, (t[:, None] < T) & (d[None, :] < HEAD_DIM), t, D
-
-    @triton.jit
-    def _frame_probs(q, k, t, T, scale, PRECISION: tl.constexpr):
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (T, T), fp32
-        scores = tl.where(t[None, :] < T, scores, float("-inf"))  # padded keys
-        p = tl.exp(scores - tl.max(scores, 1)[:, None])
-        return p / tl.sum(p, 1)[:, None]
-
-    @triton.jit
-    def _frame_attention_fwd(qkv, out, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
-        q = tl.load(qkv + at, mask=valid, other=0.0)  # a token's row of qkv holds its q, k, v: D values each
-        k = tl.load(qkv + at + D, mask=valid, other=0.0)
-        v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
-        p = _frame_probs(q, k, t, T, scale, PRECISION)
-        o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        tl.store(out + out_at, o.to(out.dtype.element_ty), mask=valid)
-
-    @triton.jit
-    def _frame_attention_bwd(qkv, grad, dqkv, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
-        q = tl.load(qkv + at, mask=valid, other=0.0)
-        k = tl.load(qkv + at + D, mask=valid, other=0.0)
-        v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
-        do = tl.load(grad + out_at, mask=valid, other=0.0)
-        p = _frame_probs(q, k, t, T, scale, PRECISION)  # recomputed: cheaper than keeping T x T per head
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale  # softmax backward; sum(p dp) = sum(do o) per row
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-        tl.store(dqkv + at, dq.to(dqkv.dtype.element_ty), mask=valid)
-        tl.store(dqkv + at + D, dk.to(dqkv.dtype.element_ty), mask=valid)
-        tl.store(dqkv + at + 2 * D, dv.to(dqkv.dtype.element_ty), mask=valid)
-
-
-def _launch_frames(kernel, qkv, heads, *tensors):
-    B, T, S, D3 = qkv.shape
-    d = D3 // 3 // heads
-    block_t = max(16, triton.next_power_of_2(T))  # tl.dot takes tiles of 16 and more
-    kernel[(B * S * heads,)](qkv, *tensors, T, S, heads, d**-0.5, HEAD_DIM=d, BLOCK_T=block_t,
-                             BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4 if block_t >= 64 else 2,
-                             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
-
-
-@torch.library.custom_op("opensora::frame_attention", mutates_args=())
-def frame_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv (B, T, S, 3D), the qkv projection of (B, T, S, D) -> attention along T, (B, T, S, D)."""
-    qkv = qkv.contiguous()
-    out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
-    _launch_frames(_frame_attention_fwd, qkv, heads, out)
-    return out
-
-
-@frame_attention.register_fake
-def _(qkv, heads):
-    return qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
-
-
-@torch.library.custom_op("opensora::frame_attention_backward", mutates_args=())
-def frame_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    qkv = qkv.contiguous()
-    dqkv = torch.empty_like(qkv)
-    _launch_frames(_frame_attention_bwd, qkv, heads, grad.contiguous(), dqkv)
-    return dqkv
-
-
-@frame_attention_backward.register_fake
-def _(grad, qkv, heads):
-    return torch.empty_like(qkv)
-
-
-def _frame_attention_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.heads = inputs[1]
-
-
-frame_attention.register_autograd(
-    lambda ctx, grad: (frame_attention_backward(grad, ctx.saved_tensors[0], ctx.heads), None),
-    setup_context=_frame_attention_setup)
-
-
-# The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long
-# sequences attention is most of a block's forward, yet its output is one row of D values a token (plus a
-# log-sum-exp a head), where all of a block's activations are 25-30 rows
-ATEN_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (  # q, k, v laid out (B, h, N, d)
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
-FUSED_ATTENTION_OPS = set(ATEN_ATTENTION_OPS)
-FUSED_ATTENTION_OPS.add(torch.ops.opensora.flash4_attention.default)
-if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
-    FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
-
-
-def keep_attention(ctx, op, *args, **kwargs):
-    if op in FUSED_ATTENTION_OPS:
-        keys = args[1].shape[2] if op in ATEN_ATTENTION_OPS else args[1].shape[1]  # flash-attn: (B, M, h, d)
-        if keys > SHORT_KEYS:  # attention over few keys (to caption tokens) is cheap to redo: recompute it
-            return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-# torch.compile warns once that a checkpoint policy must not meet in-place ops: the blocks have none
-logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda record: "context_fn" not in record.getMessage())
-
-
 def checkpoint_block(forward, *args):
     """Gradient checkpointing of one block: backward recomputes its activations from its inputs, all but the
-    fused attention outputs, which it keeps. Called inside the block's forward, so that a compiled block
-    compiles the recomputation too (torch.compile honours the keep-or-recompute policy)."""
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, keep_attention))
+    fused attention outputs, which it keeps (gpu_kernels.keep_attention names those ops). Called inside the block's
+    forward, so that a compiled block compiles the recomputation too (torch.compile honours the policy)."""
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, gpu_kernels.keep_attention))
 
 
 class Attention(nn.Module):
@@ -365,12 +86,12 @@ class Attention(nn.Module):
 
 class TemporalAttention(Attention):
     """STDiT's attention along the frames at every spatial position, on x laid out (B, T, S, D) as the block
-    holds it: the fused frame kernel on CUDA, else (B S) folded into the batch and attention() along T."""
+    holds it: on CUDA one Triton kernel (gpu_kernels.frame_attention), else (B S) folded into the batch."""
 
     def forward(self, x):  # x (B, T, S, D)
         qkv = self.qkv(x)
-        if frame_kernel_fits(qkv, self.impl):
-            x = frame_attention(qkv, self.heads)
+        if gpu_kernels.frame_kernel_fits(qkv, self.impl):
+            x = gpu_kernels.frame_attention(qkv, self.heads)
         else:
             q, k, v = rearrange(qkv, "B T S (three h d) -> three (B S) T h d", three=3, h=self.heads)
             x = rearrange(attention(q, k, v, impl=self.impl), "(B S) T h d -> B T S (h d)", B=x.shape[0])
@@ -394,346 +115,18 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(x, "B N h d -> B N (h d)"))
 
 
+
 class Mlp(nn.Module):
     """Linear, GELU (tanh approximation, as DiT and PixArt use), Linear."""
 
     def __init__(self, dim, hidden, out=None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")  # a module, so quantize_fp8 can move it into fc2's input rounding
+        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, out or dim)
 
-    fp8 = False  # enable_fp8_training: fc1, GELU, fc2 as one _Fp8Mlp
-
     def forward(self, x):
-        if self.fp8:
-            return _as_rows(_Fp8Mlp.apply, x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
-
-
-# FP8 inference (sample.py --fp8). Hopper's tensor cores multiply fp8 at twice the bf16 rate. Weights are rounded
-# to e4m3 once, with one scale per output channel; activations at every call, with one scale per token (row), so an
-# outlier token costs only its own row's precision (on CUDA one Triton kernel reads each row once for it). The
-# matmul scales the products back and adds the bias; the output is bf16. e4m3 keeps 3 mantissa bits (relative
-# rounding error up to 1/16 per element, averaged down over a dot product).
-E4M3 = torch.float8_e4m3fn
-
-
-def fp8_rows(t):
-    """t (M, K) -> (t8 (M, K) e4m3, scale (M, 1) fp32) with t ~ t8 * scale; each row's max |t| lands on e4m3's 448."""
-    top = torch.finfo(E4M3).max
-    amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    return (t.float() * (top / amax)).clamp(-top, top).to(E4M3), amax / top
-
-
-if triton is not None:
-    @triton.jit
-    def _fp8_rows_kernel(x, out, scale, M, K, GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """fp8_rows for ROWS rows, each read once: max |x|, then x times 448 / max rounded (to nearest even) to
-        e4m3. div_rn divides exactly, as torch does; the two still differ by one code in about 0.1% of values.
-        GELU: the rows are first put through the tanh-approximated GELU (in fp32, without a bf16 copy between)."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        at = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        keep = (rows[:, None] < M) & (cols[None, :] < K)
-        v = tl.load(x + at, mask=keep, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3))), the tanh one approximate hardware instruction
-            # (the codes differ from the exact GELU's in 0.03% of values, by one); sigmoid's exp and division: 1.4x slower
-            z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
-            v = 0.5 * v * (1.0 + t)
-        top = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)  # (ROWS,)
-        q = tl.clamp(v * tl.math.div_rn(448.0, top)[:, None], -448.0, 448.0)
-        tl.store(out + at, q.to(tl.float8e4nv), mask=keep)
-        tl.store(scale + rows, tl.math.div_rn(top, 448.0), mask=rows < M)
-
-
-def _fp8_outputs(x):
-    return torch.empty_like(x, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
-
-
-@torch.library.custom_op("opensora::fp8_rows", mutates_args=())
-def fp8_rows_cuda(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_rows (of GELU(x) with gelu) as one Triton kernel that reads each row once. Compiled, fp8_rows runs at
-    about 1 TB/s (32,768 rows of 4,608: 0.45 ms), and the first fp8 forward of STDiT-XL/2 was no faster than bf16's
-    (H200, 96.6 ms vs 97.0)."""
-    x = x.contiguous()
-    out, scale = _fp8_outputs(x)
-    block = triton.next_power_of_2(x.shape[1])
-    rows = max(1, 4096 // block)  # tiles of 4,096 values or one row, 64 a thread: faster than 8 warps on 8,192 values
-    # (H200, 32,768 rows: 1,152 wide 47.6 -> 33.0 us; 4,608 wide with the GELU 224.0 -> 148.8 us, the tanh included)
-    _fp8_rows_kernel[(triton.cdiv(x.shape[0], rows),)](x, out, scale, x.shape[0], x.shape[1], GELU=gelu, ROWS=rows,
-                                                       BLOCK=block, num_warps=max(1, rows * block // 2048))
-    return out, scale
-
-
-@fp8_rows_cuda.register_fake
-def _(x, gelu=False):
-    return _fp8_outputs(x)
-
-
-def _rows8(x, gelu=False):
-    """x (M, K) -> e4m3 rows and scales (of GELU(x) with gelu): the Triton pass on CUDA."""
-    if x.is_cuda and triton is not None:
-        return fp8_rows_cuda(x, gelu)
-    return fp8_rows(F.gelu(x.float(), approximate="tanh") if gelu else x)
-
-
-def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
-    """(a8 * a_scale) @ (b8 * b_scale).T + bias in dtype (bf16 on CUDA): a8 (M, K) and b8 (N, K) e4m3, scales (M, 1)
-    and (N, 1).
-    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes, against 1.4x with
-    fp32 promotion; H200): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
-    if a8.is_cuda:
-        bias = None if bias is None else bias.to(torch.bfloat16)
-        return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
-    with torch.autocast(a8.device.type, enabled=False):  # the same fp8 values multiplied in fp32
-        y = (a8.float() @ b8.float().t()) * a_scale * b_scale.t()
-        return (y if bias is None else y + bias.float()).to(dtype)
-
-
-class Fp8Linear(nn.Module):
-    """An nn.Linear for inference whose matmul runs in fp8 (torch._scaled_mm); off CUDA, the same fp8 values are
-    multiplied in fp32 (the reference the GPU test compares against). gelu: the input is taken before its GELU,
-    which the rounding applies (an MLP's fc2: one pass over the wide hidden rows instead of two)."""
-
-    def __init__(self, linear, gelu=False):
-        super().__init__()
-        self.gelu = gelu
-        w8, scale = fp8_rows(linear.weight.detach().float())  # (out, in), (out, 1)
-        self.register_buffer("weight", w8)
-        self.register_buffer("scale", scale.T.contiguous())  # (1, out): scales the output's columns
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-
-    def forward(self, x):  # (..., in) -> (..., out) in bf16
-        rows = x.reshape(-1, x.shape[-1])
-        y = _mm8(*_rows8(rows, self.gelu), self.weight, self.scale.t(), bias=self.bias, fast=True)
-        return y.view(*x.shape[:-1], -1)
-
-
-def fp8_fits(linear):
-    """fp8 kernels need both sides of a weight to be multiples of 16 (all of XL's are)."""
-    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-
-
-def quantize_fp8(model):
-    """Replace the blocks' linears (attention, temporal attention, cross-attention, MLP) by Fp8Linear, in place, for
-    sampling only (no gradients). The adaLN linears stay: their rows are the batch, too few to pay. fp8 kernels need
-    both sides of a weight to be multiples of 16 (all of XL's are); other linears stay too. The rest of the model
-    goes to bf16 first (a later .to(dtype) would cast the fp8 weights too). Returns the count."""
-    model.to(torch.bfloat16)
-    count = 0
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and "adaLN" not in f"{name}.{child_name}" and fp8_fits(child):
-                    fuse = isinstance(module, Mlp) and child_name == "fc2"  # the GELU moves into fc2's rounding
-                    setattr(module, child_name, Fp8Linear(child, gelu=fuse))
-                    if fuse:
-                        module.act = nn.Identity()
-                    count += 1
-    return count
-
-
-# FP8 training (train.py --fp8). The blocks' linears multiply in fp8 where Hopper's tensor cores run twice the bf16
-# rate: in forward, and for the input gradient in backward. The weight gradient (the sum over all tokens) stays
-# bf16, from the bf16 activations a bf16 linear keeps anyway; the fp32 master weights and the optimizer are as
-# without. Every fp8 operand has one scale per row of the matmul: per token for activations and output gradients,
-# per output channel for the forward's weights, per input channel for the input gradient's. (torchao calls this
-# recipe "rowwise with high-precision weight gradient".) One Triton pass per output gradient rounds it and sums
-# its columns for the bias gradient; in the MLP that pass also runs the GELU's backward.
-if triton is not None:
-    @triton.jit
-    def _fp8_grad_rows_kernel(grad, h, dh, g, out, scale, colsum, M, K, GELU: tl.constexpr, ROWS: tl.constexpr,
-                              TILE: tl.constexpr, BLOCK: tl.constexpr):
-        """ROWS rows of grad (M, K), TILE at a time, each read once: rounded to e4m3 with one scale per row, as
-        fp8_rows; the rows' column sums into colsum (programs, K). GELU: grad is the gradient at GELU(h): the gradient
-        at h is rounded and summed instead, and also written to dh in bf16, next to GELU(h) (g), which the weight
-        gradient needs."""
-        cols = tl.arange(0, BLOCK)[None, :]
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in range(0, ROWS, TILE):
-            rows = tl.program_id(0) * ROWS + r + tl.arange(0, TILE)[:, None]  # (TILE, 1)
-            keep = (cols < K) & (rows < M)
-            at = rows.to(tl.int64) * K + cols
-            v = tl.load(grad + at, mask=keep, other=0.0).to(tl.float32)
-            if GELU:  # d/dx of 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2 / pi), c = 0.044715
-                x = tl.load(h + at, mask=keep, other=0.0).to(tl.float32)
-                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.7978845608028654 * (x + 0.044715 * x * x * x)],
-                                              dtype=tl.float32, is_pure=True, pack=1)
-                tl.store(g + at, (0.5 * x * (1.0 + t)).to(g.dtype.element_ty), mask=keep)
-                v = v * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x))
-                tl.store(dh + at, v.to(dh.dtype.element_ty), mask=keep)
-            acc += tl.sum(v, axis=0)
-            top = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)[:, None]  # (TILE, 1)
-            tl.store(out + at, tl.clamp(v * tl.math.div_rn(448.0, top), -448.0, 448.0).to(tl.float8e4nv), mask=keep)
-            tl.store(scale + rows, tl.math.div_rn(top, 448.0), mask=rows < M)
-        tl.store(colsum + tl.program_id(0) * K + tl.arange(0, BLOCK), acc, mask=tl.arange(0, BLOCK) < K)
-
-
-GRAD_ROWS = 32  # rows per program of _fp8_grad_rows_kernel: its column sums are (M / 32, K) fp32
-
-
-def _fp8_grad_outputs(grad, h):
-    out, scale = _fp8_outputs(grad)
-    like = h if h is not None else grad.new_empty(0)
-    return out, scale, grad.new_empty(grad.shape[1], dtype=torch.float32), torch.empty_like(like), torch.empty_like(like)
-
-
-@torch.library.custom_op("opensora::fp8_grad_rows", mutates_args=())
-def fp8_grad_rows_cuda(grad: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor]:
-    """grad (M, K) -> (e4m3 rows, their scales (M, 1), column sums (K,) fp32, dh, g): see _fp8_grad_rows_kernel. Without
-    h, dh and g are empty."""
-    grad = grad.contiguous()
-    h = None if h is None else h.contiguous()
-    out, scale, _, dh, g = _fp8_grad_outputs(grad, h)
-    M, K = grad.shape
-    programs = triton.cdiv(M, GRAD_ROWS)
-    block = triton.next_power_of_2(K)
-    partial = grad.new_empty(programs, K, dtype=torch.float32)
-    # measured fastest (H200, 49,152 rows): 1 row at a time on 8 warps with the GELU (4,608 wide: 746 us, against
-    # 773 us on 16 warps); without it, 2 or 4 rows at a time on 4 warps (3,456 wide: 137 us; 1,152: 61 us, against
-    # 180 and 93 us a row at a time on 16 and 4 warps)
-    tile, warps = (1, 8) if h is not None else (4 if block <= 2048 else 2, 4)
-    _fp8_grad_rows_kernel[(programs,)](grad, grad if h is None else h, dh, g, out, scale, partial, M, K, GELU=h is not None,
-                                       ROWS=GRAD_ROWS, TILE=tile, BLOCK=block, num_warps=warps)
-    return out, scale, partial.sum(0), dh, g
-
-
-@fp8_grad_rows_cuda.register_fake
-def _(grad, h=None):
-    return _fp8_grad_outputs(grad, h)
-
-
-def gelu_tanh_backward(grad, h):
-    """The tanh-approximated GELU's derivative at h times grad, in fp32 (the reference for the Triton pass)."""
-    h = h.float()
-    t = torch.tanh(0.7978845608028654 * (h + 0.044715 * h**3))
-    return grad.float() * (0.5 * (1 + t) + 0.5 * h * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * h * h))
-
-
-def fp8_grad_rows(grad, h=None):
-    """fp8_grad_rows_cuda's reference in torch ops (CPUs run it)."""
-    if h is None:
-        g, dh, v = None, None, grad.float()
-    else:
-        g = F.gelu(h.float(), approximate="tanh").to(h.dtype)
-        v = gelu_tanh_backward(grad, h)
-        dh = v.to(h.dtype)
-    out, scale = fp8_rows(v)
-    return out, scale, v.sum(0), dh, g
-
-
-def _grad_rows8(grad, h=None):
-    if grad.is_cuda and triton is not None:
-        return fp8_grad_rows_cuda(grad, h)
-    return fp8_grad_rows(grad, h)
-
-
-def fp8_weight(weight, transpose=False):
-    """A weight (N, K) in e4m3 for the forward (scales per output channel) or, transposed (K, N), for the input
-    gradient (scales per input channel: _scaled_mm scales rows of each operand, not along the summed axis)."""
-    return _rows8((weight.t() if transpose else weight).contiguous())
-
-
-def _working_dtype(x):
-    """bf16 on CUDA (what the fp8 kernels write and the bf16 weight gradient reads); CPUs keep x's dtype (their bf16
-    matmuls are slow: the fp32 demo stays fp32 but for the fp8 rounding)."""
-    return torch.bfloat16 if x.is_cuda else x.dtype
-
-
-def fp8_forward(x, weight8, bias=None):
-    """x (M, K) rows through an fp8 linear, weight8 = fp8_weight(weight): bf16 on CUDA, x's dtype on CPUs."""
-    return _mm8(*_rows8(x), *weight8, bias=bias, fast=True, dtype=x.dtype)
-
-
-def fp8_input_grad(grad, weight8, dtype):
-    """The input gradient (M, K) of an fp8 linear, from output-gradient rows grad (M, N) and
-    weight8 = fp8_weight(weight, transpose=True) (bf16 on CUDA, dtype on CPUs); also the bias gradient (N,) fp32
-    that the rounding pass sums."""
-    grad8, scale, bias_grad, _, _ = _grad_rows8(grad)
-    return _mm8(grad8, scale, *weight8, dtype=dtype), bias_grad
-
-
-class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T + b for x (M, K) rows: forward and the input gradient in fp8, the weight and bias gradients from x
-    and the output gradient in bf16 (returned in the weights' dtype: fp32 ones under autocast too)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, *weight8s):
-        """weight8s, where the caller has them: fp8_weight(weight) and fp8_weight(weight, transpose=True), as four
-        tensors (FastSeq rounds the whole qkv weight, as one process does, and passes its heads' rows)."""
-        x = x.to(_working_dtype(x))
-        ctx.save_for_backward(x, weight, *weight8s[2:])
-        ctx.has_bias, ctx.given = bias is not None, len(weight8s)
-        return fp8_forward(x, weight8s[:2] or fp8_weight(weight), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, *weight8_t = ctx.saved_tensors
-        dx, bias_grad = fp8_input_grad(grad, weight8_t or fp8_weight(weight, transpose=True), x.dtype)
-        return (dx, (grad.t().to(x.dtype) @ x).to(weight.dtype), bias_grad.to(weight.dtype) if ctx.has_bias else None,
-                *[None] * ctx.given)
-
-
-class _Fp8Mlp(torch.autograd.Function):
-    """fc2(GELU(fc1(x))) for x (M, D) rows, each linear as in _Fp8Linear; the GELU runs inside the passes that round
-    fc2's input (forward) and fc1's output gradient (backward), so the wide hidden rows are read once each way."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        x = x.to(_working_dtype(x))
-        h = fp8_forward(x, fp8_weight(w1), b1)  # (M, 4D) before the GELU
-        ctx.save_for_backward(x, h, w1, w2)
-        return _mm8(*_rows8(h, gelu=True), *fp8_weight(w2), bias=b2, fast=True, dtype=x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, h, w1, w2 = ctx.saved_tensors
-        dg, b2_grad = fp8_input_grad(grad, fp8_weight(w2, transpose=True), x.dtype)  # at GELU(h)
-        dh8, dh_scale, b1_grad, dh, g = _grad_rows8(dg, h)  # at h; and GELU(h) again, for fc2's weight gradient
-        dx = _mm8(dh8, dh_scale, *fp8_weight(w1, transpose=True), dtype=x.dtype)
-        w1_grad, w2_grad = dh.t() @ x, grad.t().to(g.dtype) @ g
-        return dx, w1_grad.to(w1.dtype), b1_grad.to(w1.dtype), w2_grad.to(w2.dtype), b2_grad.to(w2.dtype)
-
-
-def _as_rows(fn, x, *args):
-    y = fn(x.reshape(-1, x.shape[-1]), *args)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def fp8_linear(x, weight, bias=None, *weight8s):
-    """F.linear(x, weight, bias) for x (..., K) with the matmuls of _Fp8Linear (weight8s: see its forward)."""
-    return _as_rows(_Fp8Linear.apply, x, weight, bias, *weight8s)
-
-
-class Fp8TrainLinear(nn.Linear):
-    """An nn.Linear (same parameters, same checkpoint keys) whose matmuls run as _Fp8Linear."""
-
-    def forward(self, x):
-        return fp8_linear(x, self.weight, self.bias)
-
-
-def enable_fp8_training(model):
-    """Train the blocks' linears (attention, temporal attention, cross-attention, MLP) in fp8, in place: each MLP runs
-    as one _Fp8Mlp, the other linears become Fp8TrainLinear. The adaLN linears stay (their rows are the batch, too few
-    to pay), as do linears whose sides are not multiples of 16. Parameters and state-dict keys do not change.
-    Returns the count of linears."""
-    count = 0
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            if isinstance(module, Mlp) and fp8_fits(module.fc1) and fp8_fits(module.fc2):
-                module.fp8 = True
-                count += 2
-                continue
-            if isinstance(module, Mlp) or "adaLN" in name:
-                continue
-            for child_name, child in module.named_children():
-                if type(child) is nn.Linear and "adaLN" not in child_name and fp8_fits(child):
-                    child.__class__ = Fp8TrainLinear  # the same module, its forward swapped
-                    count += 1
-    return count
 
 
 class PatchEmbed(nn.Module):
@@ -839,7 +232,8 @@ class DiTBlock(nn.Module):
 
 
 class STDiTBlock(nn.Module):
-    """Open-Sora v1.0 block on x (B, T, S, D); the block order follows SPEC.md step by step."""
+    """Open-Sora v1.0 block on x (B, T, S, D); the steps follow STDiTBlock.forward in Open-Sora v1.0's
+    opensora/models/stdit/stdit.py (github.com/hpcaitech/Open-Sora, tag v1.0.0)."""
     selective_checkpoint = True  # checkpointed: keep the attention outputs (checkpoint_block)
 
     def __init__(self, dim, heads, mlp_ratio, impl):
@@ -927,7 +321,7 @@ class ModelConfig:
             raise ValueError("STDiT is text-conditioned: set num_classes=0 and give caption states")
         if self.attn not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attn!r}: use one of {ATTENTION_IMPLS}")
-        if self.attn == "flash" and flash_attn_func is None and not FLASH4:
+        if self.attn == "flash" and gpu_kernels.flash_version() is None:
             raise ValueError("attn='flash' needs the flash-attn package (flash-attn-4 on Hopper): install it or use attn='sdpa'")
         if self.arch == "dit" and self.patch[0] != 1:
             raise ValueError(f"DiT patches frames one by one: use patch (1, p, p), not {self.patch}")
@@ -1107,18 +501,22 @@ def pos_embed_3d(dim, grid, space_scale=1.0, time_scale=1.0, device=None):
     return pos_embed_2d(dim, H, W, space_scale, device)[None] + temporal[:, None]
 
 
-def load_checkpoint(model, path):
-    """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours (.pt/.pth/.safetensors) into model.
-    Never unpickles code. Fixed position tables are dropped: ours are computed for any grid."""
+def read_state_dict(path, device="cpu"):
+    """The tensors of a weights file (.safetensors, or .pt/.pth read with weights_only=True): the one place that
+    opens weight files, so none is ever unpickled into code. One sentence (ValueError) where it cannot be read."""
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device=str(device))
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # missing, corrupt, not a checkpoint, or pickled objects (which weights_only refuses)
         raise ValueError(f"{path} cannot be read as weights ({type(e).__name__}): pass a .pt, .pth or .safetensors file "
                          "of tensors (torch.load runs with weights_only=True: pickled objects are refused)") from e
+
+
+def load_checkpoint(model, path):
+    """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours (.pt/.pth/.safetensors) into model.
+    Never unpickles code. Fixed position tables are dropped: ours are computed for any grid."""
+    state = read_state_dict(path)
     for wrapper in ("ema", "model", "state_dict", "module"):  # the containers training scripts use
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -16,18 +16,32 @@ import argparse
 import json
 import os
 import re
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import data
-from model import Fp8Linear, model_from_config, quantize_fp8
+import seqparallel
+from fp8 import Fp8Linear, quantize_fp8
+from model import model_from_config, read_state_dict
+from text import TextEncoder
+from vae import build_vae
 
-# the training schedule (train.py's IDDPM): 1000 steps, linear betas 1e-4 .. 0.02
+# The noise schedule, defined once: 1000 steps with linear betas 1e-4 .. 0.02, DiT's create_diffusion defaults
+# (diffusion/__init__.py, noise_schedule="linear") that Open-Sora v1.0's IDDPM keeps. train.py's IDDPM builds its
+# loss tables from it, so the samplers below see the betas the model learned.
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def autocast(device, precision):
+    """The mixed-precision context for "fp32" (none), "bf16" or "fp16", on device's type: training and sampling."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_scheduler(kind, steps, learn_sigma):
@@ -44,21 +58,18 @@ def make_scheduler(kind, steps, learn_sigma):
 
 
 def compile_for_sampling(model):
-    """The model compiled as one graph for many denoising steps of one video size; fusing across blocks saves
-    what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100, before the frame
-    kernel: 106.4 ms a forward against 110.2 ms compiled block by block; 96.4 ms with it). Autotuned matmuls
-    (mode "max-autotune": 5 ms less, for 3.5 minutes of compiling instead of 1.3) did not pay enough to be the
-    default. CUDA graphs (mode "reduce-overhead") pay with fp8 linears only: each adds a short rounding kernel,
-    and launching those is what a graph saves (same forward in fp8 on an H200, separate runs: 79.7 ms
-    without, 75.7 and 77.8 ms with; in bf16 on the H100, 106.4 -> 105.7 ms). On a CPU the mode takes no graphs
-    and compiles as the default does; with fp8, "max-autotune" did not finish compiling STDiT-XL/2 in 470 s.
-    A sequence-parallel model compiles block by block: its collectives stay outside the compiler."""
+    """The model compiled as one graph for many denoising steps of one video size: fusing across blocks saves
+    what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100: 106.4 ms a forward
+    against 110.2 ms block by block). CUDA graphs (mode "reduce-overhead") only with fp8 linears, whose short
+    rounding kernels are what a graph saves launching; "max-autotune" did not pay for its compile time (docs/LOG.md,
+    compiling the sampler). A sequence-parallel model compiles block by block: its collectives stay outside the
+    compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
         for block in model.blocks:
             block.compile()
         return model
-    fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
-    return torch.compile(model, mode="reduce-overhead" if fp8 else None)
+    in_fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
+    return torch.compile(model, mode="reduce-overhead" if in_fp8 else None)
 
 
 def ddpm_step(sched, out, t, x, noise):
@@ -95,7 +106,6 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
              seed=0, precision="fp32"):
     """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W). Noise comes from a CPU generator
     seeded once, so one seed gives the same video on any device."""
-    from train import autocast
     model.eval()
     device = next(model.parameters()).device
     C = model.cfg.in_channels
@@ -156,7 +166,10 @@ def load_checkpoint_folder(path, device, weights="ema"):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     model = model_from_config(meta["model_config"])
-    model.load_state_dict(load_file(os.path.join(path, f"{weights}.safetensors")))
+    try:
+        model.load_state_dict(read_state_dict(os.path.join(path, f"{weights}.safetensors")))
+    except ValueError as e:  # missing or corrupt: the sentence says which file
+        raise SystemExit(str(e)) from None
     return model.to(device).eval(), meta
 
 
@@ -178,7 +191,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--fp8", action="store_true",
-                   help="the blocks' linears in fp8 (model.quantize_fp8; implies --precision bf16): faster on Hopper GPUs, "
+                   help="the blocks' linears in fp8 (fp8.quantize_fp8; implies --precision bf16): faster on Hopper GPUs, "
                         "a few percent of rounding error in each forward (README)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
@@ -202,15 +215,11 @@ def main(argv=None):
         p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     prompts = [prompt for prompt in prompts for _ in range(args.num_samples)]
 
-    from text import TextEncoder
-    from vae import build_vae
-    import seqparallel
     device = seqparallel.local_device()  # cuda:LOCAL_RANK under torchrun
     # under torchrun all ranks work on every sample together, each holding 1/world of its sequence; they
     # draw the same noise (same seed), so every rank computes the same videos and rank 0 writes them
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
     if distributed:
-        import torch.distributed as dist
         seqparallel.init_process_group(device)
     model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
     if args.fp8:

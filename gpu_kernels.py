@@ -1,0 +1,342 @@
+"""
+Fast attention on GPUs: the speed paths behind model.py's `attention`, applied from outside the model.
+
+model.py writes attention twice, as the reference: torch's SDPA and the plain formula. Everything here is an
+optional speed path that gives the same outputs (test_all.py checks each one against the plain formula):
+
+  auto policy  - `attention(q, k, v, mask, impl)` picks a kernel by the shapes; constants below say why
+  flash-attn   - version 4 (CuTe DSL kernels compiled at run time: Hopper and newer) and version 2, as
+                 custom ops so that compiled and checkpointed blocks call them as they are
+  efficient    - SDPA's memory-efficient kernel on rows of queries, for cross-attention to few caption tokens
+  frame kernel - STDiT's temporal attention as one Triton kernel that reads q, k, v where the projection
+                 wrote them (`frame_attention`)
+  checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (selective checkpointing)
+
+Nothing outside this file changes its settings by writing its globals: `override(...)` is the one way in,
+for tests (`with gpu_kernels.override(short_keys=10): ...`) and bench.py --no-flash-attn.
+Shape letters as in model.py: B batch, N queries, M keys, h heads, d head size, T frames, S tokens a frame.
+Measurements behind the constants: docs/LOG.md.
+"""
+import importlib.util
+import logging
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import CheckpointPolicy
+
+try:  # optional fast kernel; it cannot be installed without a CUDA toolchain, so SDPA is the default
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+try:  # flash-attn 4 (`pip install flash-attn-4[cu13]`): CuTe DSL kernels compiled at run time, no toolchain needed
+    FLASH4 = importlib.util.find_spec("flash_attn.cute") is not None  # imported at first use: it takes seconds
+except ImportError:
+    FLASH4 = False
+try:  # ships with torch's CUDA builds; the CPU builds run frame attention through attention() instead
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# The auto policy's settings (change them only through override()).
+FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
+SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
+# flash-attn 4 from this many keys on: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys, no faster at
+# 1,024 and 1.6-2.3% slower at 256 (H200; docs/LOG.md, "flash-attn 4")
+FLASH4_KEYS = 2048
+QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # "cudnn"; MATH on CPUs
+
+
+@contextmanager
+def override(**settings):
+    """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), short_keys,
+    flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
+    bench.py --no-flash-attn; the one way to change this module's behaviour from outside."""
+    names = {name: name.upper() for name in settings}
+    unknown = [name for name, upper in names.items() if upper not in ("FLASH_ATTN", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")]
+    if unknown:
+        raise ValueError(f"gpu_kernels.override takes flash_attn, short_keys, flash4_keys, query_rows, not {', '.join(unknown)}")
+    saved = {upper: globals()[upper] for upper in names.values()}
+    globals().update({names[name]: value for name, value in settings.items()})
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
+def flash_version():
+    """"4", "2" or None: the flash-attn installed here (as the policy sees it; bench.py reports it)."""
+    if not FLASH_ATTN:
+        return None
+    return "4" if FLASH4 else "2" if flash_attn_func is not None else None
+
+
+def attention(q, k, v, mask, impl, reference):
+    """Attention by the fastest path for these shapes. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool.
+
+    impl "auto" picks by the shapes, as measured fastest on an H100 (docs/LOG.md, "attention policy"):
+      many queries, few keys (cross-attention to L = 120 caption tokens): efficient when training, whose
+        backward is the cheapest; cudnn without gradients (sampling), whose forward takes half the time;
+      few queries and few keys inside torch.compile (STDiT's temporal attention where the frame kernel does not
+        run): math, which the compiler fuses (2x faster there than any SDPA kernel, whose tiles would be mostly
+        empty);
+      otherwise flash-attn when it runs here and nothing is masked (version 4 only over FLASH4_KEYS keys and with
+        gradients: in sampling its padded heads were slower than cuDNN), else sdpa.
+    impl "flash": flash-attn by name (version 4 where it runs, else 2); masked attention goes to sdpa.
+    reference(q, k, v, mask, "sdpa" | "math") is model.py's own attention, which the paths here fall back to."""
+    if impl == "auto":
+        few_keys = k.shape[1] <= SHORT_KEYS
+        if few_keys and q.shape[1] > SHORT_KEYS and q.is_cuda:
+            impl = "efficient" if torch.is_grad_enabled() else "cudnn"
+        elif few_keys and torch.compiler.is_compiling():
+            impl = "math"
+        elif mask is None and flash4_runs(q) and k.shape[1] >= FLASH4_KEYS and torch.is_grad_enabled():
+            impl = "flash4"
+        elif mask is None and flash2_runs(q):
+            impl = "flash2"
+        else:
+            impl = "sdpa"
+    if impl == "flash" and mask is not None:  # flash-attn takes no key mask
+        impl = "sdpa"
+    if impl == "flash":
+        impl = "flash4" if flash4_runs(q) else "flash2"
+    if impl == "flash4":
+        return flash4(q, k, v)
+    if impl == "flash2":
+        if flash_attn_func is None or not FLASH_ATTN:
+            raise ValueError("attn='flash' here needs flash-attn 2 (flash-attn 4 runs on Hopper and newer GPUs in half precision): use attn='sdpa'")
+        return flash_attn_func(q, k, v)
+    if impl == "efficient":
+        return efficient_attention(q, k, v, mask)
+    if impl == "cudnn":  # SDPA with the cuDNN kernel first (half precision on CUDA)
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+            return reference(q, k, v, mask, "sdpa")
+    return reference(q, k, v, mask, impl)
+
+
+@torch.compiler.assume_constant_result
+def hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def half_on_gpu(q):  # what flash-attn takes
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def flash4_runs(q):
+    """flash-attn 4 trains on Hopper (compute capability 9) and newer."""
+    return FLASH4 and FLASH_ATTN and half_on_gpu(q) and hopper_or_newer(q.device.index)
+
+
+def flash2_runs(q):
+    return flash_attn_func is not None and FLASH_ATTN and half_on_gpu(q)
+
+
+# flash-attn 4 on Hopper rounds head sizes up to 16 in its backward kernel but to 32 in the buffer it sums dq in:
+# at 72 and 80 (DiT-XL/2's heads are 72) its dq came out wrong (4.0.0b36, H200). Zero-padded to a multiple of
+# 32 (72 -> 96), q, k and v give the same scores and outputs, and dq is right.
+FLASH4_HEAD_MULTIPLE = 32
+
+
+def flash4(q, k, v):
+    """flash-attn 4 on q (B, N, h, d), k, v (B, M, h, d), heads zero-padded to FLASH4_HEAD_MULTIPLE."""
+    d = q.shape[-1]
+    pad = -d % FLASH4_HEAD_MULTIPLE
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return flash4_attention(q, k, v, d**-0.5)[0][..., :d]
+
+
+# As custom ops, a compiled block calls the kernels as they are (torch.compile does not trace into them) and a
+# checkpointed block can keep their outputs (keep_attention).
+@torch.library.custom_op("opensora::flash4_attention", mutates_args=())
+def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> the output (B, N, h, d) and the log-sum-exp of each query's scores (B, h, N), fp32."""
+    from flash_attn.cute import flash_attn_func as flash_attn4
+    out, lse = flash_attn4(q, k, v, softmax_scale=scale, return_lse=True)
+    return out, lse
+
+
+@flash4_attention.register_fake
+def _(q, k, v, scale):
+    B, N, h, _ = q.shape
+    return q.new_empty(B, N, h, v.shape[-1]), q.new_empty(B, h, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora::flash4_attention_backward", mutates_args=())
+def flash4_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd  # the backward of flash_attn.cute.flash_attn_func
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, scale)
+    return dq, dk, dv
+
+
+@flash4_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output)
+    ctx.scale = inputs[3]
+
+
+flash4_attention.register_autograd(  # the log-sum-exp is an output for backward only: it gets no gradient
+    lambda ctx, grad, _: (*flash4_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None), setup_context=_flash4_setup)
+
+
+def efficient_attention(q, k, v, mask=None):
+    """SDPA's memory-efficient kernel, which takes the key mask and keeps no (N, M) probabilities for backward,
+    on rows of at most QUERY_ROWS queries. Its backward runs one thread block per batch row, head and 128 keys:
+    over 120 caption tokens that is B*h blocks, 32 for two videos, a quarter of an H100's SMs; folding queries
+    into rows fills them (STDiT-XL/2 64x512: 62.5k -> 68.8k tokens/s; docs/LOG.md). Each row gets its own keys."""
+    B, N = q.shape[:2]
+    rows = -(-N // QUERY_ROWS)  # per sample
+    n = -(-N // rows)  # queries per row; the last row is padded with zero queries
+    if rows * n > N:
+        q = F.pad(q, (0, 0, 0, 0, 0, rows * n - N))
+    q = rearrange(q, "B (r n) h d -> (B r) h n d", r=rows)
+    k, v = (repeat(t, "B M h d -> (B r) h M d", r=rows) for t in (k, v))
+    bias = None if mask is None else repeat(mask, "B M -> (B r) 1 1 M", r=rows)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # math where the kernel is missing (CPU)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return rearrange(out, "(B r) h n d -> B (r n) h d", B=B)[:, :N]
+
+
+# Attention along the frames (STDiT's temporal attention) as one Triton kernel. Over T <= 64 frames every
+# (sample, spatial position, head) is one small T x T attention. Run through attention(), (B, T, S, 3D) must be
+# transposed to (B S) T first and the output back, four copies of the activations, and the batched 16 x 16
+# matmuls run far from peak (12.6 ms of a 106 ms sampling forward of STDiT-XL/2 16x256 on an H100; docs/LOG.md).
+# The kernel reads q, k and v where the qkv projection wrote them and writes the output in (B, T, S, D):
+# one program per (b, s, h) loads three T x d tiles, keeps the T x T scores in registers, and stores one tile.
+
+FRAME_KERNEL_FRAMES = 64  # the kernel keeps a T x T tile in registers: up to 64 x 64 (longer: attention())
+
+
+def frame_kernel_fits(qkv, impl):
+    """Whether TemporalAttention runs the Triton kernel on qkv (B, T, S, 3D): CUDA, impl auto, few frames."""
+    return triton is not None and impl == "auto" and qkv.is_cuda and qkv.shape[1] <= FRAME_KERNEL_FRAMES
+
+
+if triton is not None:
+    @triton.jit
+    def _frame_tiles(T, S, heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's (b, s, h): where its T x d tiles of q, k, v and of the output start, which of their
+        entries are real (tiles are padded to powers of two), and the frame index t."""
+        pid = tl.program_id(0)
+        head, bs = pid % heads, pid // heads  # bs = b S + s
+        t, d = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
+        token = ((bs // S * T + t) * S + bs % S).to(tl.int64)[:, None]  # row of (b, t, s) in (B T S)
+        column = head * HEAD_DIM + d[None, :]
+        D = heads * HEAD_DIM
+        return token * (3 * D) + column, token * D + column, (t[:, None] < T) & (d[None, :] < HEAD_DIM), t, D
+
+    @triton.jit
+    def _frame_probs(q, k, t, T, scale, PRECISION: tl.constexpr):
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (T, T), fp32
+        scores = tl.where(t[None, :] < T, scores, float("-inf"))  # padded keys
+        p = tl.exp(scores - tl.max(scores, 1)[:, None])
+        return p / tl.sum(p, 1)[:, None]
+
+    @triton.jit
+    def _frame_attention_fwd(qkv, out, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
+        q = tl.load(qkv + at, mask=valid, other=0.0)  # a token's row of qkv holds its q, k, v: D values each
+        k = tl.load(qkv + at + D, mask=valid, other=0.0)
+        v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
+        p = _frame_probs(q, k, t, T, scale, PRECISION)
+        o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        tl.store(out + out_at, o.to(out.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _frame_attention_bwd(qkv, grad, dqkv, T, S, heads, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        at, out_at, valid, t, D = _frame_tiles(T, S, heads, HEAD_DIM, BLOCK_T, BLOCK_D)
+        q = tl.load(qkv + at, mask=valid, other=0.0)
+        k = tl.load(qkv + at + D, mask=valid, other=0.0)
+        v = tl.load(qkv + at + 2 * D, mask=valid, other=0.0)
+        do = tl.load(grad + out_at, mask=valid, other=0.0)
+        p = _frame_probs(q, k, t, T, scale, PRECISION)  # recomputed: cheaper than keeping T x T per head
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale  # softmax backward; sum(p dp) = sum(do o) per row
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        tl.store(dqkv + at, dq.to(dqkv.dtype.element_ty), mask=valid)
+        tl.store(dqkv + at + D, dk.to(dqkv.dtype.element_ty), mask=valid)
+        tl.store(dqkv + at + 2 * D, dv.to(dqkv.dtype.element_ty), mask=valid)
+
+
+def _launch_frames(kernel, qkv, heads, *tensors):
+    B, T, S, D3 = qkv.shape
+    d = D3 // 3 // heads
+    block_t = max(16, triton.next_power_of_2(T))  # tl.dot takes tiles of 16 and more
+    kernel[(B * S * heads,)](qkv, *tensors, T, S, heads, d**-0.5, HEAD_DIM=d, BLOCK_T=block_t,
+                             BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4 if block_t >= 64 else 2,
+                             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+
+
+@torch.library.custom_op("opensora::frame_attention", mutates_args=())
+def frame_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """qkv (B, T, S, 3D), the qkv projection of (B, T, S, D) -> attention along T, (B, T, S, D)."""
+    qkv = qkv.contiguous()
+    out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
+    _launch_frames(_frame_attention_fwd, qkv, heads, out)
+    return out
+
+
+@frame_attention.register_fake
+def _(qkv, heads):
+    return qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
+
+
+@torch.library.custom_op("opensora::frame_attention_backward", mutates_args=())
+def frame_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    qkv = qkv.contiguous()
+    dqkv = torch.empty_like(qkv)
+    _launch_frames(_frame_attention_bwd, qkv, heads, grad.contiguous(), dqkv)
+    return dqkv
+
+
+@frame_attention_backward.register_fake
+def _(grad, qkv, heads):
+    return torch.empty_like(qkv)
+
+
+def _frame_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.heads = inputs[1]
+
+
+frame_attention.register_autograd(
+    lambda ctx, grad: (frame_attention_backward(grad, ctx.saved_tensors[0], ctx.heads), None),
+    setup_context=_frame_attention_setup)
+
+
+# The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long
+# sequences attention is most of a block's forward, yet its output is one row of D values a token (plus a
+# log-sum-exp a head), where all of a block's activations are 25-30 rows
+ATEN_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (  # q, k, v laid out (B, h, N, d)
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
+FUSED_ATTENTION_OPS = set(ATEN_ATTENTION_OPS)
+FUSED_ATTENTION_OPS.add(torch.ops.opensora.flash4_attention.default)
+if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
+    FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
+
+
+def keep_attention(ctx, op, *args, **kwargs):
+    if op in FUSED_ATTENTION_OPS:
+        keys = args[1].shape[2] if op in ATEN_ATTENTION_OPS else args[1].shape[1]  # flash-attn: (B, M, h, d)
+        if keys > SHORT_KEYS:  # attention over few keys (to caption tokens) is cheap to redo: recompute it
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# torch.compile warns once that a checkpoint policy must not meet in-place ops: the blocks have none
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda record: "context_fn" not in record.getMessage())
