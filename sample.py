@@ -192,7 +192,7 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--fp8", action="store_true",
                    help="the blocks' linears in fp8 (fp8.quantize_fp8; implies --precision bf16): faster on Hopper GPUs, "
-                        "a few percent of rounding error in each forward (README)")
+                        "a few percent of rounding error in each forward (README, Known differences)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
     p.add_argument("--outdir", default="samples")

@@ -266,7 +266,7 @@ def apply_sequence_parallel(model, group, kind="ulysses", overlap=True):
         old = getattr(block, name)
         setattr(block, name, UlyssesAttention(old, shards) if kind == "ulysses" else FastSeqAttention(old, shards, overlap))
         # the collectives are compiler-disabled, and torch.compile runs a checkpoint around such a call eagerly:
-        # checkpoint these blocks whole, around their compiled forward (measured on 2 H200s, README)
+        # checkpoint these blocks whole, around their compiled forward (2 H200s; docs/LOG.md, "Selective checkpointing")
         block.selective_checkpoint = False
 
     def split_inputs(block, args):  # DiT: (x (B, N, D), c, y, y_mask, x_mask); STDiT: (x (B, T, S, D), t0, y, y_mask, tpe)
