@@ -26,9 +26,9 @@ in micro-batches; the baseline is eager PyTorch, math attention, fp32 weights un
 for-loop AdamW, and the SD-VAE and T5 as plain bf16 diffusers/transformers calls on the whole batch.
 
 Tokens are counted after the SD-VAE (x8) and the patch (1, 2, 2): 16x256x256 is 4,096 tokens per sample.
-MFU counts model FLOPs (forward and backward as in Kaplan et al., 2020): training = 3 x forward; forward per token per layer 24 D^2 + 4 D N for DiT
-(plus 4 D^2 + 4 D L with cross-attention) and 36 D^2 + 4 D (S + T + L) for STDiT; encoder FLOPs and the
-recomputation of gradient checkpointing are not counted.
+MFU counts model FLOPs as Kaplan et al. (2020) do: training = 3 x forward; forward per token per layer
+24 D^2 + 4 D N for DiT (plus 4 D^2 + 4 D L with cross-attention) and 36 D^2 + 4 D (S + T + L) for STDiT;
+encoder FLOPs and the recomputation of gradient checkpointing are not counted.
 """
 import argparse
 import json
@@ -380,7 +380,7 @@ def bench_sampling(args, s, device, log):
 
     @torch.no_grad()
     def forward(precision=args.precision):
-        with train.autocast(device, precision):
+        with sample.autocast(device, precision):
             return model(x, t, y, mask, force_drop=drop)
     errors = {}  # relative L2 error of that forward against the fp32 model: what bf16 and fp8 cost in accuracy
     reference = forward("fp32").float() if args.fp8 else None

@@ -406,6 +406,16 @@ def make_demo_clip(colour, shape, direction, num_frames=16, size=64, rng=None):
     return frames
 
 
+def demo_manifest(folder, num_videos, num_frames, size, write=True, log=print):
+    """folder/demo.csv, the demo set that train.py --demo and vae.py train --demo learn from; written first (by
+    make_demo_dataset) where write is true and it is not there yet. Under torchrun only rank 0 writes."""
+    path = os.path.join(folder, "demo.csv")
+    if write and not os.path.exists(path):
+        log(f"writing {num_videos} demo videos to {folder}")
+        make_demo_dataset(folder, num_videos=num_videos, num_frames=num_frames, size=size)
+    return path
+
+
 def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, seed=0):
     """Write num_videos mp4 clips and folder/demo.csv; returns the CSV path."""
     os.makedirs(os.path.join(folder, "videos"), exist_ok=True)

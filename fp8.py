@@ -131,7 +131,6 @@ class Fp8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-
 def fp8_fits(linear):
     """fp8 kernels need both sides of a weight to be multiples of 16 (all of XL's are)."""
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
@@ -170,6 +169,7 @@ def quantize_fp8(model, module_filter_fn=blocks_but_adaln):
         if fuse:
             model.get_submodule(parent).act = nn.Identity()
     return len(picked)
+
 
 if triton is not None:
     @triton.jit
@@ -333,7 +333,6 @@ def _as_rows(fn, x, *args):
 def fp8_linear(x, weight, bias=None, *weight8s):
     """F.linear(x, weight, bias) for x (..., K) with the matmuls of _Fp8Linear (weight8s: see its forward)."""
     return _as_rows(_Fp8Linear.apply, x, weight, bias, *weight8s)
-
 
 
 class Fp8TrainLinear(nn.Module):

@@ -115,7 +115,6 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(x, "B N h d -> B N (h d)"))
 
 
-
 class Mlp(nn.Module):
     """Linear, GELU (tanh approximation, as DiT and PixArt use), Linear."""
 

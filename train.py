@@ -37,7 +37,7 @@ import seqparallel
 import zero
 from fp8 import enable_fp8_training
 from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config, read_state_dict
-from sample import SCHEDULE, autocast  # autocast is defined once, in sample.py; bench.py calls it as train.autocast
+from sample import SCHEDULE, autocast
 from text import TextEncoder
 from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
 
@@ -405,11 +405,8 @@ def load_inputs(args, device, rank, log):
     """(features data set or None, text encoder, VAE, the model's input sizes). --demo writes its data set first.
     With --features the encoders already ran (data.py precompute) and are not loaded: both come back None."""
     if args.demo and args.data is None and args.features is None:
-        args.data = os.path.join(args.outdir, "demo_data", "demo.csv")
-        if rank == 0 and not os.path.exists(args.data):
-            log(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
-            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos,
-                                   num_frames=args.num_frames, size=max(args.image_size))
+        args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
+                                       max(args.image_size), write=rank == 0, log=log)
         barrier()
     if args.features:
         try:
@@ -748,11 +745,8 @@ def run_vqvae(args):
 def vqvae_data(args, device):
     """(endless training batches on the device, held-out videos, number of training clips); --demo writes its set first."""
     if args.data is None:
-        args.data = os.path.join(args.out, "demo_data", "demo.csv")
-        if not os.path.exists(args.data):
-            print(f"writing {args.demo_videos} demo videos to {os.path.dirname(args.data)}")
-            data.make_demo_dataset(os.path.dirname(args.data), num_videos=args.demo_videos, num_frames=args.num_frames,
-                                   size=max(args.image_size))
+        args.data = data.demo_manifest(os.path.join(args.out, "demo_data"), args.demo_videos, args.num_frames,
+                                       max(args.image_size))
     dataset = data.VideoDataset(args.data, args.num_frames, args.frame_interval, tuple(args.image_size), seed=args.seed)
     n_train = len(dataset) - args.val_clips
     if n_train < args.batch_size or args.val_clips < 1:
