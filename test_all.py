@@ -124,7 +124,8 @@ def test_published_parameter_counts():
 
 
 def published_keys(arch):
-    """Key -> shape of the published checkpoints, as the released DiT-XL-2-256x256.pt and OpenSora-v1-HQ-16x512x512.pth hold them (pos_embed tables left out)."""
+    """Key -> shape of the published checkpoints, as the released DiT-XL-2-256x256.pt and
+    OpenSora-v1-HQ-16x512x512.pth hold them (pos_embed tables left out)."""
     D, blocks = 1152, {}
     if arch == "dit":
         top = {"x_embedder.proj.weight": (D, 4, 2, 2), "y_embedder.embedding_table.weight": (1001, D),
@@ -654,7 +655,8 @@ def test_whole_model_same_under_every_attention(name, kw):
 
 
 def reference_stdit_block(block, x, t0, y, y_mask, tpe):
-    """The five steps of Open-Sora v1.0's STDiTBlock.forward (opensora/models/stdit/stdit.py) written out with loops over frames and positions: an independent check of
+    """The five steps of Open-Sora v1.0's STDiTBlock.forward (opensora/models/stdit/stdit.py) written out with
+    loops over frames and positions: an independent check of
     STDiTBlock's reshapes, gates and quirks. x (B, T, S, D)."""
     B, T, S, D = x.shape
     h = block.attn.heads
