@@ -512,22 +512,28 @@ def read_state_dict(path, device="cpu"):
                          "of tensors (torch.load runs with weights_only=True: pickled objects are refused)") from e
 
 
-def load_checkpoint(model, path):
-    """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours (.pt/.pth/.safetensors) into model.
-    Never unpickles code. Fixed position tables are dropped: ours are computed for any grid."""
-    state = read_state_dict(path)
-    for wrapper in ("ema", "model", "state_dict", "module"):  # the containers training scripts use
+def unwrap_state_dict(state):
+    """The model's tensors from a training script's file: out of the containers those scripts use ("ema", "model",
+    ...), without DDP's "module." prefix and without the fixed position tables (ours are computed for any grid)."""
+    for wrapper in ("ema", "model", "state_dict", "module"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if k not in ("pos_embed", "pos_embed_temporal")}
+    return {k: v for k, v in state.items() if k not in ("pos_embed", "pos_embed_temporal")}
+
+
+def load_checkpoint(model, source):
+    """Load a published DiT / Open-Sora v1.0 checkpoint or one of ours into model: source is a .pt/.pth/.safetensors
+    path, or the tensors already read from one. Never unpickles code."""
+    state = unwrap_state_dict(source if isinstance(source, dict) else read_state_dict(source))
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit this model ({len(missing)} missing keys e.g. {missing[:3]}, "
+        name = "the file" if isinstance(source, dict) else source
+        raise ValueError(f"the weights in {name} do not fit this model ({len(missing)} missing keys e.g. {missing[:3]}, "
                          f"{len(unexpected)} unexpected e.g. {unexpected[:3]}, {len(wrong)} shape mismatches e.g. {wrong[:2]}): "
                          "choose the preset and conditioning the checkpoint was trained with")
     model.load_state_dict(state)

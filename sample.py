@@ -1,32 +1,41 @@
 """
-Sample videos from a checkpoint written by train.py.
+Sample videos (or images) from a checkpoint written by train.py or from a released weights file.
 
   python sample.py --ckpt outputs/demo --prompt "a red circle moving left"
   python sample.py --ckpt outputs/run/checkpoints/step_0010000 --prompt-file prompts.txt --sampler dpm --steps 20
-  python sample.py --ckpt outputs/run --prompt-file prompts.txt --precision bf16 --compile   # fast on a GPU
-  python sample.py --ckpt outputs/run --prompt-file prompts.txt --fp8 --compile              # fastest on an H100/H200
+  python sample.py --ckpt outputs/run --prompt-file prompts.txt --fp8 --compile          # fastest on an H100/H200
   torchrun --nproc_per_node=4 sample.py --ckpt outputs/run --prompt "..." --num-frames 360   # one long video on 4 GPUs
 
-The model, the text encoder and the VAE are rebuilt from the checkpoint's meta.json alone. Sampling
-follows Open-Sora v1.0: 100 DDPM steps with the learned variance, classifier-free guidance scale 7.0
-(applied to all latent channels by default; v1.0 guided only 3 of 4, --cfg-channels 3 reproduces that).
-Writes one mp4 per prompt and a PNG grid of frames.
+Released weights, sampled as the published scripts sample them (README, "Sample from the released weights"):
+
+  python sample.py --ckpt OpenSora-v1-HQ-16x512x512.pth --preset opensora-v1-16x512 --prompt "a beach at sunset"
+  python sample.py --ckpt DiT-XL-2-256x256.pt --preset dit-xl2-256 --noise published     # DiT's 8 class labels
+
+A train.py folder rebuilds its model and encoders from meta.json. A bare .pt/.pth/.safetensors file needs the
+architecture (--model, or a --preset that names it); its channels, classes and caption size are read from the
+tensors. A released file name that is not a local file is downloaded into a cache (WEIGHTS_CACHE) from where the
+original scripts download it. A preset sets every value of the published inference config; flags given on the
+command line win over it. Writes one mp4 per prompt and a PNG grid of frames; one-frame models write PNG images
+and a grid of 4 a row.
 """
 import argparse
 import json
+import math
 import os
 import re
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
 from tqdm import tqdm
 
 import data
 import seqparallel
 from fp8 import Fp8Linear, quantize_fp8
+import model as M
 from model import model_from_config, read_state_dict
 from text import TextEncoder
 from vae import build_vae
@@ -37,6 +46,9 @@ from vae import build_vae
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device, precision):
     """The mixed-precision context for "fp32" (none), "bf16" or "fp16", on device's type: training and sampling."""
     if precision == "fp32":
@@ -44,12 +56,71 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def training_betas():
+    """SCHEDULE's 1000 betas in float64, as IDDPM's get_named_beta_schedule("linear") computes them."""
+    return np.linspace(SCHEDULE["beta_start"], SCHEDULE["beta_end"], SCHEDULE["num_train_timesteps"], dtype=np.float64)
+
+
+def respace(num_steps, steps):
+    """The training steps that a sampler of `steps` steps visits, as IDDPM's space_timesteps(num_steps, str(steps))
+    picks them: evenly strided from 0 to num_steps - 1 and rounded, so 100 of 1000 are 0, 10, ..., 50, 61, ..., 989,
+    999 (diffusers' "leading" spacing gives 0, 10, ..., 990: another sampler)."""
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"{steps} sampling steps: choose 1 to {num_steps}, the steps the model was trained on")
+    stride, at, kept = (num_steps - 1) / (steps - 1) if steps > 1 else 1, 0.0, []
+    for _ in range(steps):  # accumulated, then rounded half to even, as IDDPM does it
+        kept.append(round(at))
+        at += stride
+    return kept
+
+
+class IDDPMSampler:
+    """IDDPM's ancestral sampler (Nichol & Dhariwal, 2021) over a respaced subset of the training steps: the
+    p_sample_loop that DiT's and Open-Sora v1.0's sample scripts run. The kept steps t_0 < ... < t_{n-1} form a
+    process of their own, with beta_i = 1 - abar(t_i) / abar(t_{i-1}); the model is called with t_i itself. Tables
+    are computed in float64 and used in float32, as there."""
+
+    def __init__(self, steps, learn_sigma):
+        self.timesteps = respace(SCHEDULE["num_train_timesteps"], steps)
+        abar = np.cumprod(1 - training_betas())[self.timesteps]
+        betas = 1 - abar / np.append(1.0, abar[:-1])
+        ab = np.cumprod(1 - betas)  # the respaced process's own abar, recomputed from its betas as IDDPM does
+        ab_prev = np.append(1.0, ab[:-1])
+        post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde; 0 at the first step
+        tables = dict(sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),
+                      coef_x0=betas * np.sqrt(ab_prev) / (1 - ab), coef_xt=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab),
+                      min_log=np.log(np.append(post_var[1:2], post_var[1:])), max_log=np.log(betas))
+        # float32 values as Python floats: a tensor times a float is one kernel, with nothing copied to the GPU
+        self.tables = {k: [float(np.float32(v)) for v in values] for k, values in tables.items()}
+        self.learn_sigma = learn_sigma
+
+    def step(self, out, i, x, noise):
+        """x at kept step i-1 from x at step i (IDDPM eqs. 10-15): out is the model's (guided) output, eps then,
+        with a learned variance, v in [-1, 1], which interpolates the log variance between beta-tilde and beta.
+        No noise at the last step (i = 0). No clipping of x0."""
+        T = self.tables
+        x = x.float()
+        eps, v = out[:, :x.shape[1]], out[:, x.shape[1]:]
+        x0 = T["sqrt_recip_ab"][i] * x - T["sqrt_recipm1_ab"][i] * eps
+        mean = T["coef_x0"][i] * x0 + T["coef_xt"][i] * x
+        if i == 0:
+            return mean
+        if self.learn_sigma:
+            frac = (v + 1) / 2
+            log_var = frac * T["max_log"][i] + (1 - frac) * T["min_log"][i]
+        else:
+            log_var = torch.full_like(mean, T["min_log"][i])
+        return mean + torch.exp(0.5 * log_var) * noise
+
+
 def make_scheduler(kind, steps, learn_sigma):
-    if kind == "ddpm":  # ancestral sampling with the learned variance (IDDPM eq. 15), as v1.0 samples
-        sched = DDPMScheduler(**SCHEDULE, variance_type="learned_range" if learn_sigma else "fixed_small", clip_sample=False)
-    elif kind == "ddim":
+    """"ddpm": IDDPM's respaced ancestral sampler with the learned variance, as DiT and Open-Sora v1.0 sample;
+    "ddim" (eta 0) and "dpm" (DPM-Solver++, 2nd order: good samples in about 20 steps) from diffusers."""
+    if kind == "ddpm":
+        return IDDPMSampler(steps, learn_sigma)
+    if kind == "ddim":
         sched = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
-    elif kind == "dpm":  # DPM-Solver++ (2nd order): good samples in about 20 steps
+    elif kind == "dpm":
         sched = DPMSolverMultistepScheduler(**SCHEDULE)
     else:
         raise ValueError(f"unknown sampler {kind!r}: use ddpm, ddim or dpm")
@@ -72,26 +143,6 @@ def compile_for_sampling(model):
     return torch.compile(model, mode="reduce-overhead" if in_fp8 else None)
 
 
-def ddpm_step(sched, out, t, x, noise):
-    """x_{t-1} from x_t (IDDPM eqs. 10-15): what diffusers' DDPMScheduler.step computes for the "learned_range" and
-    "fixed_small" variances, with the noise passed in. step draws its noise itself from a CPU generator and copies
-    it from pageable memory, which makes the CPU wait for the GPU at every step before it can queue the next
-    forward; a pinned copy does not (test_ddpm_step_equals_diffusers)."""
-    eps, v = out.split(x.shape[1], dim=1) if out.shape[1] == 2 * x.shape[1] else (out, None)
-    prev = sched.previous_timestep(t)
-    ab = sched.alphas_cumprod[t]
-    ab_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.one
-    beta = 1 - ab / ab_prev  # the beta of this (respaced) step
-    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-    mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
-    if t == 0:
-        return mean
-    min_log = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20).log()  # log beta-tilde
-    # learned range: the model's v in [-1, 1] interpolates the log variance between beta-tilde and beta
-    log_var = min_log if v is None else (v + 1) / 2 * beta.log() + (1 - v) / 2 * min_log
-    return mean + (0.5 * log_var).exp() * noise
-
-
 def cpu_noise(shape, gen, device):
     """Standard normal noise drawn from a CPU generator, so that one seed gives the same video on any device.
     Pinned, its copy to a GPU runs behind the queued work instead of waiting for it."""
@@ -101,42 +152,82 @@ def cpu_noise(shape, gen, device):
     return noise.to(device, non_blocking=True)
 
 
+def noise_source(kind, seed, device):
+    """draw(shape, dtype) -> standard normal noise on device. "cpu": one CPU generator, so one seed gives one video on
+    any device. "published": torch.manual_seed(seed), then the device's own generator, as DiT's and Open-Sora v1.0's
+    sample scripts draw it (the same seed gives their video on the same kind of device)."""
+    if kind == "cpu":
+        gen = torch.Generator().manual_seed(seed)
+        return lambda shape, dtype: cpu_noise(shape, gen, device).to(dtype)
+    if kind != "published":
+        raise ValueError(f"unknown noise {kind!r}: use cpu or published")
+    torch.manual_seed(seed)
+    return lambda shape, dtype: torch.randn(shape, device=device, dtype=dtype)
+
+
+def conditions(model, text_encoder, prompts, null_mask):
+    """The guided batch's conditions: prompts first, then the null condition; returns (y, mask, force_drop) of 2B rows.
+    null_mask "all": the null caption with every token valid (how train.py drops captions). "prompt": the null caption
+    under each prompt's own mask, as Open-Sora v1.0 samples (IDDPM.sample passes only the prompts' mask, which STDiT
+    repeats for the null half) and trains (caption dropout kept the caption's mask): for its released weights."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    if model.cfg.num_classes:  # class-conditional models take class indices as prompts; the null class is num_classes
+        y = torch.tensor([int(p) for p in prompts], device=device)
+        return torch.cat([y, y]), None, torch.arange(2 * B, device=device) >= B
+    y, mask, _ = text_encoder.encode(list(prompts))
+    if null_mask == "prompt":
+        null = model.y_embedder.y_embedding.to(device, y.dtype).expand_as(y)
+        return torch.cat([y, null]), torch.cat([mask, mask]), None
+    if null_mask != "all":
+        raise ValueError(f"unknown null mask {null_mask!r}: use all or prompt")
+    return torch.cat([y, y]), torch.cat([mask, mask]), torch.arange(2 * B, device=device) >= B
+
+
 @torch.no_grad()
-def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
-             seed=0, precision="fp32"):
-    """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W). Noise comes from a CPU generator
-    seeded once, so one seed gives the same video on any device."""
+def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
+            seed=0, precision="fp32", noise="cpu", null_mask="all"):
+    """Latents (B, C, T, H, W) for prompts, with classifier-free guidance on the first cfg_channels channels (all by
+    default; DiT and Open-Sora v1.0 guide 3 of 4, and the prompts' half keeps its own other channels and variance).
+    Every step runs one batch of 2B: the prompts, then the null condition. With noise "published" the first noise is
+    drawn in the precision's dtype and each step draws noise for the whole batch of 2B, as those scripts do."""
     model.eval()
     device = next(model.parameters()).device
-    C = model.cfg.in_channels
-    B = len(prompts)
-    if model.cfg.num_classes:  # class-conditional models take class indices as prompts
-        y, mask = torch.tensor([int(p) for p in prompts], device=device), None
-    else:
-        y, mask, _ = text_encoder.encode(list(prompts))
-    gen = torch.Generator().manual_seed(seed)
-    x = cpu_noise((B, C, *vae.latent_shape(*size)), gen, device)
+    C, B = model.cfg.in_channels, len(prompts)
+    y, mask, drop = conditions(model, text_encoder, prompts, null_mask)
+    draw = noise_source(noise, seed, device)
+    published = noise == "published"
+    x = draw((B, C, *latent_shape), DTYPES[precision] if published else torch.float32)
     sched = make_scheduler(sampler, steps, model.cfg.learn_sigma)
-    # one batch of 2B: the conditional half, then the unconditional half with the null condition
-    y2 = torch.cat([y, y])
-    mask2 = None if mask is None else torch.cat([mask, mask])
-    drop = torch.arange(2 * B, device=device) >= B
     ch = C if cfg_channels is None else cfg_channels
+    timesteps = torch.tensor(sched.timesteps[::-1]) if sampler == "ddpm" else sched.timesteps
     # the steps on the device, copied at once: a copy per step would block the CPU until the GPU has drained
-    for t, t_device in tqdm(list(zip(sched.timesteps, sched.timesteps.to(device))), desc=f"{sampler} sampling", leave=False):
-        xin = sched.scale_model_input(torch.cat([x, x]), t)
+    steps_here = list(zip(timesteps, timesteps.to(device)))
+    for i, (t, t_device) in enumerate(tqdm(steps_here, desc=f"{sampler} sampling", leave=False)):
+        xin = torch.cat([x, x]) if sampler == "ddpm" else sched.scale_model_input(torch.cat([x, x]).float(), t)
         with autocast(device, precision):
-            out = model(xin, t_device.expand(2 * B), y2, mask2, force_drop=drop).float()
+            out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop).float()
         cond, uncond = out.chunk(2)
         eps = cond[:, :C].clone()
         eps[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
-        # the variance half (learned sigma) of the conditional output goes to DDPM only
-        model_out = torch.cat([eps, cond[:, C:]], dim=1) if sampler == "ddpm" else eps
-        if sampler == "ddpm":
-            x = ddpm_step(sched, model_out, t, x, cpu_noise(x.shape, gen, device) if t > 0 else None)
+        if sampler == "ddpm":  # the conditional half's own variance (learned sigma) goes with it
+            index = len(timesteps) - 1 - i
+            z = None
+            if index > 0:
+                z = draw((2 * B, *x.shape[1:]), x.dtype)[:B] if published else draw(x.shape, torch.float32)
+            x = sched.step(torch.cat([eps, cond[:, C:]], dim=1), index, x, z)
         else:  # DDIM (eta 0) and DPM-Solver++ draw no noise
-            x = sched.step(model_out, t, x).prev_sample
-    video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
+            x = sched.step(eps, t, x.float()).prev_sample
+    return x
+
+
+def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
+             seed=0, precision="fp32", noise="cpu", null_mask="all"):
+    """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W); see denoise for the rest."""
+    x = denoise(model, text_encoder, prompts, vae.latent_shape(*size), sampler, steps, cfg_scale, cfg_channels, seed,
+                precision, noise, null_mask)
+    with torch.no_grad():
+        video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
@@ -173,91 +264,285 @@ def load_checkpoint_folder(path, device, weights="ema"):
     return model.to(device).eval(), meta
 
 
-def main(argv=None):
+def save_images(images, prompts, outdir, per_row=4):
+    """One PNG per prompt plus grid.png with per_row images a row, 2 black pixels around each (DiT's sample.py saves
+    its samples so, through torchvision's save_image)."""
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
+        paths.append(os.path.join(outdir, f"{i:03d}_{name}.png"))
+        data.write_png(paths[-1], image)
+    n, (H, W) = len(images), images.shape[1:3]
+    cols = min(per_row, n)
+    rows = -(-n // cols)
+    grid = torch.zeros(rows * (H + 2) + 2, cols * (W + 2) + 2, 3, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = image
+    data.write_png(os.path.join(outdir, "grid.png"), grid)
+    return paths
+
+
+# Released weights: file name -> where the original scripts download it (Open-Sora v1.0 from its hub repo, through
+# HF_ENDPOINT when set; DiT from Meta's server). Plain state dicts of tensors, read without unpickling code.
+RELEASED = {
+    **{name: ("hub", f"hpcai-tech/Open-Sora/resolve/main/{name}") for name in
+       ("OpenSora-v1-16x256x256.pth", "OpenSora-v1-HQ-16x256x256.pth", "OpenSora-v1-HQ-16x512x512.pth")},
+    **{name: ("url", f"https://dl.fbaipublicfiles.com/DiT/models/{name}") for name in
+       ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")},
+}
+
+
+def weights_cache():
+    return os.path.expanduser(os.environ.get("WEIGHTS_CACHE") or "~/.cache/opensora-min")
+
+
+def released_url(name):
+    kind, where = RELEASED[name]
+    return f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{where}" if kind == "hub" else where
+
+
+def download(url, path):
+    """url -> path through path.part, renamed only once complete, with a progress bar."""
+    import urllib.request  # only downloads need it
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                while chunk := response.read(1 << 20):
+                    bar.update(f.write(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def fetch_weights(name):
+    """A weights file: name itself where it is a file, else a released file by name, from the cache or downloaded
+    into it; offline, one sentence names the file and where to put it."""
+    if os.path.isfile(name):
+        return name
+    base = os.path.basename(name)
+    if base not in RELEASED:
+        raise SystemExit(f"--ckpt {name}: no such file or folder; pass a train.py folder, a .pt/.pth/.safetensors file "
+                         f"or a released file name ({', '.join(RELEASED)})")
+    path = os.path.join(weights_cache(), base)
+    if os.path.isfile(path):
+        return path
+    url = released_url(base)
+    fix = f"download {url} and put it at {path} (or pass the file's path to --ckpt)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit(f"{base} is not in the cache and HF_HUB_OFFLINE forbids downloading it: {fix}")
+    try:
+        download(url, path)
+    except OSError as e:  # URLError and socket timeouts are OSErrors
+        raise SystemExit(f"{base} could not be downloaded ({getattr(e, 'reason', e)}): {fix}") from None
+    return path
+
+
+def model_for_weights(name, state, **fields):
+    """The model `name` (model.PRESETS, e.g. STDiT-XL/2) shaped like the weights in state: input channels, learned
+    variance, classes or caption size are read from the tensors; fields (space_scale, ...) are set as given."""
+    try:
+        patch = M.PRESETS[name]["patch"]
+        in_channels = state["x_embedder.proj.weight"].shape[1]
+        out_channels = state["final_layer.linear.weight"].shape[0] // math.prod(patch)
+        shape = dict(in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels)
+        if "y_embedder.embedding_table.weight" in state:  # class labels; the last row is the null class
+            shape.update(num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1)
+        else:
+            shape.update(zip(("caption_len", "caption_channels"), state["y_embedder.y_embedding"].shape))
+        cross = "blocks.0.cross_attn.q_linear.weight" in state
+        if M.PRESETS[name]["arch"] == "dit":
+            shape.update(cond="cross" if cross else "adaln")
+    except KeyError as e:
+        raise SystemExit(f"--model {name}: {'unknown model' if name not in M.PRESETS else f'the weights lack {e}'}; "
+                         f"name the architecture the file holds ({', '.join(M.PRESETS)})") from None
+    return M.build_model(name, **shape, **fields)
+
+
+def load_weights_file(path, name, fields, device):
+    """(model, meta) for a bare weights file: the architecture `name` built to fit it, the tensors loaded."""
+    if not name:
+        raise SystemExit(f"{path} is a bare weights file: name its architecture with --model (e.g. STDiT-XL/2, "
+                         "DiT-XL/2) or a --preset")
+    try:
+        state = M.unwrap_state_dict(read_state_dict(fetch_weights(path)))
+        model = M.load_checkpoint(model_for_weights(name, state, **fields), state)
+    except ValueError as e:  # unreadable, or keys and shapes that do not fit: the sentence says which
+        raise SystemExit(str(e)) from None
+    return model.to(device).eval(), dict(step=None, args={})
+
+
+# The published inference configs. Open-Sora v1.0.0's configs/opensora/inference/*.py (T5 in fp32: its T5Encoder's
+# default dtype; the VAE and STDiT cast to fp16) and DiT's sample.py (fp32; 8 class labels; --vae mse by default).
+# null_mask "prompt" reproduces how Open-Sora v1.0 masks the null caption (see conditions()).
+_OPEN_SORA_V1 = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd",
+                     vae_path="stabilityai/sd-vae-ft-ema", vae_micro_batch=0, sampler="ddpm", steps=100, cfg_scale=7.0,
+                     cfg_channels=3, precision="fp16", seed=42, null_mask="prompt")
+_DIT = dict(model="DiT-XL/2", num_frames=1, vae="sd", vae_path="stabilityai/sd-vae-ft-mse", vae_micro_batch=0,
+            sampler="ddpm", steps=250, cfg_scale=4.0, cfg_channels=3, precision="fp32", seed=0, fps=1,
+            prompts=["207", "360", "387", "974", "88", "979", "417", "279"])
+PRESETS = {
+    "opensora-v1-16x256": dict(_OPEN_SORA_V1, num_frames=16, image_size=[256, 256], space_scale=0.5, time_scale=1.0,
+                               fps=24 // 3),
+    "opensora-v1-16x512": dict(_OPEN_SORA_V1, num_frames=16, image_size=[512, 512], space_scale=1.0, time_scale=1.0,
+                               fps=24 // 3),
+    "opensora-v1-64x512": dict(_OPEN_SORA_V1, num_frames=64, image_size=[512, 512], space_scale=1.0, time_scale=2 / 3,
+                               fps=24 // 2, vae_micro_batch=128),
+    "dit-xl2-256": dict(_DIT, image_size=[256, 256]),
+    "dit-xl2-512": dict(_DIT, image_size=[512, 512]),
+}
+# what neither a preset, nor a checkpoint's meta.json, nor the command line sets
+DEFAULTS = dict(sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None, seed=0, precision="fp32", fps=8,
+                noise="cpu", null_mask="all", text_encoder="t5", text_len=120, text_dtype=None, vae="sd", vae_path=None,
+                vae_micro_batch=32, space_scale=1.0, time_scale=1.0, model=None, prompts=[], num_frames=None,
+                image_size=None)
+def get_args(argv=None):
+    """The command line over the preset (if any) over DEFAULTS; args.given names what the command line set (a train.py
+    folder's meta.json fills in the rest of its encoders and size)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="experiment folder or checkpoint folder written by train.py")
+    p.add_argument("--ckpt", required=True, help="a train.py experiment or checkpoint folder; a .pt/.pth/.safetensors "
+                   f"file; or a released file name, downloaded into the cache: {', '.join(RELEASED)}")
+    p.add_argument("--preset", choices=list(PRESETS), help="a published inference config: every value it sets "
+                   "(model, scales, frames, size, fps, encoders, sampler, steps, guidance, precision, seed)")
+    p.add_argument("--model", help="the architecture of a bare weights file (model.PRESETS, e.g. STDiT-XL/2, DiT-XL/2)")
+    p.add_argument("--space-scale", type=float, help="bare files: position scale in space (Open-Sora v1.0: 0.5 at 256px)")
+    p.add_argument("--time-scale", type=float, help="bare files: position scale in time (Open-Sora v1.0: 2/3 at 64 frames)")
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable); class index for class-conditional models")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
     p.add_argument("--demo-prompts", action="store_true", help="the demo's 16 fixed prompts (data.DEMO_PROMPTS)")
     p.add_argument("--num-samples", type=int, default=1, help="videos per prompt, each from its own noise")
     p.add_argument("--score", action="store_true", help="grade demo samples: dominant colour and motion direction vs the prompt")
-    p.add_argument("--num-frames", type=int, default=None, help="default: the training clip length")
-    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the training size")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N latent channels (v1.0 used 3)")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--num-frames", type=int, help="default: the training clip length (train.py folders) or the preset's")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="default: the training size or the preset's")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], help="ddpm (default): IDDPM's respaced sampler, as "
+                   "DiT and Open-Sora v1.0 sample; ddim and dpm: diffusers' DDIM and DPM-Solver++")
+    p.add_argument("--steps", type=int, help="sampling steps (default 100)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 7.0)")
+    p.add_argument("--cfg-channels", type=int, help="guide only the first N latent channels (DiT and Open-Sora v1.0: 3)")
+    p.add_argument("--noise", choices=["cpu", "published"], help="cpu (default): a CPU generator, one seed gives one "
+                   "video on any device; published: drawn on the device as DiT's and Open-Sora v1.0's scripts draw it")
+    p.add_argument("--null-mask", choices=["all", "prompt"], help="the null caption's valid tokens: all (default, "
+                   "how train.py drops captions) or the prompt's mask (Open-Sora v1.0, set by its presets)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="train.py folders: which weights")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--text-encoder", help="bare files: text encoder name, hub id or folder (default t5)")
+    p.add_argument("--text-len", type=int, help="bare files: caption tokens (default 120)")
+    p.add_argument("--vae", choices=["raw", "sd", "vqvae", "video"], help="bare files: the autoencoder (default sd)")
+    p.add_argument("--vae-path", help="the VAE's hub id or folder (default: the kind's own; DiT's presets: sd-vae-ft-mse)")
     p.add_argument("--fp8", action="store_true",
                    help="the blocks' linears in fp8 (fp8.quantize_fp8; implies --precision bf16): faster on Hopper GPUs, "
                         "a few percent of rounding error in each forward (README, Known differences)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
     p.add_argument("--outdir", default="samples")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, help="frames per second of the mp4s (default 8)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"],
                    help="under torchrun: how the ranks share each sample's sequence (seqparallel.py)")
     args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    args = argparse.Namespace(**{**vars(args), **DEFAULTS, **PRESETS.get(args.preset, {}), **given}, given=set(given))
+    data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps", "text_len"))
+    if args.image_size is not None and min(args.image_size) < 1:
+        p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
+    if args.fp8 and args.precision != "bf16" and "precision" in given:
+        p.error(f"--fp8 samples in bf16: leave out --precision {args.precision}")
+    return args, p.error
+
+
+def read_prompts(args, error):
     prompts = list(args.prompt)
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
         with open(args.prompt_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
     if args.demo_prompts:
         prompts += data.DEMO_PROMPTS
+    prompts = prompts or list(args.prompts)  # DiT's presets: its sample.py's class labels
     if not prompts:
-        p.error("give at least one --prompt, a --prompt-file or --demo-prompts")
-    data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps"))
-    if args.image_size is not None and min(args.image_size) < 1:
-        p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
-    prompts = [prompt for prompt in prompts for _ in range(args.num_samples)]
+        error("give at least one --prompt, a --prompt-file or --demo-prompts")
+    return [prompt for prompt in prompts for _ in range(args.num_samples)]
 
+
+def main(argv=None):
+    args, error = get_args(argv)
+    prompts = read_prompts(args, error)
     device = seqparallel.local_device()  # cuda:LOCAL_RANK under torchrun
     # under torchrun all ranks work on every sample together, each holding 1/world of its sequence; they
     # draw the same noise (same seed), so every rank computes the same videos and rank 0 writes them
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
     if distributed:
         seqparallel.init_process_group(device)
-    model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
+    if os.path.isdir(args.ckpt):
+        model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
+        # the encoders and size it was trained with, where the command line does not say otherwise
+        trained = {k: meta["args"][k] for k in ("text_encoder", "text_len", "vae", "vae_path", "vae_micro_batch",
+                                                 "num_frames", "image_size")}
+        vars(args).update({k: v for k, v in trained.items() if k not in args.given})
+    else:
+        scales = dict(space_scale=args.space_scale, time_scale=args.time_scale)
+        model, meta = load_weights_file(args.ckpt, args.model, scales, device)
+    if model.cfg.num_classes and not all(p.isdigit() and int(p) < model.cfg.num_classes for p in prompts):
+        error(f"this model is class-conditional: give class indices 0 to {model.cfg.num_classes - 1} as prompts")
     if args.fp8:
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            p.error(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not {torch.cuda.get_device_name(device)}: "
-                    "use --precision bf16")
+            error(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not {torch.cuda.get_device_name(device)}: "
+                  "use --precision bf16")
         if distributed and args.sp_kind == "fastseq":
-            p.error("--fp8 runs with --sp-kind ulysses only (FastSeq slices the qkv weight per rank)")
+            error("--fp8 runs with --sp-kind ulysses only (FastSeq slices the qkv weight per rank)")
         args.precision = "bf16"
         quantize_fp8(model)
     if distributed:
         try:
             seqparallel.apply_sequence_parallel(model, dist.group.WORLD, args.sp_kind)
         except ValueError as e:
-            p.error(str(e))
+            error(str(e))
     if args.compile:
         model = compile_for_sampling(model)
-    train_args = meta["args"]
-    text_encoder = TextEncoder(train_args["text_encoder"], max_length=train_args["text_len"], device=device)
-    vae = build_vae(train_args["vae"], path=train_args["vae_path"], micro_batch=train_args["vae_micro_batch"], device=device)
-    size = (args.num_frames or train_args["num_frames"], *(args.image_size or train_args["image_size"]))
+    text_encoder = None if model.cfg.num_classes else TextEncoder(
+        args.text_encoder, max_length=args.text_len, device=device, dtype=DTYPES.get(args.text_dtype))
+    # the published scripts cast the VAE to their sampling dtype (Open-Sora fp16, DiT fp32); ours decode in fp32
+    vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
+                    dtype=DTYPES[args.precision] if args.preset else torch.float32)
+    if args.num_frames is None or args.image_size is None:
+        error("give the video size with --num-frames and --image-size (or a --preset)")
+    size = (args.num_frames, *args.image_size)
     if 0 in size:
-        p.error("the model was trained at native sizes: pass --image-size H W")
+        error("the model was trained at native sizes: pass --image-size H W")
     try:  # checked before sampling: the video size must give latents that the model's patch tiles
         model.token_grid(vae.latent_shape(*size))
     except ValueError as e:
-        p.error(f"{size[0]}x{size[1]}x{size[2]} (--num-frames, --image-size): {e}")
+        error(f"{size[0]}x{size[1]}x{size[2]} (--num-frames, --image-size): {e}")
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= vae.out_channels:
-        p.error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
-                f"{vae.out_channels} of them")
+        error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
+              f"{vae.out_channels} of them")
     frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
-                      args.cfg_channels, args.seed, args.precision)
+                      args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask)
     if distributed:
         dist.destroy_process_group()
         if rank != 0:
             return
-    paths = save_videos(frames, prompts, args.outdir, fps=args.fps)
-    print(f"wrote {len(paths)} videos and grid.png to {args.outdir} (step {meta['step']} of {args.ckpt})")
+    write_outputs(args, frames, prompts, meta)
+
+
+def write_outputs(args, frames, prompts, meta):
+    """mp4s and a frame grid; PNG images and a grid of 4 a row for one-frame samples; the demo's score if asked."""
+    if frames.shape[1] == 1:
+        paths = save_images(frames[:, 0], prompts, args.outdir)
+        what = "images"
+    else:
+        paths = save_videos(frames, prompts, args.outdir, fps=args.fps)
+        what = "videos"
+    source = args.ckpt if meta["step"] is None else f"step {meta['step']} of {args.ckpt}"
+    print(f"wrote {len(paths)} {what} and grid.png to {args.outdir} ({source})")
     if args.score:
         score = data.score_videos(list(zip(frames, prompts)))
         print(f"score: colour {score['colour_acc']:.1%}, direction {score['direction_acc']:.1%}, "

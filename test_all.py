@@ -174,7 +174,7 @@ def test_checkpoint_round_trip_through_published_layout(tmp_path, suffix):
     y, mask = condition(src, 2)
     x, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([3, 500])
     torch.testing.assert_close(dst(x, t, y, mask), src(x, t, y, mask), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match="do not fit this model"):
         M.load_checkpoint(build_model("DiT-debug", **TEXT), path)
 
 
@@ -1629,22 +1629,172 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
         assert said in capsys.readouterr().err
 
 
-def test_ddpm_step_equals_diffusers():
-    """sample.ddpm_step with the noise given equals diffusers' DDPMScheduler.step drawing the same noise itself,
-    for the learned variance and the fixed one, at the first, a middle and the last (noise-free) step."""
+def test_ddpm_sampler_is_iddpms_respaced_p_sample_loop():
+    """sample.py's ddpm sampler with --noise published equals IDDPM's p_sample_loop as DiT's and Open-Sora v1.0's
+    scripts run it, restated here from the IDDPM equations in float64: the respaced steps and betas, the learned-range
+    variance, guidance on 3 channels (each half keeping its own remaining channels), the noise of the doubled batch
+    drawn at every step, none added at the last."""
     import sample
-    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64).float()
-    for learn_sigma in (True, False):
-        sched = sample.make_scheduler("ddpm", 10, learn_sigma)
-        out = torch.randn(2, 8 if learn_sigma else 4, 3, 5, 5)
-        if learn_sigma:
-            out[:, 4:] = out[:, 4:].tanh()  # the variance half lies in [-1, 1]
-        for t in sched.timesteps[[0, 4, -1]]:
-            want = sched.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
-            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-            got = sample.ddpm_step(sched, out, t, x, noise if t > 0 else None)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            assert (got - x).abs().mean() > 1e-3  # a step that moves
+    assert sample.respace(1000, 100)[:8] == [0, 10, 20, 30, 40, 50, 61, 71] and sample.respace(1000, 100)[-2:] == [989, 999]
+    for steps in (100, 250, 10):
+        assert sample.respace(1000, steps) == np.round(np.linspace(0, 999, steps)).astype(int).tolist()
+    model = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    steps, scale, seed, labels = 10, 4.0, 5, [3, 7]
+    got = sample.denoise(model, None, [str(c) for c in labels], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
+
+    # the restatement: linear betas, respaced process, posterior (IDDPM eqs. 10-12), learned range (eq. 15)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    kept = np.round(np.linspace(0, 999, steps)).astype(int)
+    ab = abar[kept]
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1 - ab / ab_prev
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    min_log, max_log = np.log(np.append(post_var[1], post_var[1:])), np.log(beta)
+    torch.manual_seed(seed)
+    z = torch.randn(2, 4, 1, 8, 8)
+    x = torch.cat([z, z]).double()                               # the doubled batch: [prompts, nulls]
+    y = torch.tensor(labels * 2)
+    drop = torch.tensor([False, False, True, True])              # the second half is the null class
+    with torch.no_grad():
+        for i in reversed(range(steps)):
+            half = x[:2]                                         # forward_with_cfg: [half, half]
+            out = model(torch.cat([half, half]).float(), torch.full((4,), int(kept[i])), y, force_drop=drop).double()
+            eps, rest = out[:, :3], out[:, 3:]
+            guided = eps[2:] + scale * (eps[:2] - eps[2:])
+            out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
+            eps, v = out[:, :4], out[:, 4:]
+            x0 = np.sqrt(1 / ab[i]) * x - np.sqrt(1 / ab[i] - 1) * eps
+            mean = beta[i] * np.sqrt(ab_prev[i]) / (1 - ab[i]) * x0 + (1 - ab_prev[i]) * np.sqrt(1 - beta[i]) / (1 - ab[i]) * x
+            frac = (v + 1) / 2
+            log_var = frac * max_log[i] + (1 - frac) * min_log[i]
+            noise = torch.randn(x.shape).double()                # drawn at every step, for the whole batch
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+    torch.testing.assert_close(got, x[:2].float(), rtol=1e-4, atol=1e-4)
+    assert (got - z).abs().mean() > 0.1  # the sampler moved the noise
+    again = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
+    assert torch.equal(again, got)       # --noise published: one seed, the same latents
+    other = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed + 1, "fp32", "published")
+    assert not torch.allclose(other, got)
+
+
+def save_like_open_sora(model, path, grid):
+    """model's weights as Open-Sora v1.0 saves STDiT: a plain state dict with its fixed position tables as buffers."""
+    T, H, W = grid
+    state = dict(model.state_dict(), pos_embed=M.pos_embed_2d(model.cfg.hidden, H, W)[None],
+                 pos_embed_temporal=M.pos_embed_1d(model.cfg.hidden, T)[None])
+    torch.save(state, path)
+
+
+def test_released_open_sora_file_samples_through_its_preset(tmp_path, tiny_t5, monkeypatch):
+    """A random STDiT in Open-Sora v1.0's .pth layout samples through `sample.py --ckpt FILE --preset`: the preset's
+    values reach the model and the sampler (flags win), and the videos are those of the model it was saved from."""
+    import sample
+    make_tiny_sd_vae(tmp_path / "vae")
+    src = randomize(build_model("STDiT-debug", caption_channels=32, caption_len=8, space_scale=0.5), std=0.05).eval()
+    path = tmp_path / "OpenSora-v1-HQ-16x256x256.pth"
+    save_like_open_sora(src, path, (2, 2, 2))
+    seen = {}
+    monkeypatch.setattr(sample, "write_outputs", lambda args, frames, prompts, meta, write=sample.write_outputs:
+                        seen.update(args=args, frames=frames) or write(args, frames, prompts, meta))
+    prompts = ["a red ball moves left", "a dog"]
+    sample.main(["--ckpt", str(path), "--preset", "opensora-v1-16x256", "--model", "STDiT-debug", "--text-encoder", tiny_t5,
+                 "--text-len", "8", "--vae-path", str(tmp_path / "vae"), "--num-frames", "2", "--image-size", "32", "32",
+                 "--steps", "3", "--noise", "published", "--outdir", str(tmp_path / "out"), "--prompt", prompts[0],
+                 "--prompt", prompts[1]])
+    args = seen["args"]
+    assert (args.steps, args.cfg_scale, args.cfg_channels, args.seed, args.precision, args.fps, args.null_mask) == \
+           (3, 7.0, 3, 42, "fp16", 8, "prompt")                  # the flag won over the preset's 100 steps
+    device = sample.seqparallel.local_device()  # where sample.py ran: a GPU in the GPU suite
+    text = TextEncoder(tiny_t5, max_length=8, device=device, dtype=torch.float32)
+    vae = build_vae("sd", path=str(tmp_path / "vae"), micro_batch=0, device=device, dtype=torch.float16)
+    want = sample.generate(src.to(device), vae, text, prompts, (2, 32, 32), "ddpm", 3, 7.0, 3, 42, "fp16", "published", "prompt")
+    assert (seen["frames"].int() - want.int()).abs().max() <= 1  # the same video (kernels may round differently)
+    videos = sorted((tmp_path / "out").glob("*.mp4"))
+    assert len(videos) == 2 and data.read_video(str(videos[0])).shape == (2, 32, 32, 3)
+    with av.open(str(videos[0])) as container:
+        assert container.streams.video[0].average_rate == 8
+    # the null caption under the prompt's mask (Open-Sora v1.0) attends to fewer tokens than with every token valid
+    y, mask, drop = sample.conditions(src, text, prompts, "prompt")
+    assert drop is None and torch.equal(mask[2:], mask[:2]) and not mask.all()
+    assert torch.equal(y[2:], src.y_embedder.y_embedding.expand(2, -1, -1))
+
+
+def test_released_dit_files_sample_images(tmp_path, monkeypatch, capsys):
+    """A random class-conditional DiT saved as DiT saves it (Conv2d patch weight, pos_embed; plain, under "model" or
+    under "ema") samples through the DiT preset into PNG images and a grid of 4 a row; all three give one picture."""
+    import sample
+    make_tiny_sd_vae(tmp_path / "vae")
+    src = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    state = dict(src.state_dict(), pos_embed=M.pos_embed_2d(src.cfg.hidden, 2, 2)[None])
+    assert state["x_embedder.proj.weight"].dim() == 4
+    grids = []
+    for wrapper in (None, "model", "ema"):
+        path = tmp_path / f"{wrapper}.pt"
+        torch.save(state if wrapper is None else {wrapper: state}, path)
+        out = tmp_path / f"out_{wrapper}"
+        sample.main(["--ckpt", str(path), "--preset", "dit-xl2-256", "--model", "DiT-debug", "--vae-path", str(tmp_path / "vae"),
+                     "--image-size", "32", "32", "--steps", "3", "--outdir", str(out)] + [f"--prompt={c}" for c in (1, 2, 3, 4, 5)])
+        assert len(list(out.glob("0*.png"))) == 5 and not list(out.glob("*.mp4"))
+        with av.open(str(out / "grid.png")) as container:
+            grids.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
+        assert grids[-1].shape == (2 * 34 + 2, 4 * 34 + 2, 3)    # 5 images of 32x32, 4 a row, 2 pixels apart
+    assert (grids[0] == grids[1]).all() and (grids[0] == grids[2]).all()
+    assert "wrote 5 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the preset's prompts are DiT's ImageNet classes: this model has 10
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--preset", "dit-xl2-256", "--model", "DiT-debug"])
+    assert "give class indices 0 to 9" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="name its architecture with --model"):
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--prompt", "1"])
+
+
+def test_presets_are_the_published_inference_configs():
+    import sample
+    get = lambda *flags: vars(sample.get_args(["--ckpt", "x", *flags])[0])
+    want = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd", vae_path="stabilityai/sd-vae-ft-ema",
+                sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=3, precision="fp16", seed=42, null_mask="prompt")
+    for preset, extra in (("opensora-v1-16x256", dict(num_frames=16, image_size=[256, 256], space_scale=0.5, time_scale=1.0, fps=8)),
+                          ("opensora-v1-16x512", dict(num_frames=16, image_size=[512, 512], space_scale=1.0, time_scale=1.0, fps=8)),
+                          ("opensora-v1-64x512", dict(num_frames=64, image_size=[512, 512], space_scale=1.0, time_scale=2 / 3,
+                                                      fps=12, vae_micro_batch=128))):
+        args = get("--preset", preset)
+        assert {k: args[k] for k in {**want, **extra}} == {**want, **extra}, preset
+    for preset, size in (("dit-xl2-256", 256), ("dit-xl2-512", 512)):
+        args = get("--preset", preset)
+        assert (args["model"], args["num_frames"], args["image_size"], args["steps"], args["cfg_scale"], args["cfg_channels"],
+                args["vae_path"], args["seed"], args["prompts"][:2]) == \
+               ("DiT-XL/2", 1, [size, size], 250, 4.0, 3, "stabilityai/sd-vae-ft-mse", 0, ["207", "360"])
+    args = get("--preset", "opensora-v1-16x512", "--steps", "20", "--sampler", "dpm", "--seed", "1", "--cfg-scale", "5")
+    assert (args["steps"], args["sampler"], args["seed"], args["cfg_scale"], args["space_scale"]) == (20, "dpm", 1, 5.0, 1.0)
+    assert get()["sampler"] == "ddpm" and get()["noise"] == "cpu" and get()["null_mask"] == "all"
+
+
+def test_released_names_download_into_the_cache(tmp_path, monkeypatch):
+    """A released file name that is not a local file comes from the cache, or is downloaded into it from where the
+    original scripts get it; offline, one sentence names the file, the address and where to put it."""
+    import sample
+    assert sample.released_url("OpenSora-v1-HQ-16x512x512.pth") == \
+        "https://huggingface.co/hpcai-tech/Open-Sora/resolve/main/OpenSora-v1-HQ-16x512x512.pth"
+    assert sample.released_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    source = tmp_path / "served.pt"
+    torch.save({"w": torch.arange(5)}, source)
+    monkeypatch.setenv("WEIGHTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-256x256.pt", ("url", source.as_uri()))
+    path = sample.fetch_weights("DiT-XL-2-256x256.pt")
+    assert path == str(tmp_path / "cache" / "DiT-XL-2-256x256.pt") and os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
+    assert torch.equal(M.read_state_dict(path)["w"], torch.arange(5))
+    source.unlink()
+    assert sample.fetch_weights("DiT-XL-2-256x256.pt") == path   # the cache answers, nothing is fetched again
+    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-512x512.pt", ("url", (tmp_path / "gone.pt").as_uri()))
+    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt could not be downloaded .* put it at .*cache"):
+        sample.fetch_weights("DiT-XL-2-512x512.pt")
+    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]  # no partial file left
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="OpenSora-v1-16x256x256.pth is not in the cache and HF_HUB_OFFLINE forbids "
+                                         "downloading it: download https://huggingface.co/hpcai-tech/Open-Sora/"):
+        sample.fetch_weights("OpenSora-v1-16x256x256.pth")
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        sample.fetch_weights(str(tmp_path / "typo.pt"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
