@@ -26,7 +26,6 @@ from copy import deepcopy
 
 import torch
 import torch.distributed as dist
-from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -140,10 +139,9 @@ def get_args(argv=None):
 
 class IDDPM:
     def __init__(self):
-        # sample.py's schedule, through diffusers as there, so its samplers see the very same betas
-        sched = DDPMScheduler(**SCHEDULE)
-        betas = sched.betas.double()
-        ab = sched.alphas_cumprod.double()
+        # sample.py's schedule in float64, as IDDPM computes it: its samplers see the very same betas
+        betas = torch.from_numpy(sample.training_betas())
+        ab = torch.cumprod(1 - betas, dim=0)
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde
         tables = dict(
@@ -154,7 +152,7 @@ class IDDPM:
             coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
             snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
         )
-        self.num_steps = sched.config.num_train_timesteps
+        self.num_steps = SCHEDULE["num_train_timesteps"]
         self.tables = {k: v.float() for k, v in tables.items()}
         self.on_device = {}  # device -> the tables there, copied once
 
