@@ -438,28 +438,61 @@ def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, see
 
 # Scorer: reads colour and direction back from pixels, so generated demo clips grade themselves.
 
-def describe_video(frames, margin=64, min_motion=0.05):
-    """Return (colour or None, direction or None) of the bright object in uint8 (T, H, W, 3) frames.
+def blob_labels(mask):
+    """Connected regions (4-neighbour) of a bool (H, W) mask: int labels (H, W), 0 off the mask. Each pixel takes
+    its smallest neighbouring label until nothing changes (as many rounds as the widest region is long)."""
+    H, W = mask.shape
+    none = H * W + 1
+    labels = np.where(mask, np.arange(1, H * W + 1).reshape(H, W), none)
+    while True:
+        padded = np.pad(labels, 1, constant_values=none)
+        smallest = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        smallest = np.where(mask, smallest, none)
+        if (smallest == labels).all():
+            return np.where(mask, labels, 0)
+        labels = smallest
 
-    margin: how much brighter (strongest channel) than the background a foreground pixel must be; every
-    palette colour clears it by 120 or more, a noisy generated background rarely does. min_motion: centroid
-    shifts under 5% of the frame count as standing still (demo clips move 50%)."""
+
+def find_shape(foreground, min_area=0.01, max_area=0.2, min_share=0.8, min_fill=0.35):
+    """(rows, cols) of the one compact shape in a bool (H, W) foreground, or None: its largest connected region
+    must cover min_area to max_area of the frame, hold min_share of all foreground pixels (the rest of the frame is
+    plain background) and fill min_fill of its bounding box (a circle fills 0.79, a triangle 0.5; speckle less)."""
+    if not foreground.any():
+        return None
+    labels = blob_labels(foreground)
+    ids, sizes = np.unique(labels[labels > 0], return_counts=True)
+    area = sizes.max()
+    rows, cols = np.nonzero(labels == ids[sizes.argmax()])
+    box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+    if not min_area * foreground.size <= area <= max_area * foreground.size or area < min_share * foreground.sum() \
+            or area < min_fill * box:
+        return None
+    return rows, cols
+
+
+def describe_video(frames, margin=64, min_frames=0.75, min_motion=0.1):
+    """Return (colour or None, direction or None) of the one shape in uint8 (T, H, W, 3) frames, as a person
+    would name them; (None, None) unless one compact shape stands on a plain background in min_frames of them.
+
+    margin: how far (strongest channel) from the background colour a shape pixel must be; every palette colour is
+    120 or more away, h264's and a sampler's speckle rarely are. The colour is the majority of the shape pixels'
+    nearest palette colours; the direction is the shape's centroid path (a least-squares line over the frames that
+    show it), which must cross min_motion of the frame (demo clips cross half of it): a standing shape has none."""
     video = np.asarray(frames, dtype=np.float32)
     T, H, W, _ = video.shape
     background = np.median(video.reshape(-1, 3), axis=0)  # the shape covers ~6% of pixels
-    foreground = video.max(-1) > background.max() + margin  # (T, H, W): clearly brighter than background
-    if not foreground.any():
+    foreground = np.abs(video - background).max(-1) > margin  # (T, H, W)
+    shapes = {t: shape for t in range(T) if (shape := find_shape(foreground[t])) is not None}
+    if len(shapes) < min_frames * T:
         return None, None
-    # Majority vote of per-pixel nearest palette colours: blended edge pixels cannot swing a mean.
     palette = np.array(list(COLOURS.values()), np.float32)
-    nearest = ((video[foreground][:, None] - palette[None]) ** 2).sum(-1).argmin(1)
+    pixels = np.concatenate([video[t][rows, cols] for t, (rows, cols) in shapes.items()])
+    nearest = ((pixels[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
     colour = list(COLOURS)[np.bincount(nearest, minlength=len(palette)).argmax()]
-    quarter = max(1, T // 4)
-    first, last = foreground[:quarter], foreground[-quarter:]
-    if not first.any() or not last.any():
-        return colour, None
-    # Centroid shift between first and last quarter; nonzero()[1:] keeps (rows, cols), drops time.
-    dy, dx = (np.mean(b) - np.mean(a) for a, b in zip(first.nonzero()[1:], last.nonzero()[1:]))
+    times = np.array(list(shapes), np.float32)
+    centres = np.array([(rows.mean(), cols.mean()) for rows, cols in shapes.values()])  # (n, 2): (y, x)
+    slope = np.polyfit(times, centres, 1)[0] if len(times) > 1 else np.zeros(2)  # pixels per frame, (dy, dx)
+    dy, dx = slope * (T - 1)
     if max(abs(dx), abs(dy)) < min_motion * max(H, W):
         return colour, None  # a standing shape has no direction
     if abs(dx) >= abs(dy):
