@@ -512,6 +512,15 @@ def read_state_dict(path, device="cpu"):
                          "of tensors (torch.load runs with weights_only=True: pickled objects are refused)") from e
 
 
+def nonfinite_keys(state):
+    """The names of the floating-point tensors in state that hold a NaN or an infinity (one wait for the device)."""
+    keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not keys:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all() for k in keys]).cpu()
+    return [k for k, ok in zip(keys, finite) if not ok]
+
+
 def unwrap_state_dict(state):
     """The model's tensors from a training script's file: out of the containers those scripts use ("ema", "model",
     ...), without DDP's "module." prefix and without the fixed position tables (ours are computed for any grid)."""

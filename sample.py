@@ -257,11 +257,21 @@ def load_checkpoint_folder(path, device, weights="ema"):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     model = model_from_config(meta["model_config"])
+    file = os.path.join(path, f"{weights}.safetensors")
     try:
-        model.load_state_dict(read_state_dict(os.path.join(path, f"{weights}.safetensors")))
+        state = read_state_dict(file)
     except ValueError as e:  # missing or corrupt: the sentence says which file
         raise SystemExit(str(e)) from None
+    refuse_nonfinite(state, file)
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def refuse_nonfinite(state, name):
+    bad = M.nonfinite_keys(state)
+    if bad:
+        raise SystemExit(f"{name}: {len(bad)} weights hold NaN or infinity (e.g. {bad[0]}), so every sample would be "
+                         "blank: sample an earlier checkpoint (checkpoints/step_*) or retrain with a lower --lr")
 
 
 def save_images(images, prompts, outdir, per_row=4):
@@ -373,6 +383,7 @@ def load_weights_file(path, name, fields, device):
                          "DiT-XL/2) or a --preset")
     try:
         state = M.unwrap_state_dict(read_state_dict(fetch_weights(path)))
+        refuse_nonfinite(state, path)
         model = M.load_checkpoint(model_for_weights(name, state, **fields), state)
     except ValueError as e:  # unreadable, or keys and shapes that do not fit: the sentence says which
         raise SystemExit(str(e)) from None

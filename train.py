@@ -14,12 +14,19 @@ gradient checkpointing, space_scale 0.5. The README lists the other configs as o
 Shape letters as in model.py: B batch, C channels, T frames, H W size, L text tokens.
 """
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -35,7 +42,7 @@ import sample
 import seqparallel
 import zero
 from fp8 import enable_fp8_training
-from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config, read_state_dict
+from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config, nonfinite_keys, read_state_dict
 from sample import SCHEDULE, autocast
 from text import TextEncoder
 from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
@@ -50,7 +57,15 @@ DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="STDiT-demo", text_encoder
 
 class TrainError(Exception):
     """A run that cannot go on as asked. Its message is one sentence for the user that names the fix; main() (and
-    train_vqvae()) exit with it."""
+    train_vqvae()) exit with it (with code, the exit status instead: an interrupt that was saved)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+class Unreadable(TrainError):
+    """A checkpoint that cannot be read whole (truncated, missing files, not tensors): resume tries an older one."""
 
 
 def get_args(argv=None):
@@ -82,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="per GPU")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping")
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
     p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
@@ -102,7 +117,10 @@ def get_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --outdir, if any) or a checkpoint folder")
+    p.add_argument("--resume", default=None, help="'auto' (the newest readable checkpoint in --outdir, if any) or a "
+                   "checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --outdir that holds an earlier run's "
+                   "checkpoints (they are deleted); without it such a folder is continued only with --resume")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--demo-videos", type=int, default=256, help="size of the generated demo data set")
@@ -128,10 +146,33 @@ def get_args(argv=None):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     data.refuse_counts_below_one(p.error, args, ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum",
                                                  "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos"))
+    refuse_bad_values(p.error, args)
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
     return args
+
+
+def refuse_bad_values(error, args):
+    """One sentence (error) for a value that would train nonsense or fail later, before anything loads."""
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        error(f"--lr {args.lr:g}: the learning rate must be a positive number (Open-Sora v1.0: 2e-5)")
+    if not args.grad_clip >= 0:
+        error(f"--grad-clip {args.grad_clip:g}: give the largest gradient norm (Open-Sora v1.0: 1.0), or 0 for no clipping")
+    if not 0 <= args.ema_decay <= 1:
+        error(f"--ema-decay {args.ema_decay:g}: give a number from 0 to 1 (Open-Sora v1.0: 0.9999; 0 keeps no average)")
+    for name in ("weight_decay", "min_snr", "num_workers"):
+        if not getattr(args, name) >= 0:
+            error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 or more")
+    if args.image_size != [0, 0] and min(args.image_size) < 1:
+        error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
+              "keep each clip's own size")
+    try:  # the run writes here: find out now, not after the encoders have loaded
+        os.makedirs(args.outdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.outdir):
+            pass
+    except OSError as e:
+        error(f"--outdir {args.outdir} cannot be written to ({e.strerror}): choose a folder you can write to")
 
 
 # IDDPM (Nichol & Dhariwal, 2021) as DiT and Open-Sora v1.0 train it: 1000 linear-beta steps, the model
@@ -241,9 +282,49 @@ def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
+def update_ema(ema, model, decay, skip=None):
+    """ema += (1 - decay) (model - ema); not at all where skip (a 0-d tensor) is 1."""
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], 1 - decay)
+    weight = 1 - decay if skip is None else (1 - decay) * (1 - skip)
+    weights = weight if skip is None else [weight] * len(ema_params)
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], weights)
+
+
+# Divergence: a step whose loss or gradients are not finite is skipped (weights, Adam moments and EMA stay) and
+# counted; MAX_NONFINITE of them in a row stop the run, so no checkpoint ever holds the NaN they would spread.
+MAX_NONFINITE = 5
+
+
+def nonfinite(loss, grad_norm, precision):
+    """1.0 (a 0-d tensor, on the device: nothing waits for it) where this step must be skipped. Under fp16 the loss
+    scaler already skips gradients that overflowed, so there a non-finite loss alone counts."""
+    bad = ~torch.isfinite(loss.detach())
+    if precision != "fp16":
+        bad = bad | ~torch.isfinite(grad_norm)
+    return bad.float()
+
+
+def optimizer_step(opt, scaler, bad):
+    """opt.step() unless bad. A fused optimizer (on GPUs) skips on the device (its found_inf, what the loss scaler
+    uses), so the CPU never waits for the GPU; others read bad first (a CPU tensor: no wait)."""
+    if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, a NaN loss's among them
+        scaler.step(opt)
+        scaler.update()
+    elif opt.defaults.get("fused"):
+        opt.found_inf = bad
+        opt.step()
+    elif not bad.item():
+        opt.step()
+
+
+def stop_if_diverged(streak, step, args):
+    """TrainError once MAX_NONFINITE steps in a row had a non-finite loss or gradients (read here, at a log or
+    checkpoint step: the only waits for the GPU)."""
+    streak = int(streak.item())
+    if streak >= MAX_NONFINITE:
+        raise TrainError(f"the loss or the gradients were not finite (NaN or inf) at every step from {step - streak + 1} "
+                         f"to {step}, which were skipped: the run diverged; lower --lr (now {args.lr:g}) and restart, "
+                         "from the last checkpoint if there is one (--resume auto: it holds finite weights)")
 
 
 # The training script, stage by stage: main() and run() read as the outline, the stages follow in their order.
@@ -257,6 +338,8 @@ def main(argv=None):
         # which may start another run
         if dist.is_initialized():
             dist.destroy_process_group()
+        if e.code:  # an interrupt, saved: the message was printed, the exit code is the shell's 128 + signal
+            sys.exit(e.code)
         sys.exit(str(e))
 
 
@@ -264,10 +347,25 @@ def run(args):
     distributed, device, rank, world, sp_group, dp_rank, dp_size = setup_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # experiment folder, then what the model learns from: clips and the frozen encoders, or precomputed features
+    # experiment folder (one live run in it, an earlier run's checkpoints never overwritten unasked), then what the
+    # model learns from: clips and the frozen encoders, or precomputed features
     ckpt_dir = os.path.join(args.outdir, "checkpoints")
+    lock = RunLock(args.outdir)
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        lock.acquire(log)
+    try:
+        if rank == 0:
+            claim_outdir(args, log)
+            os.makedirs(ckpt_dir, exist_ok=True)
+        barrier()
+        with Interrupts() as interrupts:
+            train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ckpt_dir, interrupts, log)
+    finally:
+        lock.release()
+
+
+def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ckpt_dir, interrupts, log):
+    """Inputs, model, resume, the loop, samples: run()'s work inside the run folder it holds."""
     dataset, text_encoder, vae, sizes = load_inputs(args, device, rank, log)
 
     # model, sized by the inputs: latent channels in, the text encoder's caption states as condition
@@ -309,15 +407,16 @@ def run(args):
 
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
     step, position = 0, (0, 0)
-    checkpoint = find_checkpoint(args.resume, args.outdir) if args.resume else None
-    if checkpoint:
-        step, position = resume(checkpoint, args, model, ema, opt, scaler, device, rank, world)
-        log(f"resumed from {checkpoint} at step {step}")
+    if args.resume:
+        checkpoint, step, position = resume_newest(args, model, ema, opt, scaler, device, rank, world, log)
+        if checkpoint:
+            log(f"resumed from {checkpoint} at step {step}")
 
     # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
     logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     skipped, seen, tick = 0, 0, time.time()
+    streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
     stream = batches(dataset, sampler, loader, *position)
     train_model.train()
     while step < args.steps:
@@ -336,29 +435,40 @@ def run(args):
                 loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
                 scaler.scale(loss / args.grad_accum).backward()
             seen += z.shape[0]
+        clip = args.grad_clip if args.grad_clip > 0 else math.inf  # 0: no clipping, the norm is still logged
         if args.zero:
-            grad_norm = opt.clip_grad_norm_(args.grad_clip)
-            opt.step()  # also unscales and skips on fp16 overflow, updates the sharded EMA
+            grad_norm = opt.clip_grad_norm_(clip)
+            bad = nonfinite(loss, grad_norm, args.precision)
+            opt.step(skip=bad)  # also unscales and skips on fp16 overflow, updates the sharded EMA
         else:
             scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, args.ema_decay)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            bad = nonfinite(loss, grad_norm, args.precision)
+            optimizer_step(opt, scaler, bad)
+            update_ema(ema, model, args.ema_decay, skip=bad)
         opt.zero_grad(set_to_none=True)
+        streak, bad_steps = (streak + 1) * bad, bad_steps + bad  # on the device: read at log and checkpoint steps
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             record = dict(step=step, loss=loss, grad_norm=grad_norm, samples_per_s=seen * dp_size / (time.time() - tick),
-                          skipped=skipped, epoch=epoch)
+                          skipped=skipped, epoch=epoch, nonfinite_skipped_steps=bad_steps)
             if args.zero and opt.dynamic:
                 record["overflow_skipped_steps"] = opt.skipped_steps
             log_step(bar, logfile, record, distributed)
             seen, tick = 0, time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
+            stop_if_diverged(streak, step, args)
+        stop = interrupts.requested(step % args.log_every == 0, device)
+        if step % args.ckpt_every == 0 or step == args.steps or stop:
+            stop_if_diverged(streak, step, args)
             path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
             if rank == 0:
                 bar.write(f"step {step}: checkpoint {path}")
+        if stop:
+            bar.close()
+            log(f"stopped by {interrupts.name} at step {step}; the checkpoint above holds everything: continue with "
+                "the same command and --resume auto")
+            raise TrainError(f"stopped by {interrupts.name}", code=128 + interrupts.signal)
     bar.close()
     if skipped:
         log(f"{skipped} unreadable clips were skipped (see the warnings above)")
@@ -493,56 +603,109 @@ def log_step(bar, logfile, record, distributed):
     loss = record["loss"].detach()
     if distributed:
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-    record = dict(record, loss=loss.item(), grad_norm=record["grad_norm"].item())
-    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"])
+    record = {k: v.item() if torch.is_tensor(v) else v for k, v in dict(record, loss=loss).items()}
+    record["nonfinite_skipped_steps"] = int(record["nonfinite_skipped_steps"])
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"],
+                    **({"nonfinite": record["nonfinite_skipped_steps"]} if record["nonfinite_skipped_steps"] else {}))
     if logfile:
         logfile.write(json.dumps(record) + "\n")
         logfile.flush()
 
 
 def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank):
-    """Write step_XXXXXXX/ atomically: into a .tmp folder first, renamed once complete, then `latest`
-    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched. Under ZeRO-2 the
-    model and EMA are gathered into full fp32 files (what sample.py loads) and each rank adds its slices."""
+    """Write step_XXXXXXX/ atomically: into a .tmp folder first, flushed to disk, renamed once complete, then `latest`
+    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched; a full disk removes the
+    partial folder and says so. Under ZeRO-2 the model and EMA are gathered into full fp32 files (what sample.py
+    loads) and each rank adds its slices."""
     final = os.path.join(folder, f"step_{step:07d}")
     tmp = final + ".tmp"
     if args.zero:  # collectives: every rank takes part
         weights, ema_weights = opt.full_state("master"), opt.full_state("ema")
     else:
         weights, ema_weights = model.state_dict(), ema.state_dict()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
-        if not args.zero:
-            torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-        meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=config_dict(model))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-    barrier()
+    bad = nonfinite_keys(weights) + nonfinite_keys(ema_weights)  # the same on every rank
+    if bad:  # cannot happen while non-finite steps are skipped; a checkpoint must never spread it
+        raise TrainError(f"step {step}: {len(bad)} weights are not finite (e.g. {bad[0]}); no checkpoint was written: "
+                         "restart from the last one (--resume auto) with a lower --lr")
     rng = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # every rank draws its own noise
-    if args.zero:
-        torch.save(opt.state_dict(), os.path.join(tmp, f"zero_rank{rank}.pt"))
+    with writing_checkpoint(tmp, step, rank):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+            save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
+            if not args.zero:
+                torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+            meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=config_dict(model))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+        barrier()
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # every rank draws its own noise
+        if args.zero:
+            torch.save(opt.state_dict(), os.path.join(tmp, f"zero_rank{rank}.pt"))
+        sync_files(tmp, only=None if rank == 0 else f"_rank{rank}.pt")  # on disk before the rename makes it count
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(folder, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(os.path.join(folder, "latest.tmp"), os.path.join(folder, "latest"))
+        sync_files(folder, only="latest")
     barrier()
     return final
+
+
+def sync_files(folder, only=None):
+    """fsync the files of folder (those whose name ends with `only`), then the folder itself (its entries)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and (only is None or name.endswith(only)):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writing_checkpoint(tmp, step, rank):
+    """Turns a failed checkpoint write into one sentence, after deleting the partial folder. A full disk often shows
+    as torch.save's "unexpected pos" or safetensors' I/O error rather than ENOSPC: the free space decides."""
+    try:
+        yield
+    except (OSError, RuntimeError, Exception) as e:
+        if isinstance(e, TrainError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder = os.path.dirname(tmp)
+        free = shutil.disk_usage(folder).free
+        previous = "the previous checkpoint is intact" if os.path.exists(os.path.join(folder, "latest")) else \
+            "there is no earlier checkpoint"
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(e) or free < 256 << 20:
+            raise TrainError(f"no space left on device for the step {step} checkpoint in {folder} ({free >> 20} MB "
+                             f"free): the partial checkpoint was removed and {previous}; free some space, then continue "
+                             "with --resume auto") from e
+        raise TrainError(f"writing the step {step} checkpoint in {folder} failed on rank {rank} ({type(e).__name__}: "
+                         f"{e}): the partial checkpoint was removed and {previous}") from e
 
 
 def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
     """Load a checkpoint folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's
     RNG states. Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
-    with open(os.path.join(checkpoint, "meta.json")) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(checkpoint, "meta.json")) as f:
+            meta = json.load(f)
+        step, epoch, batch, written = meta["step"], meta["epoch"], meta["batch"], meta["model_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Unreadable(f"its meta.json cannot be read ({type(e).__name__}: {e})") from e
+    check_same_run(checkpoint, meta, args, model)
     model.load_state_dict(read_weights(checkpoint, "model", device))
     written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
     if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
@@ -551,27 +714,27 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
             raise TrainError(f"{checkpoint} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other "
                              "ranks): resume with the same flags and number of processes, or start from its weights "
                              "with --init")
-        try:
-            opt.load_state_dict(torch.load(slices, map_location=device, weights_only=True))
-        except ValueError as e:
-            raise TrainError(f"{checkpoint}: {e}") from e
+        opt.load_state_dict(load_states(slices, device))
     else:
         if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
             raise TrainError(f"{checkpoint} was written with --zero 2: resume with --zero 2 and the same number of "
                              "processes, or start from its weights with --init")
         ema.load_state_dict(read_weights(checkpoint, "ema", device))
-        states = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device, weights_only=True)
-        opt.load_state_dict(states["optimizer"])
-        scaler.load_state_dict(states["scaler"])
+        states = load_states(os.path.join(checkpoint, "optimizer.pt"), device)
+        try:
+            opt.load_state_dict(states["optimizer"])
+            scaler.load_state_dict(states["scaler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
     rng_file = os.path.join(checkpoint, f"rng_rank{rank}.pt")
     if not os.path.exists(rng_file):
         raise TrainError(f"{checkpoint} was written by fewer ranks than {world}: resume with the same number of processes")
-    rng = torch.load(rng_file, weights_only=True)
+    rng = load_states(rng_file, "cpu")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
-    return meta["step"], (meta["epoch"], meta["batch"])
+    return step, (epoch, batch)
 
 
 def read_weights(checkpoint, name, device):
@@ -579,20 +742,199 @@ def read_weights(checkpoint, name, device):
     try:
         return read_state_dict(os.path.join(checkpoint, f"{name}.safetensors"), device)
     except ValueError as e:  # missing or corrupt: the sentence names the file
-        raise TrainError(str(e)) from e
+        raise Unreadable(str(e)) from e
 
 
-def find_checkpoint(resume, outdir):
-    if resume != "auto":
-        if not os.path.exists(os.path.join(resume, "meta.json")):
-            raise TrainError(f"--resume {resume}: no checkpoint there (a folder with meta.json); pass a step_* folder "
-                             "or 'auto'")
-        return resume
-    latest = os.path.join(outdir, "checkpoints", "latest")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        return os.path.join(outdir, "checkpoints", f.read().strip())
+def load_states(path, device):
+    """An optimizer, scaler or RNG state file: tensors and plain values only (weights_only: no pickled code)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # missing, truncated, or pickled objects that weights_only refuses
+        raise Unreadable(f"{os.path.basename(path)} cannot be read ({type(e).__name__})") from e
+
+
+# Flags that change what the steps after a resume compute: changing them continues the run, but not as one
+# uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
+EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr", "ema_decay",
+               "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae",
+               "vae_path", "vae_sample", "zero")
+
+
+def check_same_run(checkpoint, meta, args, model):
+    runtime = ("attn", "grad_checkpoint")  # how the model computes, not what it is
+    written = {k: v for k, v in meta["model_config"].items() if k not in runtime}
+    ours = {k: v for k, v in config_dict(model).items() if k not in runtime}
+    differ = [f"{k} {written.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(ours) if written.get(k) != ours.get(k)
+              and not (isinstance(ours.get(k), tuple) and list(ours[k]) == written.get(k))]
+    if differ:
+        raise TrainError(f"{checkpoint} holds another model ({meta['args'].get('model')}: {'; '.join(differ[:3])}): resume "
+                         "with the flags it was trained with (its meta.json), or train this one in another --outdir")
+    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in EXACT_FLAGS
+               if k in meta["args"] and meta["args"][k] != getattr(args, k, None)]
+    if changed:
+        print(f"warning: resuming {checkpoint} with changed flags ({', '.join(changed)}): the run goes on, but not as "
+              "one uninterrupted run would have")
+
+
+def resume_newest(args, model, ema, opt, scaler, device, rank, world, log):
+    """(checkpoint, step, (epoch, batch)) from --resume: the folder named, or with 'auto' the newest checkpoint in
+    --outdir that reads whole (the one `latest` names first), saying which were skipped and why. (None, 0, (0, 0))
+    where there is none yet."""
+    if args.resume != "auto":
+        if not os.path.exists(os.path.join(args.resume, "meta.json")):
+            raise TrainError(f"--resume {args.resume}: no checkpoint there (a folder with meta.json); pass a step_* "
+                             "folder or 'auto'")
+        try:
+            return (args.resume, *resume(args.resume, args, model, ema, opt, scaler, device, rank, world))
+        except Unreadable as e:
+            raise TrainError(f"--resume {args.resume}: {e}; resume from an older step_* folder or with --resume auto") from e
+    folder = os.path.join(args.outdir, "checkpoints")
+    names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"step_\d+", n)), reverse=True) \
+        if os.path.isdir(folder) else []
+    latest = os.path.join(folder, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            named = f.read().strip()
+        if named in names:
+            names.remove(named)
+            names.insert(0, named)
+        else:
+            log(f"skipping `latest`: it names {named}, which is not there")
+    for name in names:
+        checkpoint = os.path.join(folder, name)
+        try:
+            found = resume(checkpoint, args, model, ema, opt, scaler, device, rank, world)
+            error = None
+        except Unreadable as e:
+            found, error = None, e
+        if agree(error is None, device):  # every rank read its part, or all move on to an older one
+            return (checkpoint, *found)
+        log(f"skipping {checkpoint}: {error or 'another rank could not read its part'}")
+    if names:
+        raise TrainError(f"no checkpoint in {folder} can be read whole (see above): start over with --overwrite, or "
+                         "restore a copy of the folder")
+    return None, 0, (0, 0)
+
+
+def agree(ok, device):
+    """True where every rank's ok is true (one all-reduce under torchrun)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(float(ok), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# Run safety: one live run per folder, an earlier run never overwritten unasked, interrupts end in a checkpoint.
+
+class RunLock:
+    """OUTDIR/run.lock (process id and host) while a run writes there: a second live run into the folder is refused.
+    A lock whose process is gone (killed, or the machine restarted) is stale and taken over."""
+
+    def __init__(self, outdir):
+        self.path, self.held = os.path.join(outdir, "run.lock"), False
+
+    def acquire(self, log):
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid")):
+                    log(f"taking over {self.path}: its process {owner.get('pid')} is no longer running")
+                elif owner:
+                    raise TrainError(f"another run (process {owner.get('pid')} on {owner.get('host')}) is writing to "
+                                     f"{os.path.dirname(self.path)}: wait for it, choose another --outdir, or delete "
+                                     f"{self.path} if that run is gone") from None
+                with contextlib.suppress(FileNotFoundError):  # stale, or half written by a process that died
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+            self.held = True
+            return
+        raise TrainError(f"{self.path} keeps coming back: another run is starting in {os.path.dirname(self.path)}")
+
+    def _owner(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # gone meanwhile, or half written: stale
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+
+def _alive(pid):
+    """Whether process pid runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def claim_outdir(args, log):
+    """An --outdir with an earlier run's checkpoints is continued only with --resume and started over only with
+    --overwrite (or --demo, which says so): its checkpoints, log and samples are then deleted."""
+    folder = os.path.join(args.outdir, "checkpoints")
+    earlier = os.path.isdir(folder) and any(n.startswith("step_") for n in os.listdir(folder))
+    if not earlier or args.resume:
+        return
+    if not (args.overwrite or args.demo):
+        raise TrainError(f"{args.outdir} holds an earlier run's checkpoints: continue it with --resume auto, start over "
+                         "there with --overwrite (deletes them), or choose another --outdir")
+    log(f"{args.outdir} holds an earlier run: starting over, its checkpoints, log and samples deleted "
+        "(--resume auto continues a run instead)")
+    shutil.rmtree(folder)
+    shutil.rmtree(os.path.join(args.outdir, "samples"), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.outdir, "log.jsonl"))
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before killing a job) ask the loop to finish the
+    current step and write a checkpoint; a second Ctrl-C aborts at once. Under torchrun the ranks agree at log steps."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self.signal = signum
+        print(f"\n{self.name}: finishing this step, then writing a checkpoint (Ctrl-C again aborts at once)",
+              file=sys.stderr, flush=True)
+
+    @property
+    def name(self):
+        return signal.Signals(self.signal).name
+
+    def requested(self, log_step, device):
+        """Whether to stop now: at once in one process; under torchrun at log steps, where all ranks agree."""
+        if not dist.is_initialized():
+            return self.signal is not None
+        if not log_step:
+            return False
+        stop = not agree(self.signal is None, device)
+        if stop and self.signal is None:
+            self.signal = signal.SIGTERM  # another rank was asked
+        return stop
 
 
 def barrier():

@@ -199,16 +199,23 @@ class ZeRO2:
         return norm
 
     @torch.no_grad()
-    def step(self):
+    def step(self, skip=None):
+        """AdamW on this rank's slices, the EMA, and the all-gather of the new weights. skip (a 0-d float tensor, the
+        same on every rank): 1.0 leaves weights, moments and EMA as they are (train.py's non-finite steps); a fused
+        AdamW skips on the device, without waiting for it."""
         self._finish()
         if self.overflow:  # skip: the weights, the moments and the step count stay as they are
             self.skipped_steps += 1
             self.loss_scale /= 2
             self.good_steps = 0
+        elif skip is not None and not self.adamw.defaults.get("fused") and skip.item():
+            pass  # a skipped step: weights, moments and EMA stay (a CPU tensor, read without waiting)
         else:
+            if skip is not None and self.adamw.defaults.get("fused"):
+                self.adamw.found_inf = skip
             self.adamw.step()  # updates the parts in place, so self.master too
             if self.ema is not None:
-                self.ema.lerp_(self.master, 1 - self.ema_decay)
+                self.ema.lerp_(self.master, 1 - self.ema_decay if skip is None else (1 - self.ema_decay) * (1 - skip))
             if self.dynamic:
                 self.good_steps += 1
                 if self.good_steps % 2000 == 0:
