@@ -1619,6 +1619,188 @@ def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
         tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
 
 
+# Failure safety: divergence, bad values, the run folder, interrupts, unreadable checkpoints, a full disk
+
+def plain_run(outdir, csv_path, tiny_t5, *extra):
+    """A few steps of a tiny STDiT on a manifest, without --demo (which may start a folder over)."""
+    import train
+    train.main(["--data", str(csv_path), "--outdir", str(outdir), "--model", "STDiT-debug", "--vae", "raw",
+                "--text-encoder", tiny_t5, "--text-len", "8", "--num-frames", "4", "--frame-interval", "1",
+                "--image-size", "16", "16", "--space-scale", "1.0", "--batch-size", "4", "--precision", "fp32",
+                "--no-grad-checkpoint", "--num-workers", "0", "--no-sample", "--log-every", "1", *extra])
+
+
+@pytest.fixture
+def shapes_csv(tmp_path):
+    return data.make_demo_dataset(str(tmp_path / "shapes"), num_videos=12, num_frames=4, size=16)
+
+
+def test_diverging_run_stops_and_never_saves_nonfinite_weights(tmp_path, tiny_t5, shapes_csv, capsys):
+    """--lr 1e3: the loss turns NaN within a few steps; those steps are skipped and counted, five in a row stop the
+    run with a sentence naming the steps, and every checkpoint written holds finite weights. sample.py refuses a
+    checkpoint whose weights are not finite."""
+    from safetensors.torch import load_file, save_file
+    with pytest.raises(SystemExit, match="not finite .* at every step from \\d+ to \\d+, which were skipped: the run "
+                                         "diverged; lower --lr"):
+        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--lr", "1e3", "--steps", "40", "--ckpt-every", "2")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records[-1]["nonfinite_skipped_steps"] >= train_max_nonfinite() and records[-1]["step"] < 40
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints
+    for folder in checkpoints:
+        for name in ("model.safetensors", "ema.safetensors"):
+            assert all(torch.isfinite(v).all() for v in load_file(folder / name).values())
+    import sample
+    ema = load_file(checkpoints[-1] / "ema.safetensors")
+    ema["final_layer.linear.weight"][0, 0] = float("nan")
+    save_file(ema, checkpoints[-1] / "ema.safetensors")
+    with pytest.raises(SystemExit, match="1 weights hold NaN or infinity .*final_layer.linear.weight.*sample an earlier"):
+        sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle"])
+
+
+def train_max_nonfinite():
+    import train
+    return train.MAX_NONFINITE
+
+
+def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
+    """Checked before anything loads, each in one sentence: gradient clip, EMA decay, learning rate, workers, sizes, and
+    an output folder that cannot be written; --grad-clip 0 is the documented "no clipping"."""
+    import train
+    (tmp_path / "file").write_text("")
+    for flags, said in ((["--grad-clip", "-1"], "--grad-clip -1: give the largest gradient norm"),
+                        (["--ema-decay", "1.5"], "--ema-decay 1.5: give a number from 0 to 1"),
+                        (["--lr", "-1"], "--lr -1: the learning rate must be a positive number"),
+                        (["--lr", "0"], "--lr 0: the learning rate must be a positive number"),
+                        (["--lr", "nan"], "--lr nan"),
+                        (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
+                        (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
+                        (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
+                        (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
+                        (["--outdir", str(tmp_path / "file" / "run")], "cannot be written to")):
+        with pytest.raises(SystemExit):
+            train.get_args(["--demo", "--outdir", str(tmp_path / "out"), *flags])
+        assert said in capsys.readouterr().err, flags
+    assert train.get_args(["--demo", "--grad-clip", "0", "--outdir", str(tmp_path / "out")]).grad_clip == 0
+    assert not (tmp_path / "out").exists()  # nothing is made before the run starts
+
+
+def test_run_folder_is_continued_or_overwritten_only_when_asked_and_locked(tmp_path, tiny_t5, shapes_csv, capsys):
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match="holds an earlier run's checkpoints: continue it with --resume auto, start "
+                                         "over there with --overwrite"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "3")
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "1", "--ckpt-every", "1", "--overwrite")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    assert "starting over" in capsys.readouterr().out
+    assert not (run / "run.lock").exists()  # released when the run ends
+    # a live run holds the folder; a lock left by a killed process is stale and taken over
+    import socket
+    (run / "run.lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
+    with pytest.raises(SystemExit, match=f"another run \\(process {os.getpid()} on .*\\) is writing to .*delete .*run.lock"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / "run.lock").write_text(json.dumps(dict(pid=gone.pid, host=socket.gethostname())))
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
+    assert f"its process {gone.pid} is no longer running" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+def test_sigterm_and_ctrl_c_finish_the_step_and_write_a_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch, capsys):
+    """SIGTERM at step 3 of 5: the step finishes, a checkpoint is written, the exit status is 128 + 15, and the run
+    resumed from it ends where an uninterrupted run ends, bit for bit. A second Ctrl-C aborts at once."""
+    import signal
+    import train
+    from safetensors.torch import load_file
+    plain_run(tmp_path / "whole", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
+    update, calls = train.update_ema, []
+
+    def update_then_signal(*args, **kwargs):
+        update(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "update_ema", update_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr()
+    assert "SIGTERM: finishing this step, then writing a checkpoint" in out.err
+    assert "stopped by SIGTERM at step 3" in out.out and "--resume auto" in out.out
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000003"
+    monkeypatch.setattr(train, "update_ema", update)
+    plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step_0000005" / "ema.safetensors") for run in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with train.Interrupts() as interrupts:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, shapes_csv, capsys):
+    """A truncated model.safetensors, a pickle in optimizer.pt and `latest` naming a deleted folder are each skipped
+    with the reason; the run resumes from the newest checkpoint that reads whole. sample.py names a truncated file."""
+    import shutil
+    import sample
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "4", "--ckpt-every", "1")
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000004")                       # latest names a folder that is gone
+    weights = (ckpts / "step_0000003" / "model.safetensors").read_bytes()
+    (ckpts / "step_0000003" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    torch.save({"optimizer": Payload()}, ckpts / "step_0000002" / "optimizer.pt")  # pickled code
+    capsys.readouterr()
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "skipping `latest`: it names step_0000004, which is not there" in out
+    assert "skipping " + str(ckpts / "step_0000003") + ": " in out and "model.safetensors cannot be read" in out
+    assert "skipping " + str(ckpts / "step_0000002") + ": optimizer.pt cannot be read" in out
+    assert "resumed from " + str(ckpts / "step_0000001") + " at step 1" in out
+    assert (ckpts / "latest").read_text() == "step_0000005"
+    with pytest.raises(SystemExit, match="model.safetensors cannot be read as weights"):
+        sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle"])
+
+
+def test_resume_refuses_another_model_and_warns_of_changed_flags(tmp_path, tiny_t5, shapes_csv, capsys):
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: .*\\): resume with the flags it was trained "
+                                         "with"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--model", "DiT-debug")
+    capsys.readouterr()
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
+    out = capsys.readouterr().out
+    assert "warning: resuming " in out and "with changed flags (--lr 2e-05 -> 0.0001): the run goes on, but not as one " \
+        "uninterrupted run would have" in out, out[-2000:]
+
+
+def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):
+    """torch.save fails as it does on a full disk ("unexpected pos") while step 2's optimizer state is written: one
+    sentence says so, the partial folder is gone and step 1 stays the latest."""
+    import train
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_0000002" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 12160 vs 12048")
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="no space left on device for the step 2 checkpoint .*the partial checkpoint was "
+                                         "removed and the previous checkpoint is intact"):
+        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--steps", "3", "--ckpt-every", "1")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001"]
+    assert (ckpts / "latest").read_text() == "step_0000001"
+
+
 def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")

@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -163,16 +162,17 @@ def refuse_bad_values(error, args):
         error(f"--ema-decay {args.ema_decay:g}: give a number from 0 to 1 (Open-Sora v1.0: 0.9999; 0 keeps no average)")
     for name in ("weight_decay", "min_snr", "num_workers"):
         if not getattr(args, name) >= 0:
-            error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 or more")
+            error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
     if args.image_size != [0, 0] and min(args.image_size) < 1:
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
-    try:  # the run writes here: find out now, not after the encoders have loaded
-        os.makedirs(args.outdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.outdir):
-            pass
-    except OSError as e:
-        error(f"--outdir {args.outdir} cannot be written to ({e.strerror}): choose a folder you can write to")
+    # the run writes there: find out now, not after the encoders have loaded (the folder itself is made later)
+    existing = os.path.abspath(args.outdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        error(f"--outdir {args.outdir} cannot be written to ({existing} is {'not a folder' if not os.path.isdir(existing) else 'read-only'}): "
+              "choose a folder you can write to")
 
 
 # IDDPM (Nichol & Dhariwal, 2021) as DiT and Open-Sora v1.0 train it: 1000 linear-beta steps, the model
@@ -835,6 +835,7 @@ class RunLock:
         self.path, self.held = os.path.join(outdir, "run.lock"), False
 
     def acquire(self, log):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
