@@ -11,11 +11,13 @@ the model sees float (C, T, H, W) in [-1, 1], batched as (B, C, T, H, W).
     torchrun --nproc_per_node=8 data.py precompute --data data.csv --out feats/                # one GPU per rank
 """
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+import re
 import sys
 from itertools import product
 
@@ -186,10 +188,16 @@ def refuse_counts_below_one(error, args, names):
 def read_manifest(csv_path):
     if missing_manifest(csv_path):
         raise FileNotFoundError(missing_manifest(csv_path))
-    # newline="" lets the csv module keep quoted captions that contain line breaks intact.
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    # newline="" lets the csv module keep quoted captions that contain line breaks intact; bytes that are not UTF-8
+    # come through as lone surrogates, so one bad row is skipped (and named) instead of stopping the whole run
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
+        for row in reader:
+            if any(_NOT_UTF8.search(value or "") for value in row.values() if isinstance(value, str)):
+                log.warning("skipping row %d of %s: it is not UTF-8 text (re-save the file as UTF-8)", reader.line_num, csv_path)
+                continue
+            rows.append(row)
         columns = reader.fieldnames or []
     if "path" not in columns or "caption" not in columns:
         raise ValueError(f"Manifest {csv_path} needs a header row with 'path' and 'caption' columns "
@@ -197,6 +205,9 @@ def read_manifest(csv_path):
     if not rows:
         raise ValueError(f"Manifest {csv_path} has no rows; point it at a folder that holds videos.")
     return rows
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
 def _number(value):
@@ -213,11 +224,11 @@ class VideoDataset(torch.utils.data.Dataset):
     image_size=(h, w) resizes every clip to cover (h, w) and centre-crops. image_size=None keeps the
     native size (dynamic resolution), only cropping H and W down to a multiple of size_multiple
     (16 = VAE x8 times patch 2). Items are {"video": (C, T, H, W) in [-1, 1], "caption", "index"};
-    an unreadable file gives None, is counted in self.skipped, and collate() drops it."""
+    an unreadable file gives {"unreadable": index}, is counted in self.skipped, and collate() drops it."""
 
     def __init__(self, csv_path, num_frames=16, frame_interval=3, image_size=(256, 256),
                  transform=None, size_multiple=16, seed=0):
-        self.rows = read_manifest(csv_path)
+        self.rows, self.csv_path = read_manifest(csv_path), csv_path
         if isinstance(image_size, int):
             image_size = (image_size, image_size)  # --image-size 256 means 256x256
         self.root = os.path.dirname(os.path.abspath(csv_path))  # relative paths start here
@@ -267,7 +278,7 @@ class VideoDataset(torch.utils.data.Dataset):
             if index not in self._warned:  # once per file, not once per epoch
                 self._warned.add(index)
                 log.warning("skipping unreadable clip %s (%s)", self.path(index), error)
-            return None
+            return {"unreadable": index}
         return {"video": video, "caption": self.rows[index]["caption"], "index": index}
 
     def load(self, index):
@@ -293,12 +304,14 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """Stack the readable items; workers are separate processes, so the skip count travels in the batch."""
-    kept = [item for item in batch if item is not None]
+    """Stack the readable items; workers are separate processes, so the unreadable ones travel in the batch (their
+    manifest rows, so that a run counts each bad file once, not once per epoch)."""
+    kept = [item for item in batch if "video" in item]
     return {"video": torch.stack([item["video"] for item in kept]) if kept else None,  # (B, C, T, H, W)
             "caption": [item["caption"] for item in kept],
             "index": [item["index"] for item in kept],
-            "skipped": len(batch) - len(kept)}
+            "skipped": len(batch) - len(kept),
+            "unreadable": [item["unreadable"] for item in batch if "unreadable" in item]}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -410,10 +423,25 @@ def demo_manifest(folder, num_videos, num_frames, size, write=True, log=print):
     """folder/demo.csv, the demo set that train.py --demo and vae.py train --demo learn from; written first (by
     make_demo_dataset) where write is true and it is not there yet. Under torchrun only rank 0 writes."""
     path = os.path.join(folder, "demo.csv")
-    if write and not os.path.exists(path):
+    if write and not demo_set_is_complete(path, num_videos, num_frames, size):
+        if os.path.exists(path):
+            log(f"the demo set in {folder} is incomplete or was made at other settings: rebuilding it")
         log(f"writing {num_videos} demo videos to {folder}")
         make_demo_dataset(folder, num_videos=num_videos, num_frames=num_frames, size=size)
     return path
+
+
+def demo_set_is_complete(path, num_videos, num_frames, size):
+    """Whether path is a demo manifest of num_videos clips of num_frames x size x size whose files are all there (a
+    build that was interrupted leaves no manifest, or one of another run's settings)."""
+    try:
+        rows = read_manifest(path)
+    except (OSError, ValueError):
+        return False
+    folder = os.path.dirname(path)
+    return len(rows) == num_videos and all(
+        _number(r.get("num_frames")) == num_frames and _number(r.get("height")) == size
+        and os.path.isfile(os.path.join(folder, r["path"])) for r in rows)
 
 
 def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, seed=0):
@@ -424,7 +452,9 @@ def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, see
     # Whole shuffled rounds of the 48 combinations keep colours, shapes and directions balanced.
     order = np.concatenate([rng.permutation(len(combos)) for _ in range(math.ceil(num_videos / len(combos)))])
     csv_path = os.path.join(folder, "demo.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with contextlib.suppress(FileNotFoundError):  # a manifest appears only once every clip is written
+        os.remove(csv_path)
+    with open(csv_path + ".tmp", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "caption", "num_frames", "fps", "height", "width"])
         for i in tqdm(range(num_videos), desc="demo clips", leave=False):
@@ -433,6 +463,7 @@ def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, see
             clip = make_demo_clip(colour, shape, direction, num_frames, size, rng)
             write_video(os.path.join(folder, name), clip, fps)
             writer.writerow([name, f"a {colour} {shape} moving {direction}", num_frames, fps, size, size])
+    os.replace(csv_path + ".tmp", csv_path)
     return csv_path
 
 

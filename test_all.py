@@ -1365,7 +1365,7 @@ def test_dataset_skips_corrupt_files_through_dataloader(tmp_path, caplog):
     dataset = data.VideoDataset(csv_path, num_frames=8, frame_interval=1, image_size=(32, 32))
     with caplog.at_level(logging.WARNING):
         items = [dataset[i] for i in range(len(dataset))] + [dataset[0]]
-    assert items[0] is None and items[1] is None and dataset.skipped == 3
+    assert items[0] == {"unreadable": 0} and items[1] == {"unreadable": 1} and dataset.skipped == 3
     assert sum("corrupt.mp4" in m for m in caplog.messages) == 1  # warned once, counted every time
     for item in items[2:-1]:
         assert item["video"].shape == (3, 8, 32, 32) and item["video"].dtype == torch.float32
@@ -1378,7 +1378,8 @@ def test_dataset_skips_corrupt_files_through_dataloader(tmp_path, caplog):
         assert sum(b["skipped"] for b in batches) == 2
         assert sum(len(b["caption"]) for b in batches) == 10
         assert batches[0]["video"].shape == (2, 3, 8, 32, 32)  # the first batch held both bad files
-    assert data.collate([None, None]) == {"video": None, "caption": [], "index": [], "skipped": 2}
+    assert data.collate([{"unreadable": 4}, {"unreadable": 7}]) == {"video": None, "caption": [], "index": [], "skipped": 2,
+                                                                    "unreadable": [4, 7]}
 
 
 def test_frame_sampling_picks_right_indices(tmp_path):
@@ -1799,6 +1800,78 @@ def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001"]
     assert (ckpts / "latest").read_text() == "step_0000001"
+
+
+def test_bad_captions_and_manifests_are_skipped_or_refused_before_the_encoders(tmp_path, caplog, capsys):
+    """A caption that is not UTF-8 skips its row (named); an empty, header-only or path-less manifest is refused by
+    train.py's argument check, before any encoder loads; an interrupted demo build is detected and rebuilt."""
+    import train
+    csv_path = data.make_demo_dataset(str(tmp_path / "shapes"), num_videos=4, num_frames=4, size=16)
+    lines = open(csv_path, "rb").read().split(b"\n")
+    lines[2] = lines[2].replace(b"a ", b"caf\xe9 ", 1)  # Latin-1, not UTF-8
+    open(csv_path, "wb").write(b"\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        rows = data.read_manifest(csv_path)
+    assert len(rows) == 3 and any("skipping row 3 of" in m and "not UTF-8" in m for m in caplog.messages)
+    for name, text, said in (("empty.csv", "", "needs a header row with 'path' and 'caption'"),
+                             ("header.csv", "path,caption\n", "has no rows"),
+                             ("nopath.csv", "file,caption\nx.mp4,a cat\n", "needs a header row with 'path' and 'caption'")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit):
+            train.get_args(["--data", str(tmp_path / name), "--outdir", str(tmp_path / "out")])
+        assert said in capsys.readouterr().err
+    # a demo build stopped half way leaves no manifest (clips first, the manifest last); a set made at other settings
+    # or with files missing is rebuilt, saying so
+    folder = tmp_path / "demo"
+    data.demo_manifest(str(folder), 4, 4, 16, log=print)
+    assert data.demo_set_is_complete(str(folder / "demo.csv"), 4, 4, 16)
+    os.remove(folder / "videos" / "00003.mp4")
+    capsys.readouterr()
+    path = data.demo_manifest(str(folder), 4, 4, 16, log=print)
+    assert "incomplete or was made at other settings: rebuilding" in capsys.readouterr().out
+    assert len(data.read_manifest(path)) == 4 and (folder / "videos" / "00003.mp4").exists()
+    data.demo_manifest(str(folder), 6, 4, 16, log=print)
+    assert len(data.read_manifest(path)) == 6 and "rebuilding" in capsys.readouterr().out
+
+
+def test_unreadable_files_count_once_per_run(tmp_path, tiny_t5, shapes_csv):
+    """One corrupt clip read in each of three epochs is one skipped file, not three."""
+    rows = list(csv.reader(open(shapes_csv)))
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video" * 100)
+    folder = os.path.dirname(shapes_csv)  # relative paths start at the manifest's folder
+    csv_path = _write_csv(os.path.join(folder, "with_bad.csv"), rows[1:] + [[str(tmp_path / "corrupt.mp4"), "broken"] + [""] * 4], rows[0])
+    plain_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "9", "--ckpt-every", "9")  # 13 clips, 3 batches an epoch
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records[-1]["epoch"] >= 2 and records[-1]["skipped"] == 1
+    # a manifest none of whose clips can be read stops after one epoch instead of looping for ever
+    lost = _write_csv(tmp_path / "lost.csv", rows[1:], rows[0])  # the relative paths now point nowhere
+    with pytest.raises(SystemExit, match="not one clip of .*lost.csv could be read in a whole epoch \\(12 unreadable"):
+        plain_run(tmp_path / "run2", lost, tiny_t5, "--steps", "9")
+
+
+def test_unreachable_hub_is_not_retried(monkeypatch):
+    """Without network and without HF_HUB_OFFLINE, a hub id is looked up in the local cache only (one 3-second connect
+    test per process), so a missing T5 or SD-VAE fails in seconds with the usual sentence."""
+    import socket
+    import text
+    import vae as V
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    text._hub_reachable.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    seen = []
+
+    def config(source, **kwargs):
+        seen.append(kwargs)
+        raise OSError("not cached")
+    monkeypatch.setattr(text.AutoConfig, "from_pretrained", config)
+    with pytest.raises(FileNotFoundError, match="text encoder 'some-org/some-t5' not found"):
+        TextEncoder("some-org/some-t5")
+    assert seen == [dict(local_files_only=True)]
+    assert text.hub_offline("stabilityai/sd-vae-ft-ema") and not text.hub_offline(os.path.dirname(__file__))
+    monkeypatch.setattr(V, "_check_folder", lambda path: None)
+    with pytest.raises(FileNotFoundError, match="VAE weights 'org/missing-vae' not found"):
+        V.SDVAE("org/missing-vae")
+    text._hub_reachable.cache_clear()
 
 
 def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):

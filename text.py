@@ -9,8 +9,11 @@ interface, so the same training code runs with T5-XXL on a GPU node or with a sm
 
 Shape letters as in model.py: B batch, L text tokens; `dim` is the encoder's token width.
 """
+import functools
 import json
 import os
+import socket
+import urllib.parse
 from collections import OrderedDict
 
 import torch
@@ -38,6 +41,26 @@ def _resolve(name):
     return TEXT_ENCODERS.get(name, (name, 120))
 
 
+def hub_offline(source):
+    """True where source is a hub id and the hub cannot be reached now (3 s to connect): loaders then read only what
+    the local cache holds, instead of retrying with back-off for minutes before failing. Checked once per process."""
+    if os.path.isdir(os.path.expanduser(str(source))):
+        return False
+    return not _hub_reachable()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 def _not_found(name, why):
     return FileNotFoundError(f"text encoder '{name}' not found ({why}): pass a local folder or a hub id, "
                              f"or use --text-encoder minilm which works offline")
@@ -58,8 +81,9 @@ class TextEncoder:
                 raise _not_found(name, "no such folder")
             if not os.path.isfile(os.path.join(source, "config.json")):
                 raise _not_found(name, "the folder has no config.json")
+        local = dict(local_files_only=True) if hub_offline(source) else {}
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, **local)
         except OSError:
             # transformers raises OSError for an unknown hub id, an unreachable hub and a bad repo name alike;
             # `from None` keeps the user's screen to the one sentence that says what to do
@@ -76,8 +100,8 @@ class TextEncoder:
         # T5: the encoder half only (T5-XXL's decoder would double the memory for nothing);
         # CLIP: the text tower only; anything else (BERT, MiniLM, ...) is an encoder already
         model_class = T5EncoderModel if self.is_t5 else CLIPTextModel if self.is_clip else AutoModel
-        model = model_class.from_pretrained(source, dtype=dtype)
-        self._setup(model, AutoTokenizer.from_pretrained(source), max_length or default_length, cache_size, name)
+        model = model_class.from_pretrained(source, dtype=dtype, **local)
+        self._setup(model, AutoTokenizer.from_pretrained(source, **local), max_length or default_length, cache_size, name)
 
     @classmethod
     def from_model(cls, model, tokenizer, max_length, cache_size=0):

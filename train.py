@@ -137,6 +137,11 @@ def get_args(argv=None):
         p.error("pass --data or --features, not both: features already hold the encoded manifest")
     if args.data and data.missing_manifest(args.data):
         p.error(data.missing_manifest(args.data))
+    if args.data:  # its header and rows now, not after minutes of loading T5-XXL
+        try:
+            data.read_manifest(args.data)
+        except ValueError as e:
+            p.error(str(e))
     if args.model not in PRESETS:
         p.error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
     if not 0 <= args.grad_checkpoint <= 1:
@@ -415,14 +420,15 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
     # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
     logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    skipped, seen, tick = 0, 0, time.time()
+    unreadable, seen, tick = set(), 0, time.time()
     streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
     stream = batches(dataset, sampler, loader, *position)
     train_model.train()
     while step < args.steps:
         for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
             epoch, done, batch = next(stream)
-            position, skipped = (epoch, done), skipped + batch["skipped"]
+            position = (epoch, done)
+            unreadable.update(batch.get("unreadable", ()))  # manifest rows: a bad file counts once per run
             if args.features:  # stored in bf16 / fp16: back to fp32, as encode() returns
                 z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
                 z, y = z.float(), y.float()
@@ -452,7 +458,7 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             record = dict(step=step, loss=loss, grad_norm=grad_norm, samples_per_s=seen * dp_size / (time.time() - tick),
-                          skipped=skipped, epoch=epoch, nonfinite_skipped_steps=bad_steps)
+                          skipped=len(unreadable), epoch=epoch, nonfinite_skipped_steps=bad_steps)
             if args.zero and opt.dynamic:
                 record["overflow_skipped_steps"] = opt.skipped_steps
             log_step(bar, logfile, record, distributed)
@@ -470,8 +476,8 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
                 "the same command and --resume auto")
             raise TrainError(f"stopped by {interrupts.name}", code=128 + interrupts.signal)
     bar.close()
-    if skipped:
-        log(f"{skipped} unreadable clips were skipped (see the warnings above)")
+    if unreadable:
+        log(f"{len(unreadable)} unreadable clips were skipped (see the warnings above)")
 
     sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log)
     if dist.is_initialized():
@@ -585,17 +591,21 @@ def parallelize(args, model, sp_group, distributed, device, encoders, log):
 
 def batches(dataset, sampler, loader, epoch, start):
     """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
-    was unreadable has nothing to learn from: it is passed over, its skip count added to the next batch's."""
-    carried = 0
+    was unreadable has nothing to learn from: it is passed over, its unreadable rows added to the next batch's."""
+    carried, read = [], False
     while True:
         dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
         sampler.set_epoch(epoch, start_batch=start)
         for i, batch in enumerate(loader, start=start + 1):
-            carried += batch["skipped"]
+            carried += batch.get("unreadable", [])
             if "latent" in batch or batch["video"] is not None:  # features, or clips of which one at least was read
-                yield epoch, i, dict(batch, skipped=carried)
-                carried = 0
-        epoch, start = epoch + 1, 0
+                yield epoch, i, dict(batch, unreadable=carried)
+                carried, read = [], True
+        if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
+            raise TrainError(f"not one clip of {getattr(dataset, 'csv_path', 'the manifest')} could be read in a whole epoch "
+                             f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
+                             "ones start at the manifest's folder)")
+        epoch, start, read = epoch + 1, 0, False
 
 
 def log_step(bar, logfile, record, distributed):
@@ -1009,6 +1019,11 @@ def get_vqvae_args(argv=None):
         p.error("pass --data CSV (see `python data.py manifest --help`) or --demo")
     if args.data and data.missing_manifest(args.data):
         p.error(data.missing_manifest(args.data))
+    if args.data:  # its header and rows now, not after minutes of loading T5-XXL
+        try:
+            data.read_manifest(args.data)
+        except ValueError as e:
+            p.error(str(e))
     data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
                                                  "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
     if args.cache is None:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
+from text import hub_offline
+
 SD_VAE = "stabilityai/sd-vae-ft-ema"   # Open-Sora v1.0's VAE: SD's KL-f8 with an EMA fine-tuned decoder
 # SD's latents have a standard deviation of about 1/0.18215 (measured by the latent-diffusion authors on
 # their training set); diffusion noise schedules assume unit-variance data, so latents are scaled by it.
@@ -105,7 +107,7 @@ class SDVAE(VideoVAE):
         _check_folder(path)
         from diffusers import AutoencoderKL   # imported here so 'raw' runs need no diffusers import
         try:
-            self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+            self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=hub_offline(path))
         except OSError:
             # diffusers raises OSError for an unknown hub id and an unreachable hub alike;
             # `from None` keeps the screen to the one sentence that says what to do
@@ -173,7 +175,8 @@ class WanVAE(VideoVAE):
         _check_folder(os.path.join(path, subfolder or ""))
         from diffusers import AutoencoderKLWan   # imported here so other kinds need no diffusers import
         try:
-            self.vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+            self.vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype,
+                                                        local_files_only=hub_offline(path))
         except OSError:
             raise _missing_weights(path, "not a folder here, and the hub lacks it or cannot be reached") from None
         self.vae.eval().requires_grad_(False)
@@ -544,7 +547,8 @@ def load_vqvae(path):
         _check_folder(path)
         if not os.path.isdir(path):
             try:
-                path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", *VQVAE_WEIGHTS])
+                path = huggingface_hub.snapshot_download(path, allow_patterns=["config.json", *VQVAE_WEIGHTS],
+                                                         local_files_only=hub_offline(path))
             except (OSError, ValueError):   # offline, unknown repo and malformed id all end here
                 raise _missing_weights(path, "not a folder here, and the hub lacks it or cannot be reached") from None
             _check_folder(path)
