@@ -14,6 +14,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import contextlib
+import copy
 import csv
 import itertools
 import json
@@ -1187,7 +1188,7 @@ def test_vqvae_loads_from_folder_hub_id_and_videogpt_checkpoint(tmp_path, monkey
     # a hub id is fetched (config.json + weights) into the hub cache, then read by the same folder code
     fetched = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, allow_patterns: fetched.append(repo) or str(tmp_path / "ours"))
+                        lambda repo, allow_patterns, local_files_only: fetched.append(repo) or str(tmp_path / "ours"))
     same_weights(build_vae("vqvae", path="someone/videogpt-vqvae"))
     assert fetched == ["someone/videogpt-vqvae"]
     # Open-Sora-Plan's layout: config.json with downsample "2,4,4" and extra settings, pytorch_model.bin;
@@ -1657,6 +1658,35 @@ def test_diverging_run_stops_and_never_saves_nonfinite_weights(tmp_path, tiny_t5
     save_file(ema, checkpoints[-1] / "ema.safetensors")
     with pytest.raises(SystemExit, match="1 weights hold NaN or infinity .*final_layer.linear.weight.*sample an earlier"):
         sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle"])
+
+
+def test_nonfinite_steps_are_skipped_by_fused_and_plain_adamw():
+    """train.optimizer_step and update_ema with bad = 1 leave weights, Adam moments, step count and EMA as they were
+    (a fused AdamW, what GPUs run, skips on the device through found_inf; a plain one reads bad on the host), and
+    with bad = 0 step exactly as an unguarded step does."""
+    import train
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        ema = copy.deepcopy(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        reference = copy.deepcopy(model)
+        reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
+        for bad in (0.0, 1.0, 0.0):
+            for m in (model, reference):
+                m.zero_grad()
+                m(torch.ones(2, 4)).square().sum().backward()
+            before = [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in ema.parameters()]
+            train.optimizer_step(opt, scaler, torch.tensor(bad))
+            train.update_ema(ema, model, 0.9, skip=torch.tensor(bad))
+            after = [p.detach() for p in model.parameters()] + [p.detach() for p in ema.parameters()]
+            if bad:
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
+            else:
+                reference_opt.step()
+                assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
+        assert all(int(state["step"]) == 2 for state in opt.state.values())  # the skipped step is not counted
 
 
 def train_max_nonfinite():

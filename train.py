@@ -32,6 +32,7 @@ from copy import deepcopy
 
 import torch
 import torch.distributed as dist
+from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -185,9 +186,11 @@ def refuse_bad_values(error, args):
 
 class IDDPM:
     def __init__(self):
-        # sample.py's schedule in float64, as IDDPM computes it: its samplers see the very same betas
-        betas = torch.from_numpy(sample.training_betas())
-        ab = torch.cumprod(1 - betas, dim=0)
+        # sample.py's schedule, through diffusers (float32 betas; sample.IDDPMSampler takes IDDPM's float64 ones, which
+        # differ from them by float32 rounding, 1e-7 at most)
+        sched = DDPMScheduler(**SCHEDULE)
+        betas = sched.betas.double()
+        ab = sched.alphas_cumprod.double()
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde
         tables = dict(
@@ -198,7 +201,7 @@ class IDDPM:
             coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
             snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
         )
-        self.num_steps = SCHEDULE["num_train_timesteps"]
+        self.num_steps = sched.config.num_train_timesteps
         self.tables = {k: v.float() for k, v in tables.items()}
         self.on_device = {}  # device -> the tables there, copied once
 
@@ -724,7 +727,10 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
             raise TrainError(f"{checkpoint} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other "
                              "ranks): resume with the same flags and number of processes, or start from its weights "
                              "with --init")
-        opt.load_state_dict(load_states(slices, device))
+        try:
+            opt.load_state_dict(load_states(slices, device))
+        except ValueError as e:  # cut for another number of ranks or buckets: the message says how to go on
+            raise TrainError(f"{checkpoint}: {e}") from e
     else:
         if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
             raise TrainError(f"{checkpoint} was written with --zero 2: resume with --zero 2 and the same number of "
