@@ -397,21 +397,7 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
     diffusion = IDDPM()
 
     # data: clips from the manifest, or their precomputed features (same order, same buckets)
-    if dataset is None:
-        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
-                                    image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
-                                    # native sizes are cropped to a multiple the VAE and the patch both divide
-                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
-    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
-    if len(sampler) == 0:
-        raise TrainError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
-                         "--batch-size or add videos")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         collate_fn=data.collate_features if args.features else data.collate,
-                                         pin_memory=device.type == "cuda",
-                                         # its own generator: a loader seeds its workers from the global RNG
-                                         # otherwise, and a resumed run would draw different noise
-                                         generator=torch.Generator().manual_seed(args.seed))
+    dataset, sampler, loader = make_loader(args, dataset, vae, model, device, dp_rank, dp_size)
 
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
     step, position = 0, (0, 0)
@@ -590,6 +576,26 @@ def parallelize(args, model, sp_group, distributed, device, encoders, log):
                                 fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
     return train_model, opt, scaler
+
+
+def make_loader(args, dataset, vae, model, device, dp_rank, dp_size):
+    """(data set, bucket sampler, loader) over the manifest's clips, or over the precomputed features given."""
+    if dataset is None:
+        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
+                                    image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
+                                    # native sizes are cropped to a multiple the VAE and the patch both divide
+                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
+    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
+    if len(sampler) == 0:
+        raise TrainError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
+                         "--batch-size or add videos")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         collate_fn=data.collate_features if args.features else data.collate,
+                                         pin_memory=device.type == "cuda",
+                                         # its own generator: a loader seeds its workers from the global RNG
+                                         # otherwise, and a resumed run would draw different noise
+                                         generator=torch.Generator().manual_seed(args.seed))
+    return dataset, sampler, loader
 
 
 def batches(dataset, sampler, loader, epoch, start):
