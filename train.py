@@ -923,7 +923,7 @@ def claim_outdir(args, log):
 
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before killing a job) ask the loop to finish the
-    current step and write a checkpoint; a second Ctrl-C aborts at once. Under torchrun the ranks agree at log steps."""
+    current step and write a checkpoint; a second signal aborts at once. Under torchrun the ranks agree at log steps."""
 
     def __init__(self):
         self.signal, self.previous = None, {}
@@ -938,8 +938,8 @@ class Interrupts:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        if self.signal is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C (or SIGTERM): abort now, even inside a step that never ends
         self.signal = signum
         print(f"\n{self.name}: finishing this step, then writing a checkpoint (Ctrl-C again aborts at once)",
               file=sys.stderr, flush=True)
