@@ -231,13 +231,17 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
+def file_stem(i, prompt):
+    """003_a_red_circle_moving_left: the sample's number and its prompt, safe as a file name."""
+    return f"{i:03d}_" + re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
+
+
 def save_videos(frames, prompts, outdir, fps=8, grid_frames=8):
     """One mp4 per prompt plus grid.png: a row per prompt, grid_frames frames evenly spread in time."""
     os.makedirs(outdir, exist_ok=True)
     paths = []
     for i, (video, prompt) in enumerate(zip(frames, prompts)):
-        name = re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
-        paths.append(os.path.join(outdir, f"{i:03d}_{name}.mp4"))
+        paths.append(os.path.join(outdir, f"{file_stem(i, prompt)}.mp4"))
         data.write_video(paths[-1], video, fps=fps)
     T = frames.shape[1]
     pick = torch.linspace(0, T - 1, min(grid_frames, T)).round().long()
@@ -280,8 +284,7 @@ def save_images(images, prompts, outdir, per_row=4):
     os.makedirs(outdir, exist_ok=True)
     paths = []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        name = re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
-        paths.append(os.path.join(outdir, f"{i:03d}_{name}.png"))
+        paths.append(os.path.join(outdir, f"{file_stem(i, prompt)}.png"))
         data.write_png(paths[-1], image)
     n, (H, W) = len(images), images.shape[1:3]
     cols = min(per_row, n)
