@@ -19,6 +19,7 @@ command line win over it. Writes one mp4 per prompt and a PNG grid of frames; on
 and a grid of 4 a row.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -541,6 +542,12 @@ def main(argv=None):
     frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
                       args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask)
     if distributed:
+        # free the group while the interpreter is whole: the attention layers hold it and compiled blocks hold
+        # themselves (a cycle), and a gloo group first freed at exit can abort the process (CI once: rank 1, SIGABRT)
+        del model
+        torch.compiler.reset()
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
             return

@@ -16,6 +16,7 @@ Shape letters as in model.py: B batch, C channels, T frames, H W size, L text to
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -349,6 +350,10 @@ def main(argv=None):
         if e.code:  # an interrupt, saved: the message was printed, the exit code is the shell's 128 + signal
             sys.exit(e.code)
         sys.exit(str(e))
+    finally:
+        # compiled models hold themselves (a cycle) and with them the process group: free them now, since a gloo
+        # group first freed at interpreter exit can abort the process
+        gc.collect()
 
 
 def run(args):
