@@ -1666,21 +1666,22 @@ def test_nonfinite_steps_are_skipped_by_fused_and_plain_adamw():
     (a fused AdamW, what GPUs run, skips on the device through found_inf; a plain one reads bad on the host), and
     with bad = 0 step exactly as an unguarded step does."""
     import train
-    for fused in (False, True):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU suite runs the fused CUDA kernel
+    for device, fused in itertools.product(devices, (False, True)):
         torch.manual_seed(0)
-        model = torch.nn.Linear(4, 3)
+        model = torch.nn.Linear(4, 3, device=device)
         ema = copy.deepcopy(model)
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        scaler = torch.amp.GradScaler(device, enabled=False)
         reference = copy.deepcopy(model)
         reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
         for bad in (0.0, 1.0, 0.0):
             for m in (model, reference):
                 m.zero_grad()
-                m(torch.ones(2, 4)).square().sum().backward()
+                m(torch.ones(2, 4, device=device)).square().sum().backward()
             before = [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in ema.parameters()]
-            train.optimizer_step(opt, scaler, torch.tensor(bad))
-            train.update_ema(ema, model, 0.9, skip=torch.tensor(bad))
+            train.optimizer_step(opt, scaler, torch.tensor(bad, device=device))
+            train.update_ema(ema, model, 0.9, skip=torch.tensor(bad, device=device))
             after = [p.detach() for p in model.parameters()] + [p.detach() for p in ema.parameters()]
             if bad:
                 assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -2143,10 +2144,11 @@ def test_iddpm_loss_terms():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
 @pytest.mark.parametrize("eight", [False, True], ids=["bf16", "fp8"])
 def test_training_step_never_waits_for_the_gpu(eight):
-    """A training step (diffusion loss, backward, clipping, fused AdamW) queues GPU work without ever blocking
-    the CPU on it: a blocking copy or read-back would leave the GPU idle while the CPU catches up. With fp8
-    training too (its rounding passes and fp8 matmuls)."""
-    from train import IDDPM, training_step
+    """A training step as train.py runs it (diffusion loss, backward, clipping, the non-finite guard, fused AdamW
+    skipping on the device, the gated EMA) queues GPU work without ever blocking the CPU on it: a blocking copy or
+    read-back would leave the GPU idle while the CPU catches up. With fp8 training too (its rounding passes and fp8
+    matmuls)."""
+    from train import IDDPM, nonfinite, optimizer_step, training_step, update_ema
     if eight and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
     with torch.device("cuda"):
@@ -2154,15 +2156,21 @@ def test_training_step_never_waits_for_the_gpu(eight):
     if eight:
         assert fp8.enable_fp8_training(model) > 0
     opt = torch.optim.AdamW(model.parameters(), fused=True)
+    ema, scaler = copy.deepcopy(model), torch.amp.GradScaler("cuda", enabled=False)
     diffusion = IDDPM()
     y, mask = (t.cuda() for t in condition(model, 2))
     z = torch.randn(2, 4, 2, 8, 8, device="cuda")
+    streak = torch.zeros((), device="cuda")
 
     def step():
-        training_step(model, diffusion, z, y, mask, "bf16").backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        nonlocal streak
+        loss = training_step(model, diffusion, z, y, mask, "bf16")
+        loss.backward()
+        bad = nonfinite(loss, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), "bf16")
+        optimizer_step(opt, scaler, bad)
+        update_ema(ema, model, 0.99, skip=bad)
         opt.zero_grad(set_to_none=True)
+        streak = (streak + 1) * bad
     step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
     torch.cuda.set_sync_debug_mode("error")
     try:
