@@ -13,6 +13,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
+import argparse
 import contextlib
 import copy
 import csv
@@ -2148,7 +2149,7 @@ def test_training_step_never_waits_for_the_gpu(eight):
     skipping on the device, the gated EMA) queues GPU work without ever blocking the CPU on it: a blocking copy or
     read-back would leave the GPU idle while the CPU catches up. With fp8 training too (its rounding passes and fp8
     matmuls)."""
-    from train import IDDPM, nonfinite, optimizer_step, training_step, update_ema
+    from train import IDDPM, training_step, update_weights
     if eight and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
     with torch.device("cuda"):
@@ -2157,20 +2158,15 @@ def test_training_step_never_waits_for_the_gpu(eight):
         assert fp8.enable_fp8_training(model) > 0
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     ema, scaler = copy.deepcopy(model), torch.amp.GradScaler("cuda", enabled=False)
+    args = argparse.Namespace(zero=False, grad_clip=1.0, precision="bf16", ema_decay=0.99)
     diffusion = IDDPM()
     y, mask = (t.cuda() for t in condition(model, 2))
     z = torch.randn(2, 4, 2, 8, 8, device="cuda")
-    streak = torch.zeros((), device="cuda")
 
     def step():
-        nonlocal streak
         loss = training_step(model, diffusion, z, y, mask, "bf16")
         loss.backward()
-        bad = nonfinite(loss, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), "bf16")
-        optimizer_step(opt, scaler, bad)
-        update_ema(ema, model, 0.99, skip=bad)
-        opt.zero_grad(set_to_none=True)
-        streak = (streak + 1) * bad
+        update_weights(model, ema, opt, scaler, loss, args)
     step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
     torch.cuda.set_sync_debug_mode("error")
     try:

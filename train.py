@@ -326,6 +326,24 @@ def optimizer_step(opt, scaler, bad):
         opt.step()
 
 
+def update_weights(model, ema, opt, scaler, loss, args):
+    """Clip the gradients, then step the weights and the EMA unless the loss or the gradients are not finite, and
+    clear the gradients. Returns (grad_norm, bad), 0-d tensors on the device: nothing here waits for the GPU."""
+    clip = args.grad_clip if args.grad_clip > 0 else math.inf  # 0: no clipping, the norm is still logged
+    if args.zero:
+        grad_norm = opt.clip_grad_norm_(clip)
+        bad = nonfinite(loss, grad_norm, args.precision)
+        opt.step(skip=bad)  # also unscales and skips on fp16 overflow, updates the sharded EMA
+    else:
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        bad = nonfinite(loss, grad_norm, args.precision)
+        optimizer_step(opt, scaler, bad)
+        update_ema(ema, model, args.ema_decay, skip=bad)
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, bad
+
+
 def stop_if_diverged(streak, step, args):
     """TrainError once MAX_NONFINITE steps in a row had a non-finite loss or gradients (read here, at a log or
     checkpoint step: the only waits for the GPU)."""
@@ -435,18 +453,7 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
                 loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
                 scaler.scale(loss / args.grad_accum).backward()
             seen += z.shape[0]
-        clip = args.grad_clip if args.grad_clip > 0 else math.inf  # 0: no clipping, the norm is still logged
-        if args.zero:
-            grad_norm = opt.clip_grad_norm_(clip)
-            bad = nonfinite(loss, grad_norm, args.precision)
-            opt.step(skip=bad)  # also unscales and skips on fp16 overflow, updates the sharded EMA
-        else:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            bad = nonfinite(loss, grad_norm, args.precision)
-            optimizer_step(opt, scaler, bad)
-            update_ema(ema, model, args.ema_decay, skip=bad)
-        opt.zero_grad(set_to_none=True)
+        grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
         streak, bad_steps = (streak + 1) * bad, bad_steps + bad  # on the device: read at log and checkpoint steps
         step += 1
         bar.update(1)
@@ -726,7 +733,9 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
     try:
         with open(os.path.join(checkpoint, "meta.json")) as f:
             meta = json.load(f)
-        step, epoch, batch, written = meta["step"], meta["epoch"], meta["batch"], meta["model_config"]
+        step, epoch, batch = meta["step"], meta["epoch"], meta["batch"]
+        if not isinstance(meta.get("model_config"), dict):  # check_same_run compares it below
+            raise KeyError("model_config")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Unreadable(f"its meta.json cannot be read ({type(e).__name__}: {e})") from e
     check_same_run(checkpoint, meta, args, model)
