@@ -553,12 +553,13 @@ def load_checkpoint(model, source):
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, patch=(1, p, p))
               for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
-DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # the CPU demo's size
+# the CPU demo's: patches of 2x2 pixels (12 values a token); with 4x4 (48) it learnt colours but not shapes
+DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 2, 2))
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 # STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs.
 STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads=h, patch=(1, p, p))
                 for size, (d, D, h) in _DIT_SIZES.items() if size != "L" for p in (2, 4)}
-STDiT_models["STDiT-demo"] = dict(arch="stdit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # CPU demo: minutes on 2 cores
+STDiT_models["STDiT-demo"] = dict(arch="stdit", depth=4, hidden=128, heads=4, patch=(1, 4, 4))  # small, for CPU runs
 STDiT_models["STDiT-debug"] = dict(arch="stdit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 PRESETS = {**DiT_models, **STDiT_models}
 

@@ -417,7 +417,7 @@ PRESETS = {
 DEFAULTS = dict(sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None, seed=0, precision="fp32", fps=8,
                 noise="cpu", null_mask="all", text_encoder="t5", text_len=120, text_dtype=None, vae="sd", vae_path=None,
                 vae_micro_batch=32, space_scale=1.0, time_scale=1.0, model=None, prompts=[], num_frames=None,
-                image_size=None)
+                image_size=None, pixel_norm=(0.0, 1.0))
 def get_args(argv=None):
     """The command line over the preset (if any) over DEFAULTS; args.given names what the command line set (a train.py
     folder's meta.json fills in the rest of its encoders and size)."""
@@ -501,6 +501,7 @@ def main(argv=None):
         # the encoders and size it was trained with, where the command line does not say otherwise
         trained = {k: meta["args"][k] for k in ("text_encoder", "text_len", "vae", "vae_path", "vae_micro_batch",
                                                  "num_frames", "image_size")}
+        trained["pixel_norm"] = meta["args"].get("pixel_norm", [0.0, 1.0])  # runs from before the flag: none
         vars(args).update({k: v for k, v in trained.items() if k not in args.given})
     else:
         scales = dict(space_scale=args.space_scale, time_scale=args.time_scale)
@@ -526,7 +527,7 @@ def main(argv=None):
         args.text_encoder, max_length=args.text_len, device=device, dtype=DTYPES.get(args.text_dtype))
     # the published scripts cast the VAE to their sampling dtype (Open-Sora fp16, DiT fp32); ours decode in fp32
     vae = build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
-                    dtype=DTYPES[args.precision] if args.preset else torch.float32)
+                    dtype=DTYPES[args.precision] if args.preset else torch.float32, pixel_norm=args.pixel_norm)
     if args.num_frames is None or args.image_size is None:
         error("give the video size with --num-frames and --image-size (or a --preset)")
     size = (args.num_frames, *args.image_size)

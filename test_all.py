@@ -1051,11 +1051,15 @@ def test_sd_vae_shapes_and_micro_batches(tmp_path):
     torch.testing.assert_close(out[0, :, 2], reference.decode(one_batch[2:3]).sample[0])
 
 
-def test_raw_vae_is_identity():
+def test_raw_vae_is_identity_or_standardises_pixels():
     vae = build_vae("raw")
     x = torch.rand(2, 3, 4, 8, 8) * 2 - 1
-    assert vae.encode(x) is x and vae.decode(x) is x
+    assert torch.equal(vae.encode(x), x) and torch.equal(vae.decode(x), x)
     assert vae.out_channels == 3 and vae.compression == (1, 1, 1) and vae.latent_shape(4, 9, 7) == (4, 9, 7)
+    vae = build_vae("raw", pixel_norm=(-0.8, 0.25))  # --pixel-norm MEAN STD: the model sees (x - MEAN) / STD
+    assert torch.allclose(vae.encode(x), (x + 0.8) * 4) and torch.allclose(vae.decode(vae.encode(x)), x, atol=1e-6)
+    with pytest.raises(ValueError, match="the standard deviation must be positive"):
+        build_vae("raw", pixel_norm=(0, 0))
 
 
 def test_vae_errors(tmp_path):
@@ -1704,6 +1708,7 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
                         (["--lr", "nan"], "--lr nan"),
                         (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
                         (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
+                        (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
                         (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
                         (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
                         (["--outdir", str(tmp_path / "file" / "run")], "cannot be written to")):
@@ -1902,10 +1907,12 @@ def test_unreachable_hub_is_not_retried(monkeypatch):
     text._hub_reachable.cache_clear()
 
 
-def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
+def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1", "--pixel-norm", "-0.5", "0.5")
     import sample
+    normalised = []  # the run's --pixel-norm reaches sample.py's VAE through meta.json
+    monkeypatch.setattr(sample, "build_vae", lambda *a, **k: normalised.append(k["pixel_norm"]) or build_vae(*a, **k))
     out = tmp_path / "samples"
     prompts = ["a red circle moving left", "a blue square moving up"]
     for sampler in ("ddpm", "ddim", "dpm"):
@@ -1917,6 +1924,7 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys):
         frames = data.read_video(str(videos[0]))
         assert frames.shape == (6, 16, 16, 3) and frames.dtype == torch.uint8
         assert (out / sampler / "grid.png").stat().st_size > 0
+    assert normalised == [[-0.5, 0.5]] * 3
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
     for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
@@ -2140,6 +2148,24 @@ def test_iddpm_loss_terms():
     assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
     worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
     assert (worse > loss).all()
+
+
+def test_min_snr_weighting():
+    """--min-snr restated: the epsilon MSE (which weighs x0 errors by SNR) times min(SNR, gamma) / SNR, with SNR from
+    the linear betas in float64; the VLB term is left alone."""
+    from train import IDDPM
+    d = IDDPM()
+    torch.manual_seed(0)
+    x0, noise, out = torch.randn(6, 3, 2, 4, 4), torch.randn(6, 3, 2, 4, 4), torch.randn(6, 6, 2, 4, 4)
+    t = torch.tensor([0, 5, 200, 500, 900, 999])
+    xt = d.add_noise(x0, t, noise)
+    mse = (noise - out[:, :3]).pow(2).flatten(1).mean(1)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = ab / (1 - ab)
+    weight = (snr.clamp(max=5.0) / snr).float()
+    torch.testing.assert_close(d.loss(out, x0, xt, t, noise, 5.0), d.loss(out, x0, xt, t, noise) + mse * (weight - 1),
+                               rtol=1e-5, atol=1e-6)
+    assert weight[0] < 0.01 and weight[2:].tolist() == [1, 1, 1, 1]  # only the nearly clean steps are weighed down
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")

@@ -88,6 +88,9 @@ def get_args(argv=None):
                    help="latent space: raw pixels, SD-VAE per frame, VideoGPT VQ-VAE (vae.py train), Wan's video VAE")
     p.add_argument("--vae-path", default=None, help="VAE hub id or folder (sd: stabilityai/sd-vae-ft-ema, video: "
                    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, vqvae: a folder written by `python vae.py train`)")
+    p.add_argument("--pixel-norm", type=float, nargs=2, default=[0.0, 1.0], metavar=("MEAN", "STD"),
+                   help="--vae raw: the model sees (pixels - MEAN) / STD, the data's own mean and standard deviation "
+                        "in [-1, 1] units (the demo: -0.83 0.25)")
     p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per VAE call, bounds its memory")
     p.add_argument("--vae-sample", action=argparse.BooleanOptionalAction, default=True,
                    help="draw latents from the VAE posterior (v1.0); --no-vae-sample takes its mean, as data.py precompute stores")
@@ -170,6 +173,9 @@ def refuse_bad_values(error, args):
     for name in ("weight_decay", "min_snr", "num_workers"):
         if not getattr(args, name) >= 0:
             error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
+    if not args.pixel_norm[1] > 0:
+        error(f"--pixel-norm {args.pixel_norm[0]:g} {args.pixel_norm[1]:g}: the standard deviation must be positive "
+              "(the data's, in [-1, 1] units; 1 leaves the pixels as they are)")
     if args.image_size != [0, 0] and min(args.image_size) < 1:
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
@@ -267,7 +273,8 @@ def discretized_gaussian_loglik(x, mean, log_scale):
 def load_encoders(args, device):
     """The frozen text encoder and VAE that args name (hub ids or folders)."""
     text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
-    return text_encoder, build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device)
+    return text_encoder, build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
+                                   pixel_norm=args.pixel_norm)
 
 
 @torch.no_grad()  # the encoders are frozen
@@ -793,7 +800,7 @@ def load_states(path, device):
 # uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
 EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr", "ema_decay",
                "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae",
-               "vae_path", "vae_sample", "zero")
+               "vae_path", "pixel_norm", "vae_sample", "zero")
 
 
 def check_same_run(checkpoint, meta, args, model):

@@ -66,14 +66,21 @@ class VideoVAE(nn.Module):
 
 
 class RawVAE(VideoVAE):
-    """No autoencoder: the model diffuses pixels directly (tiny CPU runs, tests)."""
+    """No autoencoder: the model diffuses pixels directly (tiny CPU runs, tests), standardised with the data's mean
+    and standard deviation (pixel_norm) as latent VAEs scale theirs to about unit variance (SD's 0.18215)."""
     kind = "raw"
 
+    def __init__(self, pixel_norm=(0.0, 1.0)):
+        super().__init__()
+        self.mean, self.std = map(float, pixel_norm)
+        if not self.std > 0:
+            raise ValueError(f"--pixel-norm {self.mean:g} {self.std:g}: the standard deviation must be positive")
+
     def encode(self, x, sample=True):
-        return x
+        return (x - self.mean) / self.std
 
     def decode(self, z):
-        return z
+        return z * self.std + self.mean
 
 
 def _missing_weights(path, why):
@@ -577,10 +584,10 @@ def save_vqvae(model, folder):
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
 
 
-def build_vae(kind="raw", path=None, micro_batch=32, device="cpu", dtype=torch.float32):
+def build_vae(kind="raw", path=None, micro_batch=32, device="cpu", dtype=torch.float32, pixel_norm=(0.0, 1.0)):
     """The autoencoder train.py and sample.py use; `path` overrides the kind's default weights."""
     if kind == "raw":
-        return RawVAE().to(device)
+        return RawVAE(pixel_norm).to(device)
     if kind == "sd":
         return SDVAE(path or SD_VAE, micro_batch=micro_batch, dtype=dtype).to(device)
     if kind == "vqvae":
