@@ -418,6 +418,8 @@ DEFAULTS = dict(sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None, see
                 noise="cpu", null_mask="all", text_encoder="t5", text_len=120, text_dtype=None, vae="sd", vae_path=None,
                 vae_micro_batch=32, space_scale=1.0, time_scale=1.0, model=None, prompts=[], num_frames=None,
                 image_size=None, pixel_norm=(0.0, 1.0))
+
+
 def get_args(argv=None):
     """The command line over the preset (if any) over DEFAULTS; args.given names what the command line set (a train.py
     folder's meta.json fills in the rest of its encoders and size)."""
