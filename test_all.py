@@ -1709,6 +1709,7 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
                         (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
                         (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
                         (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
+                        (["--vae", "sd", "--pixel-norm", "0", "2"], "--pixel-norm scales raw pixels, not the sd"),
                         (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
                         (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
                         (["--outdir", str(tmp_path / "file" / "run")], "cannot be written to")):

@@ -176,6 +176,8 @@ def refuse_bad_values(error, args):
     if not args.pixel_norm[1] > 0:
         error(f"--pixel-norm {args.pixel_norm[0]:g} {args.pixel_norm[1]:g}: the standard deviation must be positive "
               "(the data's, in [-1, 1] units; 1 leaves the pixels as they are)")
+    if args.pixel_norm != [0.0, 1.0] and args.vae != "raw":
+        error(f"--pixel-norm scales raw pixels, not the {args.vae} VAE's latents: drop it, or train on --vae raw")
     if args.image_size != [0, 0] and min(args.image_size) < 1:
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
