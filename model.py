@@ -299,6 +299,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     in_channels: int = 4           # SD-VAE latents
     learn_sigma: bool = True       # predict the IDDPM variance interpolation too: out channels = 2 x in
+    eps_skip: bool = False         # add sqrt(1 - abar_t) x_t to the predicted noise (DiT-demo; off as published)
     cond: str = "cross"            # DiT: adaln | cross | concat; STDiT: cross (its only structure)
     num_classes: int = 0           # > 0: class labels; 0: text-token states
     caption_channels: int = 4096   # T5-v1.1-XXL's d_model
@@ -345,6 +346,9 @@ class DiffusionTransformer(nn.Module):
             self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.dropout)
         else:
             self.y_embedder = CaptionEmbedder(cfg.caption_channels, D, cfg.caption_len, cfg.dropout, learn_null=cfg.arch == "dit")
+        if cfg.eps_skip:  # sqrt(1 - abar_t) of the training schedule (sample.SCHEDULE: betas 1e-4 to 0.02, linear)
+            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+            self.register_buffer("skip_scale", (1 - abar).sqrt().float(), persistent=False)
 
     def grid(self, x):
         """Token grid (T/p_t, H/p_h, W/p_w) of latents x (B, C, T, H, W), read from its shape."""
@@ -363,6 +367,17 @@ class DiffusionTransformer(nn.Module):
     def unpatchify(self, x, grid):  # (B, N, p_t*p_h*p_w*C_out) -> (B, C_out, T, H, W)
         (T, H, W), (pt, ph, pw) = grid, self.cfg.patch
         return rearrange(x, "B (T H W) (pt ph pw C) -> B C (T pt) (H ph) (W pw)", T=T, H=H, W=W, pt=pt, ph=ph, pw=pw)
+
+    def add_skip(self, out, x, t):
+        """With cfg.eps_skip, out's noise channels plus sqrt(1 - abar_t) x_t: for data of unit variance, the best
+        linear guess of the noise from x_t (EDM's c_skip, written for noise prediction). Where x_t is nearly all
+        noise the blocks then add a small correction instead of copying x_t through exactly, which a small model
+        trained for minutes does not do well enough. The loss is the same; published models have it off."""
+        if not self.cfg.eps_skip:
+            return out
+        C = x.shape[1]
+        skip = self.skip_scale[t.long()].view(-1, 1, 1, 1, 1).to(out.dtype) * x.to(out.dtype)
+        return torch.cat([out[:, :C] + skip, out[:, C:]], dim=1)
 
     def embed_condition(self, y, mask, force_drop):
         """Condition tokens (B, L, D) and their mask; drops conditions for classifier-free guidance:
@@ -424,7 +439,7 @@ class DiT(DiffusionTransformer):
     def forward(self, x, t, y, mask=None, force_drop=None):
         """x (B, C, T, H, W) latents, t (B,) steps, y labels (B,) or caption states (B, L, C_text),
         mask (B, L) bool, force_drop (B,) bool: use the null condition. Returns (B, C_out, T, H, W)."""
-        grid = self.grid(x)
+        grid, xt = self.grid(x), x  # xt for add_skip
         x = self.x_embedder(x)  # (B, T, S, D)
         x = x + pos_embed_3d(self.cfg.hidden, grid, self.cfg.space_scale, self.cfg.time_scale, x.device).to(x.dtype)
         x = rearrange(x, "B T S D -> B (T S) D")
@@ -442,7 +457,7 @@ class DiT(DiffusionTransformer):
             x = self.run_block(i, x, c, y, y_mask, x_mask)
         if self.cfg.cond == "concat":
             x = x[:, L:]  # drop the condition tokens before the final layer
-        return self.unpatchify(self.final_layer(x, c), grid)
+        return self.add_skip(self.unpatchify(self.final_layer(x, c), grid), xt, t)
 
 
 class STDiT(DiffusionTransformer):
@@ -463,6 +478,7 @@ class STDiT(DiffusionTransformer):
     def forward(self, x, t, y, mask=None, force_drop=None):
         """x (B, C, T, H, W), t (B,), y caption states (B, L, C_text), mask (B, L) bool, force_drop (B,) bool."""
         T, H, W = grid = self.grid(x)
+        xt, steps = x, t  # for add_skip
         x = self.x_embedder(x)  # (B, T, S, D)
         x = x + pos_embed_2d(self.cfg.hidden, H, W, self.cfg.space_scale, x.device).to(x.dtype)
         tpe = pos_embed_1d(self.cfg.hidden, T, self.cfg.time_scale, x.device).to(x.dtype)[None]  # (1, T, D)
@@ -472,7 +488,7 @@ class STDiT(DiffusionTransformer):
         for i in range(len(self.blocks)):
             x = self.run_block(i, x, t0, y, y_mask, tpe if i == 0 else None)
         x = self.final_layer(rearrange(x, "B T S D -> B (T S) D"), t)  # the final layer takes t, not t0
-        return self.unpatchify(x, grid)
+        return self.add_skip(self.unpatchify(x, grid), xt, steps)
 
 
 def pos_embed_1d(dim, n, scale=1.0, device=None):
@@ -553,8 +569,9 @@ def load_checkpoint(model, source):
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, patch=(1, p, p))
               for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
-# the CPU demo's: patches of 2x2 pixels (12 values a token); with 4x4 (48) it learnt colours but not shapes
-DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 2, 2))
+# the CPU demo's: patches of 2x2 pixels (12 values a token; with 4x4, 48, it learnt colours but not shapes), and
+# eps_skip (without it, 1,440 steps of 16 gave no shapes: docs/LOG.md)
+DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 2, 2), eps_skip=True)
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 # STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs.
 STDiT_models = {f"STDiT-{size}/{p}": dict(arch="stdit", depth=d, hidden=D, heads=h, patch=(1, p, p))

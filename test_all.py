@@ -1708,6 +1708,7 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
                         (["--lr", "nan"], "--lr nan"),
                         (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
                         (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
+                        (["--mid-timesteps", "1.5"], "--mid-timesteps 1.5: give a share from 0"),
                         (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
                         (["--vae", "sd", "--pixel-norm", "0", "2"], "--pixel-norm scales raw pixels, not the sd"),
                         (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
@@ -2168,6 +2169,47 @@ def test_min_snr_weighting():
     torch.testing.assert_close(d.loss(out, x0, xt, t, noise, 5.0), d.loss(out, x0, xt, t, noise) + mse * (weight - 1),
                                rtol=1e-5, atol=1e-6)
     assert weight[0] < 0.01 and weight[2:].tolist() == [1, 1, 1, 1]  # only the nearly clean steps are weighed down
+
+
+@pytest.mark.parametrize("arch", ["DiT-debug", "STDiT-debug"])
+def test_eps_skip_adds_the_noise_guess_from_xt(arch):
+    """eps_skip: the same weights give the output without it plus sqrt(1 - abar_t) x_t in the noise channels (the
+    variance channels unchanged), with abar_t the training schedule's (train.IDDPM's table)."""
+    from train import IDDPM
+    torch.manual_seed(0)
+    plain = build_model(arch, in_channels=3, caption_channels=8, caption_len=4).eval()
+    skip = build_model(arch, in_channels=3, caption_channels=8, caption_len=4, eps_skip=True).eval()
+    skip.load_state_dict(plain.state_dict())  # the table is not a weight: the same keys load
+    assert "skip_scale" not in skip.state_dict()
+    for p in plain.final_layer.parameters():  # a non-zero output, so a lost term would show
+        torch.nn.init.normal_(p, std=0.02)
+    skip.final_layer.load_state_dict(plain.final_layer.state_dict())
+    x, t, y = torch.randn(2, 3, 2, 4, 4), torch.tensor([3, 950]), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        a, b = plain(x, t, y), skip(x, t, y)
+    scale = IDDPM().tables["sqrt_1m_ab"][t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(b[:, :3], a[:, :3] + scale * x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[:, 3:], a[:, 3:])
+    assert scale[0].item() < 0.1 < 0.99 < scale[1].item()  # nearly nothing at t = 3, nearly x_t at t = 950
+
+
+def test_mid_timesteps_draws_that_share_from_the_middle():
+    """--mid-timesteps SHARE: that share of the timesteps from 300-799, the rest uniform over 0-999; 0 is uniform."""
+    from train import IDDPM, training_step
+    seen = []
+
+    class Record(torch.nn.Module):  # returns zeros of the right shape and keeps the timesteps it was given
+        def forward(self, x, t, y, mask=None):
+            seen.append(t.clone())
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    torch.manual_seed(0)
+    z, y = torch.randn(4000, 1, 1, 1, 1), torch.zeros(4000, 1, 1)
+    for share in (0.0, 0.5, 1.0):
+        training_step(Record(), IDDPM(), z, y, None, "fp32", mid_timesteps=share)
+    middle = [((t >= 300) & (t < 800)).float().mean().item() for t in seen]
+    assert abs(middle[0] - 0.5) < 0.03 and abs(middle[1] - 0.75) < 0.03 and middle[2] == 1.0
+    assert seen[0].min() < 30 and seen[0].max() > 970 and seen[1].min() < 30 and seen[1].max() > 970
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")

