@@ -1339,10 +1339,13 @@ def test_demo_generator_and_scorer(tmp_path):
     recoloured = [(frames, caption.replace("red", "blue") if "red" in caption else caption.replace(
         caption.split()[1], "red")) for frames, caption in pairs]
     assert data.score_videos(recoloured)["colour_acc"] == 0.0
-    # The demo's own size, 8 frames of 32x32, grades itself as well.
+    # 8 frames of 32x32, and the CPU demo's own size, 8 frames of 12x12 (every combination), grade themselves too.
     small = data.make_demo_dataset(str(tmp_path / "small"), num_videos=16, num_frames=8, size=32)
     small_pairs = [(data.read_video(os.path.join(tmp_path, "small", r["path"])), r["caption"]) for r in csv.DictReader(open(small))]
     assert data.score_videos(small_pairs) == dict(colour_acc=1.0, direction_acc=1.0, both_acc=1.0, n=16)
+    tiny = data.make_demo_dataset(str(tmp_path / "tiny"), num_videos=48, num_frames=8, size=12)
+    tiny_pairs = [(data.read_video(os.path.join(tmp_path, "tiny", r["path"])), r["caption"]) for r in csv.DictReader(open(tiny))]
+    assert data.score_videos(tiny_pairs) == dict(colour_acc=1.0, direction_acc=1.0, both_acc=1.0, n=48)
     # No hit without one compact moving shape: a standing shape has no direction, and pure noise, coloured speckle
     # on the demo's background, a blank clip and two shapes at once have neither colour nor direction.
     standing = pairs[0][0][:1].repeat(16, 1, 1, 1)
@@ -1353,8 +1356,10 @@ def test_demo_generator_and_scorer(tmp_path):
     speckle[dots] = np.array(list(data.COLOURS.values()), np.uint8)[rng.integers(0, 4, dots.sum())]
     two = small_pairs[0][0].numpy().copy()
     two[:, :8, :8] = data.COLOURS["blue"]
-    for clip in (rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), speckle, np.full((8, 32, 32, 3), 16, np.uint8)):
+    for clip in (rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), speckle, np.full((8, 32, 32, 3), 16, np.uint8),
+                 rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8), speckle[:, :12, :12], np.full((8, 12, 12, 3), 16, np.uint8)):
         assert data.describe_video(clip) == (None, None)
+    assert data.describe_video(tiny_pairs[0][0][:1].repeat(8, 1, 1, 1)) == (data.parse_caption(tiny_pairs[0][1])[0], None)
     assert data.describe_video(two) == (None, None)
     captions = [caption for _, caption in small_pairs]
     assert data.score_videos([(speckle, c) for c in captions])["colour_acc"] == 0.0
