@@ -1723,6 +1723,9 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
             train.get_args(["--demo", "--outdir", str(tmp_path / "out"), *flags])
         assert said in capsys.readouterr().err, flags
     assert train.get_args(["--demo", "--grad-clip", "0", "--outdir", str(tmp_path / "out")]).grad_clip == 0
+    # The demo standardises raw pixels; with a latent VAE its standardisation is not applied (nor refused).
+    assert train.get_args(["--demo", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.83, 0.25]
+    assert train.get_args(["--demo", "--vae", "sd", "--outdir", str(tmp_path / "out")]).pixel_norm == [0.0, 1.0]
     assert not (tmp_path / "out").exists()  # nothing is made before the run starts
 
 

@@ -142,6 +142,9 @@ def get_args(argv=None):
     if args.demo:  # the demo's values become defaults: flags given on the command line still win
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if args.demo and args.vae != "raw" and not any(a.startswith("--pixel-norm") for a in given):
+        args.pixel_norm = [0.0, 1.0]  # the demo's pixel standardisation is for raw pixels, not for latents
     if args.data is None and args.features is None and not args.demo:
         p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
     if args.data and args.features:
