@@ -1919,6 +1919,7 @@ def test_unreachable_hub_is_not_retried(monkeypatch):
 
 
 def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
+    import PIL.Image
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1", "--pixel-norm", "-0.5", "0.5")
     import sample
@@ -1932,9 +1933,11 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypa
                     + ["--compile", "--fp8"] * (sampler == "dpm") + ["--fp8"] * (sampler == "ddim"))  # mode reduce-overhead: no graphs on a CPU
         videos = sorted((out / sampler).glob("*.mp4"))
         assert len(videos) == 2
-        frames = data.read_video(str(videos[0]))
-        assert frames.shape == (6, 16, 16, 3) and frames.dtype == torch.uint8
-        assert (out / sampler / "grid.png").stat().st_size > 0
+        frames = data.read_video(str(videos[0]))  # a demo run's 16x16 frames are written 6x as large, to be seen
+        assert frames.shape == (6, 96, 96, 3) and frames.dtype == torch.uint8
+        grid = torch.as_tensor(np.asarray(PIL.Image.open(out / sampler / "grid.png").convert("RGB")))
+        assert grid.shape == (2 * 96, 6 * 96, 3)  # 2 prompts, 6 frames; every pixel a 6x6 block
+        assert torch.equal(grid, grid[::6, ::6].repeat_interleave(6, 0).repeat_interleave(6, 1))
     assert normalised == [[-0.5, 0.5]] * 3
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
@@ -2739,7 +2742,7 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
         assert done.returncode == 0, done.stderr[-2000:]
     from PIL import Image
     one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
-    assert one.shape == sp.shape == (2 * 16, 5 * 16, 3) and one.std() > 1
+    assert one.shape == sp.shape == (2 * 96, 5 * 96, 3) and one.std() > 1  # a demo run: 16x16 frames drawn 6x
     assert np.abs(one - sp).max() <= 2
     assert len(list((tmp_path / "sp").glob("*.mp4"))) == 2
 
