@@ -2423,7 +2423,7 @@ def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5,
     import sample
     sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
                  "--outdir", str(tmp_path / "samples")])
-    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 16, 16, 3)
+    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 96, 96, 3)  # a demo run: drawn 6x
     # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
     with pytest.raises(SystemExit, match="not divisible by the patch"):
         tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
