@@ -237,12 +237,12 @@ def file_stem(i, prompt):
     return f"{i:03d}_" + re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
 
 
-def save_videos(frames, prompts, outdir, fps=8, grid_frames=8, least=0):
-    """One mp4 per prompt plus grid.png: a row per prompt, grid_frames frames evenly spread in time. Frames smaller
-    than `least` pixels on a side are written enlarged by a whole factor, each pixel a block (the demos pass 96, so
-    that a player shows the CPU demo's 12x12 frames at a size one can see)."""
+def save_videos(frames, prompts, outdir, fps=8, grid_frames=8, enlarge=False):
+    """One mp4 per prompt plus grid.png: a row per prompt, grid_frames frames evenly spread in time. With enlarge
+    (the demos), frames under 96 pixels a side are written larger by a whole factor, each pixel a block, so that a
+    player shows the CPU demo's 12x12 frames at a size one can see."""
     os.makedirs(outdir, exist_ok=True)
-    scale = max(1, -(-least // min(frames.shape[2:4])))
+    scale = max(1, -(-96 // min(frames.shape[2:4]))) if enlarge else 1
     frames = frames.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     paths = []
     for i, (video, prompt) in enumerate(zip(frames, prompts)):
@@ -567,8 +567,7 @@ def write_outputs(args, frames, prompts, meta):
         paths = save_images(frames[:, 0], prompts, args.outdir)
         what = "images"
     else:
-        demo = meta.get("args", {}).get("demo")  # the demos' small frames are written enlarged
-        paths = save_videos(frames, prompts, args.outdir, fps=args.fps, least=96 if demo else 0)
+        paths = save_videos(frames, prompts, args.outdir, fps=args.fps, enlarge=meta.get("args", {}).get("demo", False))
         what = "videos"
     source = args.ckpt if meta["step"] is None else f"step {meta['step']} of {args.ckpt}"
     print(f"wrote {len(paths)} {what} and grid.png to {args.outdir} ({source})")

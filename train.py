@@ -1024,7 +1024,7 @@ def sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log):
     frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
                              sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
                              seed=args.seed, precision=args.precision)
-    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), least=96 if args.demo else 0)
+    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), enlarge=args.demo)
     log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
     if args.demo:
         score = data.score_videos(list(zip(frames, prompts)))
