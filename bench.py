@@ -271,7 +271,8 @@ def bench_training(args, s, device, rank, world, log):
     result = dict(row=args.row, model=s["model"], cond=model.cfg.cond, grid=grid, tokens=tokens, batch=B, gpus=world,
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
-                  attn=s["attn"], fp8_linears=fp8_linears, flash_attn=gpu_kernels.flash_version(), optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  attn=s["attn"], fp8_linears=fp8_linears, flash_attn=gpu_kernels.flash_version(),
+                  fused_norm=gpu_kernels.FUSED_NORM, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -297,6 +298,7 @@ def bench_training(args, s, device, rank, world, log):
 KERNEL_CLASSES = (  # (class, name fragments): a GPU kernel's class is the first whose fragment its name holds
     ("attention", ("fmha", "flash", "sdpa", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass")),
+    ("adaLN norms (fused)", ("_norm_modulate",)),
     ("compiled (triton)", ("triton",)),
     ("optimizer (foreach/fused)", ("multi_tensor_apply",)),
     ("nccl", ("nccl",)),
@@ -554,6 +556,9 @@ def main(argv=None):
     p.add_argument("--no-flash-attn", action="store_true",
                    help="leave flash-attn (4 or 2) out where it is installed: attn auto then runs SDPA's kernels there, "
                         "its other choices (frame kernel, memory-efficient cross-attention) as they are")
+    p.add_argument("--no-fused-norm", action="store_true",
+                   help="adaLN's LayerNorm + modulate and residual add as Inductor compiles model.py's code, not gpu_kernels' "
+                        "fused kernels (for before/after)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
@@ -599,7 +604,8 @@ def main(argv=None):
     if args.row == "all":
         return write(args, all_rows(args, argv))
 
-    with gpu_kernels.override(flash_attn=not args.no_flash_attn):  # off: as if not installed (the result says null)
+    # off: as if not installed (the result says null)
+    with gpu_kernels.override(flash_attn=not args.no_flash_attn, fused_norm=not (args.no_fused_norm or args.baseline)):
         return run(args, argv)
 
 

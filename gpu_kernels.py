@@ -20,6 +20,7 @@ Measurements behind the constants: docs/LOG.md.
 import importlib.util
 import logging
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ except ImportError:
 
 # The auto policy's settings (change them only through override()).
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
+FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
 # flash-attn 4 from this many keys on: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys, no faster at
 # 1,024 and 1.6-2.3% slower at 256 (H200; docs/LOG.md, "flash-attn 4")
@@ -53,13 +55,14 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 
 @contextmanager
 def override(**settings):
-    """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), short_keys,
-    flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
+    """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), fused_norm
+    (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
     bench.py --no-flash-attn; the one way to change this module's behaviour from outside."""
     names = {name: name.upper() for name in settings}
-    unknown = [name for name, upper in names.items() if upper not in ("FLASH_ATTN", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")]
+    known = ("FLASH_ATTN", "FUSED_NORM", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
+    unknown = [name for name, upper in names.items() if upper not in known]
     if unknown:
-        raise ValueError(f"gpu_kernels.override takes flash_attn, short_keys, flash4_keys, query_rows, not {', '.join(unknown)}")
+        raise ValueError(f"gpu_kernels.override takes {', '.join(k.lower() for k in known)}, not {', '.join(unknown)}")
     saved = {upper: globals()[upper] for upper in names.values()}
     globals().update({names[name]: value for name, value in settings.items()})
     try:
@@ -316,6 +319,211 @@ def _frame_attention_setup(ctx, inputs, output):
 frame_attention.register_autograd(
     lambda ctx, grad: (frame_attention_backward(grad, ctx.saved_tensors[0], ctx.heads), None),
     setup_context=_frame_attention_setup)
+
+
+# adaLN's elementwise work as two Triton kernels: each block's LayerNorm + modulate (norm_modulate), and the
+# residual add that comes just before the second one with it (add_norm_modulate: x + gate * a, then LN and
+# modulate, both results written in one pass). The backward kernel walks a run of one sample's rows, so the
+# per-sample sums that the modulation's and the gate's gradients need are taken in the same pass over the rows
+# that gives the input gradient, instead of another read of them.
+
+NORM_KERNEL_WIDTH = 16384  # a row of D values is held in registers
+
+
+def norm_kernel_fits(x, *modulation):
+    """Whether the fused kernels run: CUDA, FUSED_NORM, a row that fits, one (shift, scale, gate) row a sample."""
+    B, D = x.shape[0], x.shape[-1]
+    return (triton is not None and FUSED_NORM and x.is_cuda and x.dim() >= 3 and D <= NORM_KERNEL_WIDTH
+            and all(m is None or (m.shape[0] == B and m.numel() == B * D and m.stride(-1) == 1) for m in modulation))
+
+
+if triton is not None:
+    @triton.jit
+    def _norm_modulate_fwd(x, a, gate, shift, scale, x_out, h, stats, N, D, mod_stride, eps, RESIDUAL: tl.constexpr,
+                           GATED: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One row: x (+ gate * a, stored), then LayerNorm, modulate, stored; the row's mean and 1/std kept."""
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK_D)
+        valid = col < D
+        mod = row // N * mod_stride + col  # this row's sample's modulation
+        v = tl.load(x + row * D + col, mask=valid, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            r = tl.load(a + row * D + col, mask=valid, other=0.0).to(tl.float32)
+            if GATED:
+                r *= tl.load(gate + mod, mask=valid, other=0.0).to(tl.float32)
+            v = (v + r).to(x_out.dtype.element_ty)  # the residual stream as stored is what the norm sees
+            tl.store(x_out + row * D + col, v, mask=valid)
+            v = v.to(tl.float32)
+        mean = tl.sum(v, 0) / D
+        centred = tl.where(valid, v - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
+        scale_row = tl.load(scale + mod, mask=valid, other=0.0).to(tl.float32)
+        shift_row = tl.load(shift + mod, mask=valid, other=0.0).to(tl.float32)
+        tl.store(h + row * D + col, (centred * rstd * (1.0 + scale_row) + shift_row).to(h.dtype.element_ty), mask=valid)
+        tl.store(stats + 2 * row, mean)
+        tl.store(stats + 2 * row + 1, rstd)
+
+    @triton.jit
+    def _norm_modulate_bwd(dh, dx_out, x, a, gate, scale, stats, dx, da, sums, N, D, mod_stride, rows,
+                           RESIDUAL: tl.constexpr, GATED: tl.constexpr, HAS_DX_OUT: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows [g rows, (g + 1) rows) of sample b: the input gradient of each row, and this run's share of the
+        sample's gradients of shift, scale and gate (sums over its rows), written to sums[b, g]."""
+        b, g = tl.program_id(0), tl.program_id(1)
+        col = tl.arange(0, BLOCK_D)
+        valid = col < D
+        mod = b.to(tl.int64) * mod_stride + col
+        one_plus_scale = 1.0 + tl.load(scale + mod, mask=valid, other=0.0).to(tl.float32)
+        if GATED:
+            gate_row = tl.load(gate + mod, mask=valid, other=0.0).to(tl.float32)
+        d_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        d_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+        d_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(g * rows, tl.minimum(g * rows + rows, N)):
+            row = b.to(tl.int64) * N + i
+            at = row * D + col
+            mean, rstd = tl.load(stats + 2 * row), tl.load(stats + 2 * row + 1)
+            xhat = tl.where(valid, (tl.load(x + at, mask=valid, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            grad = tl.load(dh + at, mask=valid, other=0.0).to(tl.float32)
+            d_shift += grad
+            d_scale += grad * xhat
+            grad *= one_plus_scale  # the gradient of the normalised row
+            grad = (grad - xhat * (tl.sum(grad * xhat, 0) / D) - tl.sum(grad, 0) / D) * rstd  # LayerNorm's backward
+            if HAS_DX_OUT:
+                grad += tl.load(dx_out + at, mask=valid, other=0.0).to(tl.float32)
+            tl.store(dx + at, grad.to(dx.dtype.element_ty), mask=valid)
+            if GATED:
+                d_gate += grad * tl.load(a + at, mask=valid, other=0.0).to(tl.float32)
+                tl.store(da + at, (grad * gate_row).to(da.dtype.element_ty), mask=valid)
+        out = (b * tl.num_programs(1) + g).to(tl.int64) * 3 * D + col
+        tl.store(sums + out, d_shift, mask=valid)
+        tl.store(sums + out + D, d_scale, mask=valid)
+        tl.store(sums + out + 2 * D, d_gate, mask=valid)
+
+
+def _sum_dtype(x, a, gate):  # the dtype of x + gate * a in PyTorch
+    return torch.promote_types(x.dtype, a.dtype if gate is None else torch.promote_types(a.dtype, gate.dtype))
+
+
+def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype):
+    x = x.contiguous()
+    B, D = x.shape[0], x.shape[-1]
+    h = torch.empty(x.shape, dtype=dtype, device=x.device)
+    x_out = x if a is None else torch.empty(x.shape, dtype=_sum_dtype(x, a, gate), device=x.device)
+    stats = torch.empty(x.numel() // D, 2, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(D)
+    _norm_modulate_fwd[(x.numel() // D,)](
+        x, x if a is None else a.contiguous(), scale if gate is None else gate, shift, scale, x_out, h, stats,
+        x.numel() // D // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None,
+        BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+    return x_out, h, stats
+
+
+@torch.library.custom_op("opensora::norm_modulate", mutates_args=())
+def norm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm(x) (no affine) * (1 + scale) + shift in dtype, and each row's (mean, 1/std) for backward."""
+    _, h, stats = _launch_norm_fwd(x, None, None, shift, scale, eps, dtype)
+    return h, stats
+
+
+@norm_modulate_op.register_fake
+def _(x, shift, scale, eps, dtype):
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora::add_norm_modulate", mutates_args=())
+def add_norm_modulate_op(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.Tensor], shift: torch.Tensor,
+                         scale: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x + gate * a (gate None: x + a), and norm_modulate of it."""
+    return _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype)
+
+
+@add_norm_modulate_op.register_fake
+def _(x, a, gate, shift, scale, eps, dtype):
+    return (x.new_empty(x.shape, dtype=_sum_dtype(x, a, gate)), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32))
+
+
+@torch.library.custom_op("opensora::norm_modulate_backward", mutates_args=())
+def norm_modulate_backward(dh: torch.Tensor, dx_out: Optional[torch.Tensor], x: torch.Tensor, a: Optional[torch.Tensor],
+                           gate: Optional[torch.Tensor], scale: torch.Tensor, stats: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x (all of it: dx_out, the gradient that reached the stored residual stream, added), of a
+    (gate * dx; empty without a gate, where it is dx), and of shift, scale and gate as sums (3, B, D) in fp32."""
+    B, D = x.shape[0], x.shape[-1]
+    N = x.numel() // D // B
+    dx = torch.empty_like(x)
+    da = torch.empty_like(a) if gate is not None else x.new_empty(0)
+    groups = min(N, triton.cdiv(8 * torch.cuda.get_device_properties(x.device).multi_processor_count, B))
+    rows = triton.cdiv(N, groups)
+    groups = triton.cdiv(N, rows)
+    sums = torch.empty(B, groups, 3, D, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(D)
+    _norm_modulate_bwd[(B, groups)](
+        dh.contiguous(), dh if dx_out is None else dx_out.contiguous(), x, x if a is None else a, scale if gate is None else gate,
+        scale, stats, dx, da, sums, N, D, scale.stride(0), rows, RESIDUAL=a is not None, GATED=gate is not None,
+        HAS_DX_OUT=dx_out is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+    return dx, da, sums.sum(1).transpose(0, 1).contiguous()
+
+
+@norm_modulate_backward.register_fake
+def _(dh, dx_out, x, a, gate, scale, stats):
+    B, D = x.shape[0], x.shape[-1]
+    return (torch.empty_like(x), torch.empty_like(a) if gate is not None else x.new_empty(0),
+            x.new_empty(3, B, D, dtype=torch.float32))
+
+
+def _norm_setup(ctx, inputs, output):
+    if len(inputs) == 5:  # norm_modulate: x, shift, scale, eps, dtype
+        x, shift, scale = inputs[:3]
+        ctx.save_for_backward(x, None, None, shift, scale, output[1])
+    else:                 # add_norm_modulate: x, a, gate, shift, scale, eps, dtype; backward reads the sum
+        x, a, gate, shift, scale = inputs[:5]
+        ctx.save_for_backward(output[0], a, gate, shift, scale, output[2])
+        ctx.dtypes = x.dtype, a.dtype
+
+
+def _modulation_grads(ctx, sums):
+    x, a, gate, shift, scale, stats = ctx.saved_tensors
+    return sums[0].to(shift.dtype).view(shift.shape), sums[1].to(scale.dtype).view(scale.shape)
+
+
+def _norm_modulate_grads(ctx, dh, dstats):
+    x, _, _, shift, scale, stats = ctx.saved_tensors
+    dx, _, sums = norm_modulate_backward(dh, None, x, None, None, scale, stats)
+    return (dx, *_modulation_grads(ctx, sums), None, None)
+
+
+def _add_norm_modulate_grads(ctx, dx_out, dh, dstats):
+    x, a, gate, shift, scale, stats = ctx.saved_tensors
+    dx, da, sums = norm_modulate_backward(dh, dx_out, x, a, gate, scale, stats)
+    dgate = None if gate is None else sums[2].to(gate.dtype).view(gate.shape)
+    x_dtype, a_dtype = ctx.dtypes
+    return (dx.to(x_dtype), (dx if gate is None else da).to(a_dtype), dgate, *_modulation_grads(ctx, sums), None, None)
+
+
+norm_modulate_op.register_autograd(_norm_modulate_grads, setup_context=_norm_setup)
+add_norm_modulate_op.register_autograd(_add_norm_modulate_grads, setup_context=_norm_setup)
+
+
+def _output_dtype(x):
+    """What the LayerNorm's consumer, a Linear, computes in: autocast's dtype where autocast is on."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def norm_modulate(x, shift, scale, eps, reference):
+    """LayerNorm(x) (no affine) * (1 + scale) + shift: the fused kernel where it fits, else reference (model.py)."""
+    if not norm_kernel_fits(x, shift, scale):
+        return reference(x, shift, scale, eps)
+    return norm_modulate_op(x, shift, scale, eps, _output_dtype(x))[0]
+
+
+def add_norm_modulate(x, a, gate, shift, scale, eps, reference):
+    """(x + gate * a, its norm_modulate); gate None: x + a. The fused kernel where it fits, else reference."""
+    if not (norm_kernel_fits(x, gate, shift, scale) and a.shape == x.shape):
+        return reference(x, a, gate, shift, scale, eps)
+    x, h, _ = add_norm_modulate_op(x, a, gate, shift, scale, eps, _output_dtype(x))
+    return x, h
 
 
 # The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long

@@ -38,6 +38,31 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def norm_modulate(x, shift, scale, eps=1e-6):
+    """LayerNorm without affine parameters (eps 1e-6 as in DiT), then modulate: the input of each adaLN branch.
+    On GPUs gpu_kernels.norm_modulate does it in one fused kernel; this is the reference it falls back to."""
+    if x.is_cuda:
+        return gpu_kernels.norm_modulate(x, shift, scale, eps, reference=norm_modulate_reference)
+    return norm_modulate_reference(x, shift, scale, eps)
+
+
+def norm_modulate_reference(x, shift, scale, eps):
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
+
+
+def add_norm_modulate(x, a, gate, shift, scale, eps=1e-6):
+    """The residual add of a branch (x + gate * a; gate None: x + a) and norm_modulate of the sum for the next
+    branch: (sum, its norm_modulate). One fused kernel on GPUs (gpu_kernels.add_norm_modulate)."""
+    if x.is_cuda:
+        return gpu_kernels.add_norm_modulate(x, a, gate, shift, scale, eps, reference=add_norm_modulate_reference)
+    return add_norm_modulate_reference(x, a, gate, shift, scale, eps)
+
+
+def add_norm_modulate_reference(x, a, gate, shift, scale, eps):
+    x = x + a if gate is None else x + gate * a
+    return x, norm_modulate_reference(x, shift, scale, eps)
+
+
 ATTENTION_IMPLS = ("auto", "flash", "sdpa", "math")
 
 
@@ -213,10 +238,8 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, cross, impl):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # eps 1e-6 as in DiT
-        self.attn = Attention(dim, heads, impl)
+        self.attn = Attention(dim, heads, impl)  # both branches take norm_modulate(x): LayerNorm without parameters
         self.cross_attn = CrossAttention(dim, heads, impl) if cross else None
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -224,10 +247,13 @@ class DiTBlock(nn.Module):
         if recompute:
             return checkpoint_block(self.forward, x, c, y, y_mask, x_mask)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), x_mask)
-        if self.cross_attn is not None:  # ungated, like PixArt; its zero-initialised proj starts it at 0
-            x = x + self.cross_attn(x, y, y_mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = self.attn(norm_modulate(x, shift_msa, scale_msa), x_mask)
+        if self.cross_attn is None:  # x + gate_msa * h, and the MLP's input from it
+            x, h = add_norm_modulate(x, h, gate_msa, shift_mlp, scale_mlp)
+        else:  # cross-attention ungated, like PixArt; its zero-initialised proj starts it at 0
+            x = x + gate_msa * h
+            x, h = add_norm_modulate(x, self.cross_attn(x, y, y_mask), None, shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp(h)
 
 
 class STDiTBlock(nn.Module):
@@ -237,10 +263,8 @@ class STDiTBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, impl):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, impl)
         self.cross_attn = CrossAttention(dim, heads, impl)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         # adaLN-single (PixArt-alpha): one t_block shared by all blocks, plus this per-block learned table
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
@@ -253,7 +277,7 @@ class STDiTBlock(nn.Module):
         mod = self.scale_shift_table[None] + t0.reshape(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None, None].unbind(1)  # (B, 1, 1, D)
         # 1. spatial self-attention inside each frame
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        h = norm_modulate(x, shift_msa, scale_msa)
         h = self.attn(rearrange(h, "B T S D -> (B T) S D"))
         x = x + gate_msa * rearrange(h, "(B T) S D -> B T S D", B=B)
         # 2. temporal self-attention along each spatial position, on the un-normalised, un-modulated x;
@@ -261,10 +285,11 @@ class STDiTBlock(nn.Module):
         h = self.attn_temp(x if tpe is None else x + tpe[:, :, None])
         # the spatial gate is reused here: a quirk of Open-Sora v1.0, reproduced on purpose for its checkpoints
         x = x + gate_msa * h
-        # 3. cross-attention to the caption tokens: no norm, no gate
-        x = x + self.cross_attn(rearrange(x, "B T S D -> B (T S) D"), y, y_mask).view(B, T, S, D)
+        # 3. cross-attention to the caption tokens: no norm, no gate (its sum and the MLP's input in one step)
+        x, h = add_norm_modulate(x, self.cross_attn(rearrange(x, "B T S D -> B (T S) D"), y, y_mask).view(B, T, S, D),
+                                 None, shift_mlp, scale_mlp)
         # 4. modulated, gated MLP
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
@@ -273,7 +298,6 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim, patch_volume, out_channels, adaln_single):
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_volume * out_channels)
         if adaln_single:
             self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
@@ -285,7 +309,7 @@ class FinalLayer(nn.Module):
             shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         else:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale))
 
 
 @dataclass
