@@ -1,8 +1,9 @@
 """
-Fast attention on GPUs: the speed paths behind model.py's `attention`, applied from outside the model.
+Fast paths on GPUs behind model.py's `attention` and adaLN norms, applied from outside the model.
 
-model.py writes attention twice, as the reference: torch's SDPA and the plain formula. Everything here is an
-optional speed path that gives the same outputs (test_all.py checks each one against the plain formula):
+model.py writes attention twice, as the reference: torch's SDPA and the plain formula; and each branch's
+LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path that gives the same outputs
+(test_all.py checks each one against model.py's code):
 
   auto policy  - `attention(q, k, v, mask, impl)` picks a kernel by the shapes; constants below say why
   flash-attn   - version 4 (CuTe DSL kernels compiled at run time: Hopper and newer) and version 2, as
@@ -10,10 +11,12 @@ optional speed path that gives the same outputs (test_all.py checks each one aga
   efficient    - SDPA's memory-efficient kernel on rows of queries, for cross-attention to few caption tokens
   frame kernel - STDiT's temporal attention as one Triton kernel that reads q, k, v where the projection
                  wrote them (`frame_attention`)
+  adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward
+                 (`norm_modulate`, `add_norm_modulate`)
   checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (selective checkpointing)
 
 Nothing outside this file changes its settings by writing its globals: `override(...)` is the one way in,
-for tests (`with gpu_kernels.override(short_keys=10): ...`) and bench.py --no-flash-attn.
+for tests (`with gpu_kernels.override(short_keys=10): ...`) and bench.py --no-flash-attn / --no-fused-norm.
 Shape letters as in model.py: B batch, N queries, M keys, h heads, d head size, T frames, S tokens a frame.
 Measurements behind the constants: docs/LOG.md.
 """
