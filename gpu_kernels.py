@@ -455,6 +455,7 @@ def norm_modulate_backward(dh: torch.Tensor, dx_out: Optional[torch.Tensor], x: 
     (gate * dx; empty without a gate, where it is dx), and of shift, scale and gate as sums (3, B, D) in fp32."""
     B, D = x.shape[0], x.shape[-1]
     N = x.numel() // D // B
+    x, a = x.contiguous(), None if a is None else a.contiguous()  # as the forward read them (saved as given)
     dx = torch.empty_like(x)
     da = torch.empty_like(a) if gate is not None else x.new_empty(0)
     groups = min(N, triton.cdiv(8 * torch.cuda.get_device_properties(x.device).multi_processor_count, B))

@@ -427,11 +427,16 @@ def test_frame_attention_kernel_equals_attention_along_frames():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def adaln_inputs(shape, dtype, gen, device):
+def adaln_inputs(shape, dtype, gen, device, strided=False):
     """x and a of shape (B, N, D) or (B, T, S, D) and six per-sample modulation rows cut from one (B, 6, D) tensor
-    as the blocks cut them (views with a sample stride of 6D), all leaves with gradients."""
+    as the blocks cut them (views with a sample stride of 6D), all leaves with gradients; strided: x and a are
+    transposed views, not contiguous."""
     B, D = shape[0], shape[-1]
-    x, a = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+    if strided:
+        x, a = (torch.randn(*shape[:-2], D, shape[-2], generator=gen, device=device, dtype=dtype).transpose(-1, -2)
+                .requires_grad_() for _ in range(2))
+    else:
+        x, a = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(2))
     table = (torch.randn(B, 6, D, generator=gen, device=device, dtype=dtype) * 0.5).requires_grad_()
     rows = table.view(B, 6, *[1] * (len(shape) - 2), D).unbind(1)
     return x, a, table, rows
@@ -457,8 +462,8 @@ def test_fused_norm_kernels_equal_the_reference(dtype, autocast):
     gen = torch.Generator("cuda").manual_seed(0)
     fused = (M.norm_modulate, M.add_norm_modulate)
     reference = (lambda *t: M.norm_modulate_reference(*t, 1e-6), lambda *t: M.add_norm_modulate_reference(*t, 1e-6))
-    for shape, gated in (((4, 37, 1152), True), ((3, 5, 7, 72), False), ((2, 300, 64), True)):
-        x, a, table, rows = adaln_inputs(shape, dtype, gen, "cuda")
+    for shape, gated, strided in (((4, 37, 1152), True, False), ((3, 5, 7, 72), False, False), ((2, 300, 64), True, True)):
+        x, a, table, rows = adaln_inputs(shape, dtype, gen, "cuda", strided)
         leaves = [x, a, table]
         assert gpu_kernels.norm_kernel_fits(x, *rows)
 
