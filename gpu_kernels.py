@@ -421,6 +421,8 @@ def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype):
     return x_out, h, stats
 
 
+# Rename an op below whenever what it keeps for backward changes: torch.compile's caches know a custom op by its
+# name, and a cache written by another version brings that version's backward (docs/LOG.md, "Fused adaLN kernels").
 @torch.library.custom_op("opensora::norm_modulate", mutates_args=())
 def norm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
