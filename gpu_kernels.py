@@ -334,9 +334,12 @@ NORM_KERNEL_WIDTH = 16384  # a row of D values is held in registers
 
 
 def norm_kernel_fits(x, *modulation):
-    """Whether the fused kernels run: CUDA, FUSED_NORM, a row that fits, one (shift, scale, gate) row a sample."""
+    """Whether the fused kernels run: CUDA, FUSED_NORM, training (with gradients: where they were measured faster;
+    sampling runs the code Inductor compiles from model.py's), a row that fits, one (shift, scale, gate) row a
+    sample."""
     B, D = x.shape[0], x.shape[-1]
-    return (triton is not None and FUSED_NORM and x.is_cuda and x.dim() >= 3 and D <= NORM_KERNEL_WIDTH
+    return (triton is not None and FUSED_NORM and x.is_cuda and torch.is_grad_enabled() and x.dim() >= 3
+            and D <= NORM_KERNEL_WIDTH
             and all(m is None or (m.shape[0] == B and m.numel() == B * D and m.stride(-1) == 1) for m in modulation))
 
 

@@ -497,7 +497,8 @@ def test_fused_norm_kernels_equal_the_reference(dtype, autocast):
                                      ("STDiT-debug", TEXT)], ids=["dit-adaln", "dit-cross", "stdit"])
 def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
     """A whole model with the fused kernels, compiled and under bf16 autocast, gives the loss and gradients of the
-    same model with gpu_kernels.override(fused_norm=False), and the kernels do run: each block calls them."""
+    same model with gpu_kernels.override(fused_norm=False), and the kernels do run in training, each block calls
+    them; without gradients (sampling) they do not."""
     model = randomize(build_model(name, **kw), std=0.05).cuda().eval()  # eval: no random caption dropout
     y, mask = condition(model, 3)
     y = y.cuda()
@@ -516,6 +517,11 @@ def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
         patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *args: calls.append(args[1] is not None) or launch(*args))
         loss, grads = loss_and_grads()
     assert calls.count(False) == model.cfg.depth + 1 and calls.count(True) == model.cfg.depth  # + the final layer
+    calls.clear()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:  # sampling: model.py's code, as Inductor compiles it
+        patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *args: calls.append(args[1] is not None) or launch(*args))
+        model(x, t, y, mask)
+    assert calls == []
     with gpu_kernels.override(fused_norm=False):
         ref_loss, ref_grads = loss_and_grads()
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=2e-2)
