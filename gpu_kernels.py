@@ -482,37 +482,37 @@ def _(dh, dx_out, x, a, gate, scale, stats):
             x.new_empty(3, B, D, dtype=torch.float32))
 
 
-def _norm_setup(ctx, inputs, output):
-    if len(inputs) == 5:  # norm_modulate: x, shift, scale, eps, dtype
-        x, shift, scale = inputs[:3]
-        ctx.save_for_backward(x, None, None, shift, scale, output[1])
-    else:                 # add_norm_modulate: x, a, gate, shift, scale, eps, dtype; backward reads the sum
-        x, a, gate, shift, scale = inputs[:5]
-        ctx.save_for_backward(output[0], a, gate, shift, scale, output[2])
-        ctx.dtypes = x.dtype, a.dtype
+def _norm_modulate_setup(ctx, inputs, output):  # inputs: x, shift, scale, eps, dtype
+    x, shift, scale = inputs[:3]
+    ctx.save_for_backward(x, shift, scale, output[1])
 
 
-def _modulation_grads(ctx, sums):
-    x, a, gate, shift, scale, stats = ctx.saved_tensors
-    return sums[0].to(shift.dtype).view(shift.shape), sums[1].to(scale.dtype).view(scale.shape)
+def _add_norm_modulate_setup(ctx, inputs, output):  # inputs: x, a, gate, shift, scale, eps, dtype
+    x, a, gate, shift, scale = inputs[:5]
+    ctx.save_for_backward(output[0], a, gate, shift, scale, output[2])  # backward reads the sum
+    ctx.dtypes = x.dtype, a.dtype
+
+
+def _as_input(grad, tensor):  # a (B, D) fp32 sum as the gradient of a (B, 1.., D) modulation row
+    return grad.to(tensor.dtype).view(tensor.shape)
 
 
 def _norm_modulate_grads(ctx, dh, dstats):
-    x, _, _, shift, scale, stats = ctx.saved_tensors
+    x, shift, scale, stats = ctx.saved_tensors
     dx, _, sums = norm_modulate_backward(dh, None, x, None, None, scale, stats)
-    return (dx, *_modulation_grads(ctx, sums), None, None)
+    return dx, _as_input(sums[0], shift), _as_input(sums[1], scale), None, None
 
 
 def _add_norm_modulate_grads(ctx, dx_out, dh, dstats):
     x, a, gate, shift, scale, stats = ctx.saved_tensors
     dx, da, sums = norm_modulate_backward(dh, dx_out, x, a, gate, scale, stats)
-    dgate = None if gate is None else sums[2].to(gate.dtype).view(gate.shape)
     x_dtype, a_dtype = ctx.dtypes
-    return (dx.to(x_dtype), (dx if gate is None else da).to(a_dtype), dgate, *_modulation_grads(ctx, sums), None, None)
+    return (dx.to(x_dtype), (dx if gate is None else da).to(a_dtype), None if gate is None else _as_input(sums[2], gate),
+            _as_input(sums[0], shift), _as_input(sums[1], scale), None, None)
 
 
-norm_modulate_op.register_autograd(_norm_modulate_grads, setup_context=_norm_setup)
-add_norm_modulate_op.register_autograd(_add_norm_modulate_grads, setup_context=_norm_setup)
+norm_modulate_op.register_autograd(_norm_modulate_grads, setup_context=_norm_modulate_setup)
+add_norm_modulate_op.register_autograd(_add_norm_modulate_grads, setup_context=_add_norm_modulate_setup)
 
 
 def _output_dtype(x):

@@ -513,13 +513,14 @@ def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
             loss = torch.compile(model)(x, t, y, mask).float().square().mean()
         return loss, torch.autograd.grad(loss, list(model.parameters()))
     launch = gpu_kernels._launch_norm_fwd
+    counted = lambda *args: calls.append(args[1] is not None) or launch(*args)  # True: with the residual add
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *args: calls.append(args[1] is not None) or launch(*args))
+        patch.setattr(gpu_kernels, "_launch_norm_fwd", counted)
         loss, grads = loss_and_grads()
     assert calls.count(False) == model.cfg.depth + 1 and calls.count(True) == model.cfg.depth  # + the final layer
     calls.clear()
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:  # sampling: model.py's code, as Inductor compiles it
-        patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *args: calls.append(args[1] is not None) or launch(*args))
+        patch.setattr(gpu_kernels, "_launch_norm_fwd", counted)
         model(x, t, y, mask)
     assert calls == []
     with gpu_kernels.override(fused_norm=False):
