@@ -462,8 +462,7 @@ def _(x, shift, scale, eps, dtype):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32)
 
 
-# The name changes with what the op keeps for backward (here: x, not the sum, where there is a gate): torch.compile's
-# caches know a custom op by its name, so a cache written by another version would bring that version's backward.
+# v2: with a gate it keeps x, not the sum (renamed: see above)
 @torch.library.custom_op("opensora::add_norm_modulate_v2", mutates_args=())
 def add_norm_modulate_op(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.Tensor], shift: torch.Tensor,
                          scale: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
