@@ -345,65 +345,87 @@ def norm_kernel_fits(x, *modulation):
 
 if triton is not None:
     @triton.jit
-    def _norm_modulate_fwd(x, a, gate, shift, scale, x_out, h, stats, N, D, mod_stride, eps, RESIDUAL: tl.constexpr,
-                           GATED: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One row: x (+ gate * a, stored), then LayerNorm, modulate, stored; the row's mean and 1/std kept."""
-        row = tl.program_id(0).to(tl.int64)
+    def _norm_modulate_fwd(x, a, gate, shift, scale, x_out, h, stats, M, N, D, mod_stride, eps, RESIDUAL: tl.constexpr,
+                           GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """ROWS rows: x (+ gate * a, stored), then LayerNorm, modulate, stored; each row's mean and 1/std kept."""
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         col = tl.arange(0, BLOCK_D)
-        valid = col < D
-        mod = row // N * mod_stride + col  # this row's sample's modulation
-        v = tl.load(x + row * D + col, mask=valid, other=0.0).to(tl.float32)
+        valid = (row < M)[:, None] & (col < D)[None, :]
+        at = row[:, None] * D + col[None, :]
+        mod = (row // N * mod_stride)[:, None] + col[None, :]  # each row's sample's modulation
+        v = tl.load(x + at, mask=valid, other=0.0).to(tl.float32)
         if RESIDUAL:
-            r = tl.load(a + row * D + col, mask=valid, other=0.0).to(tl.float32)
+            r = tl.load(a + at, mask=valid, other=0.0).to(tl.float32)
             if GATED:
                 r *= tl.load(gate + mod, mask=valid, other=0.0).to(tl.float32)
             v = (v + r).to(x_out.dtype.element_ty)  # the residual stream as stored is what the norm sees
-            tl.store(x_out + row * D + col, v, mask=valid)
+            tl.store(x_out + at, v, mask=valid)
             v = v.to(tl.float32)
-        mean = tl.sum(v, 0) / D
-        centred = tl.where(valid, v - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
+        mean = tl.sum(v, 1) / D
+        centred = tl.where(valid, v - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
         scale_row = tl.load(scale + mod, mask=valid, other=0.0).to(tl.float32)
         shift_row = tl.load(shift + mod, mask=valid, other=0.0).to(tl.float32)
-        tl.store(h + row * D + col, (centred * rstd * (1.0 + scale_row) + shift_row).to(h.dtype.element_ty), mask=valid)
-        tl.store(stats + 2 * row, mean)
-        tl.store(stats + 2 * row + 1, rstd)
+        out = centred * rstd[:, None] * (1.0 + scale_row) + shift_row
+        tl.store(h + at, out.to(h.dtype.element_ty), mask=valid)
+        tl.store(stats + 2 * row, mean, mask=row < M)
+        tl.store(stats + 2 * row + 1, rstd, mask=row < M)
 
     @triton.jit
     def _norm_modulate_bwd(dh, dx_out, x, a, gate, scale, stats, dx, da, sums, N, D, mod_stride, rows,
-                           RESIDUAL: tl.constexpr, GATED: tl.constexpr, HAS_DX_OUT: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rows [g rows, (g + 1) rows) of sample b: the input gradient of each row, and this run's share of the
-        sample's gradients of shift, scale and gate (sums over its rows), written to sums[b, g]."""
+                           GATED: tl.constexpr, HAS_DX_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows [g rows, (g + 1) rows) of sample b, ROWS at a time: the input gradient of each row, and this run's
+        share of the sample's gradients of shift, scale and gate (sums over its rows), written to sums[b, g].
+        With a gate, x is the input of the residual add and the sum is recomputed (rounded as it was stored)."""
         b, g = tl.program_id(0), tl.program_id(1)
         col = tl.arange(0, BLOCK_D)
-        valid = col < D
+        col_valid = col < D
         mod = b.to(tl.int64) * mod_stride + col
-        one_plus_scale = 1.0 + tl.load(scale + mod, mask=valid, other=0.0).to(tl.float32)
+        one_plus_scale = 1.0 + tl.load(scale + mod, mask=col_valid, other=0.0).to(tl.float32)
         if GATED:
-            gate_row = tl.load(gate + mod, mask=valid, other=0.0).to(tl.float32)
+            gate_row = tl.load(gate + mod, mask=col_valid, other=0.0).to(tl.float32)
         d_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
         d_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
         d_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i in range(g * rows, tl.minimum(g * rows + rows, N)):
+        stop = tl.minimum(g * rows + rows, N)
+        for first in range(g * rows, stop, ROWS):
+            i = first + tl.arange(0, ROWS)
             row = b.to(tl.int64) * N + i
-            at = row * D + col
-            mean, rstd = tl.load(stats + 2 * row), tl.load(stats + 2 * row + 1)
-            xhat = tl.where(valid, (tl.load(x + at, mask=valid, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            valid = (i < stop)[:, None] & col_valid[None, :]
+            at = row[:, None] * D + col[None, :]
+            mean = tl.load(stats + 2 * row, mask=i < stop, other=0.0)
+            rstd = tl.load(stats + 2 * row + 1, mask=i < stop, other=0.0)
+            v = tl.load(x + at, mask=valid, other=0.0).to(tl.float32)
+            if GATED:
+                r = tl.load(a + at, mask=valid, other=0.0).to(tl.float32)
+                v = (v + gate_row[None, :] * r).to(dx.dtype.element_ty).to(tl.float32)
+            xhat = tl.where(valid, (v - mean[:, None]) * rstd[:, None], 0.0)
             grad = tl.load(dh + at, mask=valid, other=0.0).to(tl.float32)
-            d_shift += grad
-            d_scale += grad * xhat
-            grad *= one_plus_scale  # the gradient of the normalised row
-            grad = (grad - xhat * (tl.sum(grad * xhat, 0) / D) - tl.sum(grad, 0) / D) * rstd  # LayerNorm's backward
+            d_shift += tl.sum(grad, 0)
+            d_scale += tl.sum(grad * xhat, 0)
+            grad *= one_plus_scale[None, :]  # the gradient of the normalised rows
+            c1 = tl.sum(grad * xhat, 1) / D
+            c2 = tl.sum(grad, 1) / D
+            grad = (grad - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]  # LayerNorm's backward
             if HAS_DX_OUT:
                 grad += tl.load(dx_out + at, mask=valid, other=0.0).to(tl.float32)
             tl.store(dx + at, grad.to(dx.dtype.element_ty), mask=valid)
             if GATED:
-                d_gate += grad * tl.load(a + at, mask=valid, other=0.0).to(tl.float32)
-                tl.store(da + at, (grad * gate_row).to(da.dtype.element_ty), mask=valid)
+                d_gate += tl.sum(grad * r, 0)
+                tl.store(da + at, (grad * gate_row[None, :]).to(da.dtype.element_ty), mask=valid)
         out = (b * tl.num_programs(1) + g).to(tl.int64) * 3 * D + col
-        tl.store(sums + out, d_shift, mask=valid)
-        tl.store(sums + out + D, d_scale, mask=valid)
-        tl.store(sums + out + 2 * D, d_gate, mask=valid)
+        tl.store(sums + out, d_shift, mask=col_valid)
+        tl.store(sums + out + D, d_scale, mask=col_valid)
+        tl.store(sums + out + 2 * D, d_gate, mask=col_valid)
+
+
+NORM_ROWS = 4  # rows a program takes at a time (forward) and a backward step takes (more bytes in flight)
+
+
+def _norm_tiles(D):
+    """BLOCK_D and the warps for ROWS rows of D values."""
+    block = triton.next_power_of_2(D)
+    return block, min(16, max(1, NORM_ROWS * block // 1024))
 
 
 def _sum_dtype(x, a, gate):  # the dtype of x + gate * a in PyTorch
@@ -416,11 +438,12 @@ def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype):
     h = torch.empty(x.shape, dtype=dtype, device=x.device)
     x_out = x if a is None else torch.empty(x.shape, dtype=_sum_dtype(x, a, gate), device=x.device)
     stats = torch.empty(x.numel() // D, 2, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(D)
-    _norm_modulate_fwd[(x.numel() // D,)](
+    block, warps = _norm_tiles(D)
+    M = x.numel() // D
+    _norm_modulate_fwd[(triton.cdiv(M, NORM_ROWS),)](
         x, x if a is None else a.contiguous(), scale if gate is None else gate, shift, scale, x_out, h, stats,
-        x.numel() // D // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None,
-        BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+        M, M // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None, ROWS=NORM_ROWS,
+        BLOCK_D=block, num_warps=warps)
     return x_out, h, stats
 
 
@@ -439,7 +462,8 @@ def _(x, shift, scale, eps, dtype):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32)
 
 
-@torch.library.custom_op("opensora::add_norm_modulate", mutates_args=())
+# v2: with a gate it keeps x, not the sum (renamed: see above)
+@torch.library.custom_op("opensora::add_norm_modulate_v2", mutates_args=())
 def add_norm_modulate_op(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.Tensor], shift: torch.Tensor,
                          scale: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x + gate * a (gate None: x + a), and norm_modulate of it."""
@@ -457,28 +481,30 @@ def norm_modulate_backward(dh: torch.Tensor, dx_out: Optional[torch.Tensor], x: 
                            gate: Optional[torch.Tensor], scale: torch.Tensor, stats: torch.Tensor,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of x (all of it: dx_out, the gradient that reached the stored residual stream, added), of a
-    (gate * dx; empty without a gate, where it is dx), and of shift, scale and gate as sums (3, B, D) in fp32."""
+    (gate * dx; empty without a gate, where it is dx), and of shift, scale and gate as sums (3, B, D) in fp32.
+    x is what was normalised, or with a gate the input of the residual add (the sum is recomputed from x and a)."""
     B, D = x.shape[0], x.shape[-1]
     N = x.numel() // D // B
     x, a = x.contiguous(), None if a is None else a.contiguous()  # as the forward read them (saved as given)
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, dtype=x.dtype if gate is None else _sum_dtype(x, a, gate), device=x.device)
     da = torch.empty_like(a) if gate is not None else x.new_empty(0)
     groups = min(N, triton.cdiv(8 * torch.cuda.get_device_properties(x.device).multi_processor_count, B))
     rows = triton.cdiv(N, groups)
     groups = triton.cdiv(N, rows)
     sums = torch.empty(B, groups, 3, D, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(D)
+    block, warps = _norm_tiles(D)
     _norm_modulate_bwd[(B, groups)](
         dh.contiguous(), dh if dx_out is None else dx_out.contiguous(), x, x if a is None else a, scale if gate is None else gate,
-        scale, stats, dx, da, sums, N, D, scale.stride(0), rows, RESIDUAL=a is not None, GATED=gate is not None,
-        HAS_DX_OUT=dx_out is not None, BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+        scale, stats, dx, da, sums, N, D, scale.stride(0), rows, GATED=gate is not None, HAS_DX_OUT=dx_out is not None,
+        ROWS=NORM_ROWS, BLOCK_D=block, num_warps=warps)
     return dx, da, sums.sum(1).transpose(0, 1).contiguous()
 
 
 @norm_modulate_backward.register_fake
 def _(dh, dx_out, x, a, gate, scale, stats):
     B, D = x.shape[0], x.shape[-1]
-    return (torch.empty_like(x), torch.empty_like(a) if gate is not None else x.new_empty(0),
+    return (x.new_empty(x.shape, dtype=x.dtype if gate is None else _sum_dtype(x, a, gate)),
+            torch.empty_like(a, memory_format=torch.contiguous_format) if gate is not None else x.new_empty(0),
             x.new_empty(3, B, D, dtype=torch.float32))
 
 
@@ -489,7 +515,9 @@ def _norm_modulate_setup(ctx, inputs, output):  # inputs: x, shift, scale, eps, 
 
 def _add_norm_modulate_setup(ctx, inputs, output):  # inputs: x, a, gate, shift, scale, eps, dtype
     x, a, gate, shift, scale = inputs[:5]
-    ctx.save_for_backward(output[0], a, gate, shift, scale, output[2])  # backward reads the sum
+    # backward reads the sum, or with a gate (where it reads a anyway) recomputes it from x, which the block's
+    # first norm keeps: one activation less kept
+    ctx.save_for_backward(output[0] if gate is None else x, a, gate, shift, scale, output[2])
     ctx.dtypes = x.dtype, a.dtype
 
 
