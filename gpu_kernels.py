@@ -157,13 +157,23 @@ def flash4(q, k, v):
     return flash4_attention(q, k, v, d**-0.5)[0][..., :d]
 
 
+def flash4_module():
+    """flash_attn.cute, imported at first use. Found but failing to import (a dependency missing) is an error:
+    falling back to SDPA there would hide a broken install behind slower steps."""
+    try:
+        import flash_attn.cute
+    except ImportError as e:
+        raise RuntimeError(f"flash-attn 4 is installed but does not import ({e}): reinstall it with "
+                           f"pip install \"flash-attn-4[cu13]\", or uninstall it to run SDPA") from e
+    return flash_attn.cute
+
+
 # As custom ops, a compiled block calls the kernels as they are (torch.compile does not trace into them) and a
 # checkpointed block can keep their outputs (keep_attention).
 @torch.library.custom_op("opensora::flash4_attention", mutates_args=())
 def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> the output (B, N, h, d) and the log-sum-exp of each query's scores (B, h, N), fp32."""
-    from flash_attn.cute import flash_attn_func as flash_attn4
-    out, lse = flash_attn4(q, k, v, softmax_scale=scale, return_lse=True)
+    out, lse = flash4_module().flash_attn_func(q, k, v, softmax_scale=scale, return_lse=True)
     return out, lse
 
 
@@ -176,7 +186,8 @@ def _(q, k, v, scale):
 @torch.library.custom_op("opensora::flash4_attention_backward", mutates_args=())
 def flash4_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                               lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd  # the backward of flash_attn.cute.flash_attn_func
+    flash4_module()  # the backward of flash_attn.cute.flash_attn_func:
+    from flash_attn.cute.interface import _flash_attn_bwd
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad.contiguous(), lse, scale)
     return dq, dk, dv
 

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import random
+import sys
 from functools import partial
 
 import av
@@ -296,6 +297,17 @@ def test_flash_attn_4_pads_the_heads_and_keeps_the_scale(monkeypatch, kernel_set
     assert seen == ["flash-attn 2"] * 2
     attention(q, k, v, impl="flash")  # asked for by name: version 4 where it runs
     assert seen[-1] == (64, 64, 64, 64**-0.5)
+
+
+def test_a_flash_attn_4_that_does_not_import_is_an_error(monkeypatch):
+    """flash_attn.cute found but failing to import (as a cutlass DSL missing from the path does) stops with the
+    fix named, through the forward and the backward op, instead of running SDPA unnoticed."""
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import raises ImportError, as a broken install does
+    q = torch.randn(1, 4, 2, 32)
+    with pytest.raises(RuntimeError, match=r"flash-attn 4 is installed but does not import .*reinstall it"):
+        gpu_kernels.flash4_attention(q, q, q, 0.1)
+    with pytest.raises(RuntimeError, match="flash-attn 4 is installed but does not import"):
+        gpu_kernels.flash4_attention_backward(q, q, q, q, q, torch.zeros(1, 2, 4), 0.1)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and gpu_kernels.FLASH4 and gpu_kernels.hopper_or_newer(0)),
