@@ -1862,6 +1862,8 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
     # The demo standardises raw pixels; with a latent VAE its standardisation is not applied (nor refused).
     assert train.get_args(["--demo", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.83, 0.25]
     assert train.get_args(["--demo", "--vae", "sd", "--outdir", str(tmp_path / "out")]).pixel_norm == [0.0, 1.0]
+    # given, even abbreviated (argparse accepts unambiguous prefixes), it wins
+    assert train.get_args(["--demo", "--pixel", "-0.5", "0.5", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.5, 0.5]
     assert not (tmp_path / "out").exists()  # nothing is made before the run starts
 
 

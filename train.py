@@ -141,11 +141,10 @@ def get_args(argv=None):
     p.add_argument("--no-sample", action="store_true", help="skip writing sample videos at the end")
     args, _ = p.parse_known_args(argv)
     if args.demo:  # the demo's values become defaults: flags given on the command line still win
-        p.set_defaults(**DEMO)
+        p.set_defaults(**{**DEMO, "pixel_norm": None})  # None: not given
     args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    if args.demo and args.vae != "raw" and not any(a.startswith("--pixel-norm") for a in given):
-        args.pixel_norm = [0.0, 1.0]  # the demo's pixel standardisation is for raw pixels, not for latents
+    if args.pixel_norm is None:  # the demo's pixel standardisation is for raw pixels, not for latents
+        args.pixel_norm = DEMO["pixel_norm"] if args.vae == "raw" else [0.0, 1.0]
     if args.data is None and args.features is None and not args.demo:
         p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
     if args.data and args.features:
