@@ -431,7 +431,8 @@ if triton is not None:
 
 
 # Rows a program takes at a time (forward) and a backward step takes. One H100, the ops alone on the image and
-# 16x256 rows' shapes, forward + backward: 1 row 3.70 ms, 2 rows 3.93, 4 rows 3.75, 8 rows 4.63 (docs/LOG.md)
+# 16x256 rows' shapes (fp32 x), forward + backward: 1 row 3.70 ms, 2 rows 3.93, 4 rows 3.75, 8 rows 4.63; the
+# whole rows ran at 1 (docs/LOG.md, "The H100 column")
 NORM_ROWS = 1
 
 
