@@ -345,11 +345,11 @@ NORM_KERNEL_WIDTH = 16384  # a row of D values is held in registers
 
 
 def norm_kernel_fits(x, *modulation):
-    """Whether the fused kernels run: CUDA, FUSED_NORM, training (with gradients: where they were measured faster;
-    sampling runs the code Inductor compiles from model.py's), a row that fits, one (shift, scale, gate) row a
-    sample."""
+    """Whether the fused kernels run: CUDA, FUSED_NORM, a row that fits, one (shift, scale, gate) row a sample.
+    They run in training and in sampling (both measured faster than Inductor's code: docs/LOG.md, "The H100
+    column" and "Fused norms in sampling")."""
     B, D = x.shape[0], x.shape[-1]
-    return (triton is not None and FUSED_NORM and x.is_cuda and torch.is_grad_enabled() and x.dim() >= 3
+    return (triton is not None and FUSED_NORM and x.is_cuda and x.dim() >= 3
             and D <= NORM_KERNEL_WIDTH
             and all(m is None or (m.shape[0] == B and m.numel() == B * D and m.stride(-1) == 1) for m in modulation))
 
@@ -436,6 +436,11 @@ if triton is not None:
 NORM_ROWS = 1
 
 
+# Backward programs a multiprocessor. Warps: 2 for 1,152 values. Alone, 4 warps and 16 programs ran the ops
+# faster; whole rows did not (docs/LOG.md, "Fused norms in sampling, the norm kernels' tiles")
+NORM_BWD_PROGRAMS_PER_SM = 8
+
+
 def _norm_tiles(D):
     """BLOCK_D and the warps for ROWS rows of D values."""
     block = triton.next_power_of_2(D)
@@ -502,7 +507,8 @@ def norm_modulate_backward(dh: torch.Tensor, dx_out: Optional[torch.Tensor], x: 
     x, a = x.contiguous(), None if a is None else a.contiguous()  # as the forward read them (saved as given)
     dx = torch.empty(x.shape, dtype=x.dtype if gate is None else _sum_dtype(x, a, gate), device=x.device)
     da = torch.empty_like(a) if gate is not None else x.new_empty(0)
-    groups = min(N, triton.cdiv(8 * torch.cuda.get_device_properties(x.device).multi_processor_count, B))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    groups = min(N, triton.cdiv(NORM_BWD_PROGRAMS_PER_SM * sms, B))
     rows = triton.cdiv(N, groups)
     groups = triton.cdiv(N, rows)
     sums = torch.empty(B, groups, 3, D, dtype=torch.float32, device=x.device)

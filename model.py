@@ -53,7 +53,7 @@ def norm_modulate_reference(x, shift, scale, eps):
 
 def add_norm_modulate(x, a, gate, shift, scale, eps=1e-6):
     """The residual add of a branch (x + gate * a; gate None: x + a) and norm_modulate of the sum for the next
-    branch: (sum, its norm_modulate). One fused kernel in training on GPUs (gpu_kernels.add_norm_modulate)."""
+    branch: (sum, its norm_modulate). One fused kernel on GPUs (gpu_kernels.add_norm_modulate)."""
     if x.is_cuda:
         return gpu_kernels.add_norm_modulate(x, a, gate, shift, scale, eps, reference=add_norm_modulate_reference)
     return add_norm_modulate_reference(x, a, gate, shift, scale, eps)
