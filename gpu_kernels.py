@@ -436,8 +436,9 @@ if triton is not None:
 NORM_ROWS = 1
 
 
-# Backward programs a multiprocessor. Warps: 2 for 1,152 values. Alone, 4 warps and 16 programs ran the ops
-# faster; whole rows did not (docs/LOG.md, "Fused norms in sampling, the norm kernels' tiles")
+# Backward programs a multiprocessor, and (in _norm_tiles) a warp per 1,024 lanes of the row: 2 warps for XL's
+# 1,152 values. 4 warps and 16 programs ran the ops alone faster, whole rows not (docs/LOG.md, "Fused norms in
+# sampling, the norm kernels' tiles")
 NORM_BWD_PROGRAMS_PER_SM = 8
 
 

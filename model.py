@@ -40,8 +40,8 @@ def modulate(x, shift, scale):
 
 def norm_modulate(x, shift, scale, eps=1e-6):
     """LayerNorm without affine parameters (eps 1e-6 as in DiT), then modulate: the input of each adaLN branch.
-    In training on GPUs gpu_kernels.norm_modulate does it in one fused kernel; this is the reference it falls
-    back to."""
+    On GPUs gpu_kernels.norm_modulate does it in one fused kernel (training and sampling); this is the reference
+    it falls back to."""
     if x.is_cuda:
         return gpu_kernels.norm_modulate(x, shift, scale, eps, reference=norm_modulate_reference)
     return norm_modulate_reference(x, shift, scale, eps)
