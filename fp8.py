@@ -27,9 +27,13 @@ so the scales decide the quality:
     the CPU tests run.
 What it is worth on H100 and H200 (training and sampling rows, before and after): docs/LOG.md, "fp8".
 """
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 try:  # ships with torch's CUDA builds; CPUs round with torch ops
     import triton
@@ -169,6 +173,59 @@ def quantize_fp8(model, module_filter_fn=blocks_but_adaln):
         if fuse:
             model.get_submodule(parent).act = nn.Identity()
     return len(picked)
+
+
+class FuseNormRounding(CustomGraphPass):
+    """A compiler pass for sampling with fp8 linears (sample.compile_for_sampling adds it to Inductor's post-grad
+    passes). A block's LayerNorm + modulate (gpu_kernels' fused op) writes its rows in bf16, and the Fp8Linear they
+    go to reads them back only to round them to e4m3. Where the rows go nowhere else, the pass has the norm kernel
+    round them itself (opensora::norm_modulate_e4m3, add_norm_modulate_e4m3): the same codes and scales, and the
+    bf16 rows are neither written nor read (docs/LOG.md, "Norms that round to fp8")."""
+
+    def __call__(self, graph: torch.fx.Graph):
+        for rounding in list(graph.find_nodes(op="call_function", target=torch.ops.opensora.fp8_rows.default)):
+            _fuse_norm_rounding(graph, rounding)
+
+    def uuid(self):  # Inductor's cache keeps graphs compiled with this pass while this file is unchanged
+        return get_hash_for_files((__file__,))
+
+
+VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _fuse_norm_rounding(graph, rounding):
+    """rounding = fp8_rows(views of a fused norm's rows): the norm op's e4m3 twin in place of both, if nothing
+    else uses the rows or the norm's statistics (a backward would)."""
+    if (rounding.args[1] if len(rounding.args) > 1 else rounding.kwargs.get("gelu", False)):
+        return  # the rows of an MLP's fc2, after the GELU
+    rows, views = rounding.args[0], []
+    while rows.op == "call_function" and rows.target in VIEWS:
+        views.append(rows)
+        rows = rows.args[0]
+    if rows.op != "call_function" or rows.target is not operator.getitem:
+        return
+    norm, index = rows.args
+    e4m3, rows_index = {torch.ops.opensora.norm_modulate.default: (torch.ops.opensora.norm_modulate_e4m3.default, 0),
+                        torch.ops.opensora.add_norm_modulate_v2.default: (torch.ops.opensora.add_norm_modulate_e4m3.default, 1),
+                        }.get(norm.target, (None, None))
+    outputs = list(norm.users)  # getitems of the norm's outputs: rows and statistics, add_norm_modulate's sum first
+    others = [n for n in outputs if n is not rows and n.users]
+    if (e4m3 is None or index != rows_index or any(len(n.users) > 1 for n in views + [rows])
+            or any(n.args[1] != 0 or rows_index == 0 for n in others)):
+        return
+    with graph.inserting_after(norm):  # codes and scales (what fp8_rows returned), then the sum
+        fused = graph.call_function(e4m3, norm.args, norm.kwargs)
+    args, kwargs = torch.fx.node.map_arg((norm.args, norm.kwargs), lambda n: n.meta["val"])
+    with detect_fake_mode(list(args)):
+        fused.meta["val"] = e4m3(*args, **kwargs)
+    rounding.replace_all_uses_with(fused)
+    for total in others:  # add_norm_modulate's sum x + gate * a
+        with graph.inserting_after(fused):
+            new = graph.call_function(operator.getitem, (fused, 2))
+        new.meta["val"] = fused.meta["val"][2]
+        total.replace_all_uses_with(new)
+    for node in [rounding, *views, *outputs, norm]:
+        graph.erase_node(node)
 
 
 if triton is not None:

@@ -342,6 +342,7 @@ frame_attention.register_autograd(
 # that gives the input gradient, instead of another read of them.
 
 NORM_KERNEL_WIDTH = 16384  # a row of D values is held in registers
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
 
 
 def norm_kernel_fits(x, *modulation):
@@ -357,8 +358,11 @@ def norm_kernel_fits(x, *modulation):
 if triton is not None:
     @triton.jit
     def _norm_modulate_fwd(x, a, gate, shift, scale, x_out, h, stats, M, N, D, mod_stride, eps, RESIDUAL: tl.constexpr,
-                           GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """ROWS rows: x (+ gate * a, stored), then LayerNorm, modulate, stored; each row's mean and 1/std kept."""
+                           GATED: tl.constexpr, E4M3: tl.constexpr, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        """ROWS rows: x (+ gate * a, stored), then LayerNorm, modulate, stored; each row's mean and 1/std kept.
+        E4M3 (sampling, an fp8 linear next): the rows are rounded to DTYPE, then to e4m3 codes as fp8.py's rounding
+        pass does (each row's max |value| on 448), and h gets the codes, stats each row's scale."""
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         col = tl.arange(0, BLOCK_D)
         valid = (row < M)[:, None] & (col < D)[None, :]
@@ -378,9 +382,15 @@ if triton is not None:
         scale_row = tl.load(scale + mod, mask=valid, other=0.0).to(tl.float32)
         shift_row = tl.load(shift + mod, mask=valid, other=0.0).to(tl.float32)
         out = centred * rstd[:, None] * (1.0 + scale_row) + shift_row
-        tl.store(h + at, out.to(h.dtype.element_ty), mask=valid)
-        tl.store(stats + 2 * row, mean, mask=row < M)
-        tl.store(stats + 2 * row + 1, rstd, mask=row < M)
+        if E4M3:
+            out = out.to(DTYPE).to(tl.float32)
+            top = tl.maximum(tl.max(tl.abs(out), 1), 1e-12)
+            tl.store(h + at, tl.clamp(out * tl.math.div_rn(448.0, top)[:, None], -448.0, 448.0).to(tl.float8e4nv), mask=valid)
+            tl.store(stats + row, tl.math.div_rn(top, 448.0), mask=row < M)
+        else:
+            tl.store(h + at, out.to(h.dtype.element_ty), mask=valid)
+            tl.store(stats + 2 * row, mean, mask=row < M)
+            tl.store(stats + 2 * row + 1, rstd, mask=row < M)
 
     @triton.jit
     def _norm_modulate_bwd(dh, dx_out, x, a, gate, scale, stats, dx, da, sums, N, D, mod_stride, rows,
@@ -452,19 +462,26 @@ def _sum_dtype(x, a, gate):  # the dtype of x + gate * a in PyTorch
     return torch.promote_types(x.dtype, a.dtype if gate is None else torch.promote_types(a.dtype, gate.dtype))
 
 
-def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype):
+def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype, e4m3=False):
+    """(x_out, h, stats); e4m3: (x_out, e4m3 codes (M, D), their scales (M, 1)) with M rows of D."""
     x = x.contiguous()
     B, D = x.shape[0], x.shape[-1]
-    h = torch.empty(x.shape, dtype=dtype, device=x.device)
-    x_out = x if a is None else torch.empty(x.shape, dtype=_sum_dtype(x, a, gate), device=x.device)
-    stats = torch.empty(x.numel() // D, 2, dtype=torch.float32, device=x.device)
-    block, warps = _norm_tiles(D)
     M = x.numel() // D
+    x_out = x if a is None else torch.empty(x.shape, dtype=_sum_dtype(x, a, gate), device=x.device)
+    h, stats = _norm_outputs(x, dtype, e4m3)
+    block, warps = _norm_tiles(D)
     _norm_modulate_fwd[(triton.cdiv(M, NORM_ROWS),)](
         x, x if a is None else a.contiguous(), scale if gate is None else gate, shift, scale, x_out, h, stats,
-        M, M // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None, ROWS=NORM_ROWS,
-        BLOCK_D=block, num_warps=warps)
+        M, M // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None, E4M3=e4m3,
+        DTYPE=TRITON_DTYPES[dtype], ROWS=NORM_ROWS, BLOCK_D=block, num_warps=warps)
     return x_out, h, stats
+
+
+def _norm_outputs(x, dtype, e4m3):  # h and stats, or e4m3 codes and their scales
+    M, D = x.numel() // x.shape[-1], x.shape[-1]
+    if e4m3:
+        return x.new_empty(M, D, dtype=torch.float8_e4m3fn), x.new_empty(M, 1, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(M, 2, dtype=torch.float32)
 
 
 # Rename an op below whenever what it keeps for backward changes: torch.compile's caches know a custom op by its
@@ -479,7 +496,7 @@ def norm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, 
 
 @norm_modulate_op.register_fake
 def _(x, shift, scale, eps, dtype):
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32)
+    return _norm_outputs(x, dtype, False)
 
 
 # v2: with a gate it keeps x, not the sum (renamed: see above)
@@ -492,8 +509,35 @@ def add_norm_modulate_op(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.
 
 @add_norm_modulate_op.register_fake
 def _(x, a, gate, shift, scale, eps, dtype):
-    return (x.new_empty(x.shape, dtype=_sum_dtype(x, a, gate)), x.new_empty(x.shape, dtype=dtype),
-            x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.float32))
+    return x.new_empty(x.shape, dtype=_sum_dtype(x, a, gate)), *_norm_outputs(x, dtype, False)
+
+
+# Sampling with fp8 linears: the norms' rows go straight to an Fp8Linear, whose first step rounds them to e4m3
+# (fp8.py). These ops write the codes and scales instead of the rows: the rows are never written in bf16 nor read
+# back. Only fp8.py's compiler pass (FuseNormRounding, in sample.compile_for_sampling) puts them in a graph.
+@torch.library.custom_op("opensora::norm_modulate_e4m3", mutates_args=())
+def norm_modulate_e4m3(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_modulate's rows in dtype, rounded as fp8.py rounds a linear's input rows: (e4m3 codes, scales (M, 1))."""
+    return _launch_norm_fwd(x, None, None, shift, scale, eps, dtype, e4m3=True)[1:]
+
+
+@norm_modulate_e4m3.register_fake
+def _(x, shift, scale, eps, dtype):
+    return _norm_outputs(x, dtype, True)
+
+
+@torch.library.custom_op("opensora::add_norm_modulate_e4m3", mutates_args=())
+def add_norm_modulate_e4m3(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.Tensor], shift: torch.Tensor,
+                           scale: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """add_norm_modulate with its rows rounded as norm_modulate_e4m3's: (e4m3 codes, scales, x + gate * a)."""
+    x_out, codes, scales = _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype, e4m3=True)
+    return codes, scales, x_out
+
+
+@add_norm_modulate_e4m3.register_fake
+def _(x, a, gate, shift, scale, eps, dtype):
+    return *_norm_outputs(x, dtype, True), x.new_empty(x.shape, dtype=_sum_dtype(x, a, gate))
 
 
 @torch.library.custom_op("opensora::norm_modulate_backward", mutates_args=())

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 import seqparallel
-from fp8 import Fp8Linear, quantize_fp8
+from fp8 import Fp8Linear, FuseNormRounding, quantize_fp8
 import model as M
 from model import model_from_config, read_state_dict
 from text import TextEncoder
@@ -140,8 +140,10 @@ def compile_for_sampling(model):
         for block in model.blocks:
             block.compile()
         return model
-    in_fp8 = any(isinstance(m, Fp8Linear) for m in model.modules())
-    return torch.compile(model, mode="reduce-overhead" if in_fp8 else None)
+    if not any(isinstance(m, Fp8Linear) for m in model.modules()):
+        return torch.compile(model)
+    # mode "reduce-overhead" (CUDA graphs), and the norms round their rows for the fp8 linears themselves
+    return torch.compile(model, options={"triton.cudagraphs": True, "post_grad_custom_post_pass": FuseNormRounding()})
 
 
 def cpu_noise(shape, gen, device):

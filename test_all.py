@@ -645,6 +645,90 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
     assert eager.std() > 20 and (compiled - eager).abs().mean() < 2.0  # uint8 levels: not a constant video
 
 
+def _norm_rounding_graph(gated, rows_also_returned=False):
+    """An FX graph of a block's two norms feeding fp8 rounding passes (through reshapes, as Fp8Linear's), with fake
+    tensors for its values (as Inductor hands graphs to the pass); rows_also_returned: the first norm's rows are
+    also an output, which must keep them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    ops = torch.ops.opensora
+
+    def block(x, a, gate, shift, scale):
+        h = ops.norm_modulate.default(x, shift, scale, 1e-6, torch.bfloat16)[0]
+        codes, scales = ops.fp8_rows.default(h.reshape(8, 16, 64).reshape(-1, 64), False)
+        total, h2, _ = ops.add_norm_modulate_v2.default(x, a, gate if gated else None, shift, scale, 1e-6, torch.bfloat16)
+        codes2, scales2 = ops.fp8_rows.default(h2.reshape(-1, 64), False)
+        return (codes, scales, codes2, scales2, total * 2) + ((h,) if rows_also_returned else ())
+    x, a, gate, shift, scale = torch.empty(2, 4, 16, 64), torch.empty(2, 4, 16, 64), *torch.empty(3, 2, 1, 1, 64)
+    return make_fx(block, tracing_mode="fake")(x, a, gate, shift, scale).graph
+
+
+def _targets(graph):
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_fp8_sampling_pass_has_the_norms_round_their_rows(gated):
+    """fp8.FuseNormRounding (sample.compile_for_sampling's pass for fp8 linears) swaps a fused norm feeding an fp8
+    rounding pass, and nothing else, for the norm op that writes e4m3 codes: graph and outputs as they should be.
+    Rows that something else uses (a returned tensor here; in training the backward) stay as they were. The ops'
+    numbers and a compiled model on a GPU: test_fp8_sampling_norms_write_the_rounded_rows."""
+    ops = torch.ops.opensora
+    graph = _norm_rounding_graph(gated)
+    fp8.FuseNormRounding()(graph)
+    graph.lint()
+    targets = _targets(graph)
+    assert ops.norm_modulate_e4m3.default in targets and ops.add_norm_modulate_e4m3.default in targets
+    assert not {ops.fp8_rows.default, ops.norm_modulate.default, ops.add_norm_modulate_v2.default} & set(targets)
+    output = next(n for n in graph.nodes if n.op == "output").args[0]
+    shapes = [tuple(n.meta["val"].shape) for n in output[:4]]
+    assert shapes == [(128, 64), (128, 1), (128, 64), (128, 1)]
+    total = output[4].args[0]  # of total * 2: the sum, now the e4m3 add op's third output
+    assert total.args == (next(n for n in graph.nodes if n.target is ops.add_norm_modulate_e4m3.default), 2)
+    kept = _norm_rounding_graph(gated, rows_also_returned=True)
+    fp8.FuseNormRounding()(kept)
+    assert _targets(kept).count(ops.norm_modulate.default) == 1 and _targets(kept).count(ops.fp8_rows.default) == 1
+    assert ops.add_norm_modulate_e4m3.default in _targets(kept)  # the second norm's rows go to the rounding alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused norm kernels and fp8 matmuls need CUDA (the GPU suite runs this)")
+def test_fp8_sampling_norms_write_the_rounded_rows():
+    """On CUDA the e4m3 norm ops give the codes and scales of the fused norm followed by fp8.py's rounding kernel
+    (x in fp32 and bf16, rows in bf16, fp16 and fp32, gated and not), and sample.compile_for_sampling swaps both
+    norms of every block of an fp8 model for them, with the output of the model compiled without the pass."""
+    import sample
+    from torch._inductor.utils import run_and_get_code
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for x_dtype, dtype, gated in ((torch.float32, torch.bfloat16, True), (torch.bfloat16, torch.bfloat16, False),
+                                  (torch.float32, torch.float16, True), (torch.float32, torch.float32, False)):
+        x, a, _, rows = adaln_inputs((2, 4, 96, 1152), x_dtype, gen, "cuda")
+        x, a, rows = x.detach() * 4, a.detach(), [r.detach() for r in rows]
+        h = gpu_kernels.norm_modulate_op(x, rows[0], rows[1], 1e-6, dtype)[0]
+        total, h2, _ = gpu_kernels.add_norm_modulate_op(x, a, rows[2] if gated else None, rows[3], rows[4], 1e-6, dtype)
+        got = [*gpu_kernels.norm_modulate_e4m3(x, rows[0], rows[1], 1e-6, dtype),
+               *gpu_kernels.add_norm_modulate_e4m3(x, a, rows[2] if gated else None, rows[3], rows[4], 1e-6, dtype)]
+        want = [*fp8.fp8_rows_cuda(h.view(-1, 1152)), *fp8.fp8_rows_cuda(h2.view(-1, 1152)), total]
+        torch.testing.assert_close(got[4], want[4], atol=0, rtol=0)
+        for codes, scales, want_codes, want_scales in (got[:2] + want[:2], got[2:4] + want[2:4]):
+            torch.testing.assert_close(scales, want_scales, atol=0, rtol=1e-2)  # at most a rounding apart
+            torch.testing.assert_close(codes.float() * scales, want_codes.float() * want_scales, atol=0, rtol=2**-3)
+            assert (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean() < 1e-3
+    for name, kw in (("DiT-debug", dict(num_classes=10, cond="adaln")), ("STDiT-debug", TEXT)):
+        model = randomize(build_model(name, **kw), std=0.05).cuda().eval()
+        fp8.quantize_fp8(model)
+        y, mask = condition(model, 2)
+        y, mask = y.cuda(), None if mask is None else mask.cuda()
+        x, t = torch.randn(2, 4, 4, 8, 8, device="cuda", generator=gen), torch.tensor([10, 900], device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            torch._dynamo.reset()
+            out, code = run_and_get_code(sample.compile_for_sampling(model), x, t, y, mask)
+            torch._dynamo.reset()
+            want = torch.compile(model, mode="reduce-overhead")(x, t, y, mask)
+        code = "\n".join(code)
+        assert code.count("opensora.norm_modulate_e4m3.default(") == model.cfg.depth
+        assert code.count("opensora.add_norm_modulate_e4m3.default(") == model.cfg.depth
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=5e-2)
+
+
 def _fp8_check_grads(module, x, out_grad):
     """Output, input gradient and parameter gradients of module at x (float copies)."""
     x = x.detach().clone().requires_grad_()
