@@ -709,9 +709,11 @@ def test_fp8_sampling_norms_write_the_rounded_rows():
         want = [*fp8.fp8_rows_cuda(h.view(-1, 1152)), *fp8.fp8_rows_cuda(h2.view(-1, 1152)), total]
         torch.testing.assert_close(got[4], want[4], atol=0, rtol=0)
         for codes, scales, want_codes, want_scales in (got[:2] + want[:2], got[2:4] + want[2:4]):
-            torch.testing.assert_close(scales, want_scales, atol=0, rtol=1e-2)  # at most a rounding apart
-            torch.testing.assert_close(codes.float() * scales, want_codes.float() * want_scales, atol=0, rtol=2**-3)
-            assert (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean() < 1e-3
+            # the same scales and codes, but for a value that lands on a rounding tie in one kernel and not in the
+            # other (a few in a million): one code apart
+            torch.testing.assert_close(scales, want_scales, atol=0, rtol=1e-2)
+            apart = (codes.view(torch.uint8).int() - want_codes.view(torch.uint8).int()).abs()
+            assert apart.max() <= 1 and (apart > 0).float().mean() < 1e-4
     for name, kw in (("DiT-debug", dict(num_classes=10, cond="adaln")), ("STDiT-debug", TEXT)):
         model = randomize(build_model(name, **kw), std=0.05).cuda().eval()
         fp8.quantize_fp8(model)
