@@ -22,7 +22,9 @@ so the scales decide the quality:
     sides are not multiples of 16 (the kernels' requirement; all of XL's are).
   - Fusion. On CUDA one Triton pass reads each row once, finds its max and writes e4m3 values and the scale.
     In the MLP that pass also applies the GELU (forward) and its derivative (backward), so the wide hidden rows
-    (4 D) are read once each way; the output-gradient pass also sums the bias gradient.
+    (4 D) are read once each way; the output-gradient pass also sums the bias gradient. In compiled sampling the
+    rows of the blocks' LayerNorms go to the qkv and fc1 linears already rounded: the norm kernel writes the e4m3
+    codes itself (FuseNormRounding, a compiler pass), so those rows are never written in bf16.
   - Off CUDA the same e4m3 values are multiplied in fp32: the reference the GPU tests compare against, and what
     the CPU tests run.
 What it is worth on H100 and H200 (training and sampling rows, before and after): docs/LOG.md, "fp8".

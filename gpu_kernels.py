@@ -12,7 +12,7 @@ LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path
   frame kernel - STDiT's temporal attention as one Triton kernel that reads q, k, v where the projection
                  wrote them (`frame_attention`)
   adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward
-                 (`norm_modulate`, `add_norm_modulate`)
+                 (`norm_modulate`, `add_norm_modulate`); twins that write e4m3 rows for fp8 sampling
   checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (selective checkpointing)
 
 Nothing outside this file changes its settings by writing its globals: `override(...)` is the one way in,
