@@ -210,10 +210,10 @@ def _fuse_norm_rounding(graph, rounding):
     e4m3, rows_index = {torch.ops.opensora.norm_modulate.default: (torch.ops.opensora.norm_modulate_e4m3.default, 0),
                         torch.ops.opensora.add_norm_modulate_v2.default: (torch.ops.opensora.add_norm_modulate_e4m3.default, 1),
                         }.get(norm.target, (None, None))
-    outputs = list(norm.users)  # getitems of the norm's outputs: rows and statistics, add_norm_modulate's sum first
+    outputs = list(norm.users)  # getitems of the norm's outputs: add_norm_modulate's sum first, then rows, statistics
     others = [n for n in outputs if n is not rows and n.users]
-    if (e4m3 is None or index != rows_index or any(len(n.users) > 1 for n in views + [rows])
-            or any(n.args[1] != 0 or rows_index == 0 for n in others)):
+    only_the_sum = rows_index == 1 and all(n.args[1] == 0 for n in others)  # not the statistics, which a backward reads
+    if e4m3 is None or index != rows_index or any(len(n.users) > 1 for n in views + [rows]) or (others and not only_the_sum):
         return
     with graph.inserting_after(norm):  # codes and scales (what fp8_rows returned), then the sum
         fused = graph.call_function(e4m3, norm.args, norm.kwargs)

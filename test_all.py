@@ -645,19 +645,19 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
     assert eager.std() > 20 and (compiled - eager).abs().mean() < 2.0  # uint8 levels: not a constant video
 
 
-def _norm_rounding_graph(gated, rows_also_returned=False):
+def _norm_rounding_graph(gated, also_returned=None):
     """An FX graph of a block's two norms feeding fp8 rounding passes (through reshapes, as Fp8Linear's), with fake
-    tensors for its values (as Inductor hands graphs to the pass); rows_also_returned: the first norm's rows are
-    also an output, which must keep them."""
+    tensors for its values (as Inductor hands graphs to the pass); also_returned "rows" or "stats": the first norm's
+    rows or statistics (as a backward would read them) are also an output, which must keep that norm."""
     from torch.fx.experimental.proxy_tensor import make_fx
     ops = torch.ops.opensora
 
     def block(x, a, gate, shift, scale):
-        h = ops.norm_modulate.default(x, shift, scale, 1e-6, torch.bfloat16)[0]
+        h, stats = ops.norm_modulate.default(x, shift, scale, 1e-6, torch.bfloat16)
         codes, scales = ops.fp8_rows.default(h.reshape(8, 16, 64).reshape(-1, 64), False)
         total, h2, _ = ops.add_norm_modulate_v2.default(x, a, gate if gated else None, shift, scale, 1e-6, torch.bfloat16)
         codes2, scales2 = ops.fp8_rows.default(h2.reshape(-1, 64), False)
-        return (codes, scales, codes2, scales2, total * 2) + ((h,) if rows_also_returned else ())
+        return (codes, scales, codes2, scales2, total * 2) + ({"rows": (h,), "stats": (stats,)}.get(also_returned, ()))
     x, a, gate, shift, scale = torch.empty(2, 4, 16, 64), torch.empty(2, 4, 16, 64), *torch.empty(3, 2, 1, 1, 64)
     return make_fx(block, tracing_mode="fake")(x, a, gate, shift, scale).graph
 
@@ -684,10 +684,11 @@ def test_fp8_sampling_pass_has_the_norms_round_their_rows(gated):
     assert shapes == [(128, 64), (128, 1), (128, 64), (128, 1)]
     total = output[4].args[0]  # of total * 2: the sum, now the e4m3 add op's third output
     assert total.args == (next(n for n in graph.nodes if n.target is ops.add_norm_modulate_e4m3.default), 2)
-    kept = _norm_rounding_graph(gated, rows_also_returned=True)
-    fp8.FuseNormRounding()(kept)
-    assert _targets(kept).count(ops.norm_modulate.default) == 1 and _targets(kept).count(ops.fp8_rows.default) == 1
-    assert ops.add_norm_modulate_e4m3.default in _targets(kept)  # the second norm's rows go to the rounding alone
+    for returned in ("rows", "stats"):
+        kept = _norm_rounding_graph(gated, returned)
+        fp8.FuseNormRounding()(kept)
+        assert _targets(kept).count(ops.norm_modulate.default) == 1 and _targets(kept).count(ops.fp8_rows.default) == 1
+        assert ops.add_norm_modulate_e4m3.default in _targets(kept)  # the second norm's rows go to the rounding alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused norm kernels and fp8 matmuls need CUDA (the GPU suite runs this)")
