@@ -282,23 +282,29 @@ def bench_training(args, s, device, rank, world, log):
     if args.comm_profile and device.type == "cuda":
         result["nccl_share"] = round(nccl_share(step), 3)
     if args.profile and rank == 0:  # where one step's GPU time goes, by kernel
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize() if device.type == "cuda" else None
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        log(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-        if device.type == "cuda":
-            log(kernel_summary(prof))
+        profile_once(step, device, log)
     if args.row:
         result["published_samples_per_s"], result["published_tokens_per_s"] = ROWS[args.row][1]
     return result
+
+
+def profile_once(fn, device, log):
+    """Log one call of fn profiled: operators by time, and on a GPU its kernels by class (kernel_summary)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    if device.type == "cuda":
+        log(kernel_summary(prof))
 
 
 KERNEL_CLASSES = (  # (class, name fragments): a GPU kernel's class is the first whose fragment its name holds
     ("attention", ("fmha", "flash", "sdpa", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass")),
     ("adaLN norms (fused)", ("_norm_modulate",)),
+    ("fp8 rounding", ("_fp8_",)),
     ("compiled (triton)", ("triton",)),
     ("optimizer (foreach/fused)", ("multi_tensor_apply",)),
     ("nccl", ("nccl",)),
@@ -396,6 +402,8 @@ def bench_sampling(args, s, device, log):
     if s["compile"]:
         model = sample.compile_for_sampling(model)
     forward_s, _ = timed(forward, 2, 10, device)  # the warm-up calls compile
+    if args.profile:  # where that forward's time goes
+        profile_once(forward, device, log)
     flops_per_step = model_flops_per_sample(model.cfg, (T, H // 2, W // 2), args.text_len) / 3 * 2 * B
     results = []
     for sampler, n in zip(args.sampler, args.sample_steps):
@@ -579,7 +587,7 @@ def main(argv=None):
                    "sample.py --fp8")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="also print one step's top kernels (torch.profiler)")
+    p.add_argument("--profile", action="store_true", help="also print one step's (with --sample: one guided forward's) top kernels (torch.profiler)")
     p.add_argument("--comm-profile", action="store_true", help="also the share of step time in NCCL kernels")
     p.add_argument("--side-by-side", action="store_true",
                    help="with --row all: run rows at the same time, each on GPUs of its own (one host, several GPUs)")

@@ -3158,13 +3158,16 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
     """--sample times each sampler in one process, with a guided forward timed alone; with --fp8 it also reports
-    what bf16 and fp8 cost against the fp32 forward (fp8 coarser)."""
+    what bf16 and fp8 cost against the fp32 forward (fp8 coarser); --profile logs that forward's operators."""
     import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     argv = ["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
             "--sample", "--sampler", "ddpm", "dpm", "--sample-steps", "3", "2", "--no-compile", "--fp8"]
-    ddpm, dpm = run_bench(argv, capsys)
+    bench.main(argv + ["--profile"])
+    out = capsys.readouterr()
+    ddpm, dpm = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+    assert "Self CPU" in out.err and "aten::" in out.err
     assert (ddpm["sampler"], ddpm["steps"], dpm["sampler"], dpm["steps"]) == ("ddpm", 3, "dpm", 2)
     assert ddpm["fp8"] and ddpm["seconds_per_sample"] > 0 and ddpm["forward_ms"] > 0
     assert 0 < ddpm["forward_error_bf16"] < ddpm["forward_error_fp8"] < 0.1
