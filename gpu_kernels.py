@@ -342,6 +342,7 @@ frame_attention.register_autograd(
 # that gives the input gradient, instead of another read of them.
 
 NORM_KERNEL_WIDTH = 16384  # a row of D values is held in registers
+# the rows' dtype before the e4m3 rounding (E4M3 below; the other kernels ignore it)
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if triton else {}
 
 
@@ -385,7 +386,8 @@ if triton is not None:
         if E4M3:
             out = out.to(DTYPE).to(tl.float32)
             top = tl.maximum(tl.max(tl.abs(out), 1), 1e-12)
-            tl.store(h + at, tl.clamp(out * tl.math.div_rn(448.0, top)[:, None], -448.0, 448.0).to(tl.float8e4nv), mask=valid)
+            codes = tl.clamp(out * tl.math.div_rn(448.0, top)[:, None], -448.0, 448.0)
+            tl.store(h + at, codes.to(tl.float8e4nv), mask=valid)
             tl.store(stats + row, tl.math.div_rn(top, 448.0), mask=row < M)
         else:
             tl.store(h + at, out.to(h.dtype.element_ty), mask=valid)
@@ -473,7 +475,7 @@ def _launch_norm_fwd(x, a, gate, shift, scale, eps, dtype, e4m3=False):
     _norm_modulate_fwd[(triton.cdiv(M, NORM_ROWS),)](
         x, x if a is None else a.contiguous(), scale if gate is None else gate, shift, scale, x_out, h, stats,
         M, M // B, D, shift.stride(0), eps, RESIDUAL=a is not None, GATED=gate is not None, E4M3=e4m3,
-        DTYPE=TRITON_DTYPES[dtype], ROWS=NORM_ROWS, BLOCK_D=block, num_warps=warps)
+        DTYPE=TRITON_DTYPES.get(dtype, tl.float32), ROWS=NORM_ROWS, BLOCK_D=block, num_warps=warps)
     return x_out, h, stats
 
 
