@@ -351,8 +351,7 @@ def norm_kernel_fits(x, *modulation):
     They run in training and in sampling (both measured faster than Inductor's code: docs/LOG.md, "The H100
     column" and "Fused norms in sampling")."""
     B, D = x.shape[0], x.shape[-1]
-    return (triton is not None and FUSED_NORM and x.is_cuda and x.dim() >= 3
-            and D <= NORM_KERNEL_WIDTH
+    return (triton is not None and FUSED_NORM and x.is_cuda and x.dim() >= 3 and D <= NORM_KERNEL_WIDTH
             and all(m is None or (m.shape[0] == B and m.numel() == B * D and m.stride(-1) == 1) for m in modulation))
 
 
