@@ -24,7 +24,8 @@ so the scales decide the quality:
     In the MLP that pass also applies the GELU (forward) and its derivative (backward), so the wide hidden rows
     (4 D) are read once each way; the output-gradient pass also sums the bias gradient. In compiled sampling the
     rows of the blocks' LayerNorms go to the qkv and fc1 linears already rounded: the norm kernel writes the e4m3
-    codes itself (FuseNormRounding, a compiler pass), so those rows are never written in bf16.
+    codes itself, and so does a residual add whose sum goes to a linear (FuseRounding, a compiler pass): those rows
+    are never read back in bf16.
   - Off CUDA the same e4m3 values are multiplied in fp32: the reference the GPU tests compare against, and what
     the CPU tests run.
 What it is worth on H100 and H200 (training and sampling rows, before and after): docs/LOG.md, "fp8".
@@ -55,15 +56,23 @@ def fp8_rows(t):
 
 if triton is not None:
     @triton.jit
-    def _fp8_rows_kernel(x, out, scale, M, K, GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _fp8_rows_kernel(x, out, scale, M, K, a, gate, total, gate_stride, PER, GELU: tl.constexpr, ADD: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """fp8_rows for ROWS rows, each read once: max |x|, then x times 448 / max rounded (to nearest even) to
         e4m3. div_rn divides exactly, as torch does; the two still differ by one code in about 0.1% of values.
-        GELU: the rows are first put through the tanh-approximated GELU (in fp32, without a bf16 copy between)."""
+        GELU: the rows are first put through the tanh-approximated GELU (in fp32, without a bf16 copy between).
+        ADD: the rows are the residual sum x + gate * a (gate: one row per PER rows, a sample's adaLN gate), written
+        to total in its dtype and rounded from there, as if read back."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         at = rows.to(tl.int64)[:, None] * K + cols[None, :]
         keep = (rows[:, None] < M) & (cols[None, :] < K)
         v = tl.load(x + at, mask=keep, other=0.0).to(tl.float32)
+        if ADD:
+            g = tl.load(gate + (rows // PER).to(tl.int64)[:, None] * gate_stride + cols[None, :], mask=keep, other=0.0)
+            v = (v + g.to(tl.float32) * tl.load(a + at, mask=keep, other=0.0).to(tl.float32)).to(total.dtype.element_ty)
+            tl.store(total + at, v, mask=keep)
+            v = v.to(tl.float32)
         if GELU:  # 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3))), the tanh one approximate hardware instruction
             # (the codes differ from the exact GELU's in 0.03% of values, by one); sigmoid's exp and division: 1.4x slower
             z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
@@ -79,23 +88,48 @@ def _fp8_outputs(x):
     return torch.empty_like(x, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
-@torch.library.custom_op("opensora::fp8_rows", mutates_args=())
-def fp8_rows_cuda(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_rows (of GELU(x) with gelu) as one Triton kernel that reads each row once (compiled torch ops read it
-    twice, which left the first fp8 forward of STDiT-XL/2 no faster than bf16's; docs/LOG.md)."""
-    x = x.contiguous()
+def _launch_rows(x, gelu=False, a=None, gate=None, total=None):
+    """x (M, K) contiguous -> its e4m3 rows and scales through _fp8_rows_kernel (with a, gate and total: of the sum)."""
     out, scale = _fp8_outputs(x)
     block = triton.next_power_of_2(x.shape[1])
     # tiles of 4,096 values or one row, 64 a thread: 1.4-1.5x faster than 8 warps on 8,192 values (H200; docs/LOG.md)
     rows = max(1, 4096 // block)
-    _fp8_rows_kernel[(triton.cdiv(x.shape[0], rows),)](x, out, scale, x.shape[0], x.shape[1], GELU=gelu, ROWS=rows,
-                                                       BLOCK=block, num_warps=max(1, rows * block // 2048))
+    add = a is not None
+    _fp8_rows_kernel[(triton.cdiv(x.shape[0], rows),)](
+        x, out, scale, x.shape[0], x.shape[1], a if add else x, gate if add else x, total if add else x,
+        gate.stride(0) if add else 0, x.shape[0] // gate.shape[0] if add else 1, GELU=gelu, ADD=add, ROWS=rows,
+        BLOCK=block, num_warps=max(1, rows * block // 2048))
     return out, scale
+
+
+@torch.library.custom_op("opensora::fp8_rows", mutates_args=())
+def fp8_rows_cuda(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows (of GELU(x) with gelu) as one Triton kernel that reads each row once (compiled torch ops read it
+    twice, which left the first fp8 forward of STDiT-XL/2 no faster than bf16's; docs/LOG.md)."""
+    return _launch_rows(x.contiguous(), gelu)
 
 
 @fp8_rows_cuda.register_fake
 def _(x, gelu=False):
     return _fp8_outputs(x)
+
+
+@torch.library.custom_op("opensora::add_fp8_rows", mutates_args=())
+def add_fp8_rows_cuda(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's gated residual add and the rounding of its sum for the next Fp8Linear, in one pass: x and a
+    (B, ..., K), gate (B, 1, ..., 1, K) -> e4m3 rows and scales of x + gate * a (as fp8_rows of it, flattened to
+    rows of K), then the sum itself, which the rounding would otherwise read back. Put in by FuseRounding."""
+    K = x.shape[-1]
+    gate, total = gate.reshape(gate.shape[0], K), x.new_empty(x.shape)  # gate: a view of the adaLN rows, rows apart
+    out, scale = _launch_rows(x.contiguous().view(-1, K), a=a.contiguous().view(-1, K),
+                              gate=gate if gate.stride(1) == 1 else gate.contiguous(), total=total.view(-1, K))
+    return out, scale, total
+
+
+@add_fp8_rows_cuda.register_fake
+def _(x, a, gate):
+    K = x.shape[-1]
+    return x.new_empty(x.numel() // K, K, dtype=E4M3), x.new_empty(x.numel() // K, 1, dtype=torch.float32), x.new_empty(x.shape)
 
 
 def _rows8(x, gelu=False):
@@ -177,16 +211,19 @@ def quantize_fp8(model, module_filter_fn=blocks_but_adaln):
     return len(picked)
 
 
-class FuseNormRounding(CustomGraphPass):
+class FuseRounding(CustomGraphPass):
     """A compiler pass for sampling with fp8 linears (sample.compile_for_sampling adds it to Inductor's post-grad
-    passes). A block's LayerNorm + modulate (gpu_kernels' fused op) writes its rows in bf16, and the Fp8Linear they
-    go to reads them back only to round them to e4m3. Where the rows go nowhere else, the pass has the norm kernel
-    round them itself (opensora::norm_modulate_e4m3, add_norm_modulate_e4m3): the same codes and scales, and the
-    bf16 rows are neither written nor read (docs/LOG.md, "Norms that round to fp8")."""
+    passes). An Fp8Linear's input is written in bf16 by the step before it and read back only to be rounded to
+    e4m3. Where that step is one of a block's fused norms (gpu_kernels' LayerNorm + modulate ops), the pass has the
+    norm kernel round its rows itself (opensora::norm_modulate_e4m3, add_norm_modulate_e4m3), and the bf16 rows are
+    neither written nor read; where it is a gated residual add x + gate * a (STDiT's temporal attention and
+    cross-attention read the stream), the add and the rounding become one pass (opensora::add_fp8_rows), which
+    writes the sum for the rest of the block and the rounded rows from the same registers. Same codes and scales
+    (docs/LOG.md, "Norms that round to fp8", "Residual adds that round to fp8")."""
 
     def __call__(self, graph: torch.fx.Graph):
         for rounding in list(graph.find_nodes(op="call_function", target=torch.ops.opensora.fp8_rows.default)):
-            _fuse_norm_rounding(graph, rounding)
+            _fuse_norm_rounding(graph, rounding) or _fuse_add_rounding(graph, rounding)
 
     def uuid(self):  # Inductor's cache keeps graphs compiled with this pass while this file is unchanged
         return get_hash_for_files((__file__,))
@@ -195,17 +232,44 @@ class FuseNormRounding(CustomGraphPass):
 VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
-def _fuse_norm_rounding(graph, rounding):
-    """rounding = fp8_rows(views of a fused norm's rows): the norm op's e4m3 twin in place of both, if nothing
-    else uses the rows or the norm's statistics (a backward would)."""
+def _rounded(rounding):
+    """The node whose values fp8_rows(views of them) rounds, and those views (each used only on the way), or
+    (None, []) where the rounding applies a GELU (an MLP's fc2) or a view is used elsewhere too."""
     if (rounding.args[1] if len(rounding.args) > 1 else rounding.kwargs.get("gelu", False)):
-        return  # the rows of an MLP's fc2, after the GELU
+        return None, []
     rows, views = rounding.args[0], []
     while rows.op == "call_function" and rows.target in VIEWS:
         views.append(rows)
         rows = rows.args[0]
-    if rows.op != "call_function" or rows.target is not operator.getitem:
-        return
+    return (None, []) if any(len(n.users) > 1 for n in views) or rows.op != "call_function" else (rows, views)
+
+
+def _swap_in(graph, producer, op, args, kwargs, rounding, sums, erased):
+    """op(*args, **kwargs) right after producer (where its inputs exist and before the sums' users), returning codes,
+    scales[, sum], in place of rounding; the sums' users read its third output; then the nodes in erased (users
+    before producers) go."""
+    with graph.inserting_after(producer):
+        fused = graph.call_function(op, args, kwargs)
+    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with detect_fake_mode(list(fake_args)):
+        fused.meta["val"] = op(*fake_args, **fake_kwargs)
+    rounding.replace_all_uses_with(fused)
+    for total in sums:
+        with graph.inserting_after(fused):
+            new = graph.call_function(operator.getitem, (fused, 2))
+        new.meta["val"] = fused.meta["val"][2]
+        total.replace_all_uses_with(new)
+    for node in [rounding, *erased]:
+        graph.erase_node(node)
+    return True
+
+
+def _fuse_norm_rounding(graph, rounding):
+    """rounding = fp8_rows(views of a fused norm's rows): the norm op's e4m3 twin in place of both, if nothing
+    else uses the rows or the norm's statistics (a backward would)."""
+    rows, views = _rounded(rounding)
+    if rows is None or rows.target is not operator.getitem or len(rows.users) > 1:
+        return False
     norm, index = rows.args
     e4m3, rows_index = {torch.ops.opensora.norm_modulate.default: (torch.ops.opensora.norm_modulate_e4m3.default, 0),
                         torch.ops.opensora.add_norm_modulate_v2.default: (torch.ops.opensora.add_norm_modulate_e4m3.default, 1),
@@ -213,21 +277,35 @@ def _fuse_norm_rounding(graph, rounding):
     outputs = list(norm.users)  # getitems of the norm's outputs: add_norm_modulate's sum first, then rows, statistics
     others = [n for n in outputs if n is not rows and n.users]
     only_the_sum = rows_index == 1 and all(n.args[1] == 0 for n in others)  # not the statistics, which a backward reads
-    if e4m3 is None or index != rows_index or any(len(n.users) > 1 for n in views + [rows]) or (others and not only_the_sum):
-        return
-    with graph.inserting_after(norm):  # codes and scales (what fp8_rows returned), then the sum
-        fused = graph.call_function(e4m3, norm.args, norm.kwargs)
-    args, kwargs = torch.fx.node.map_arg((norm.args, norm.kwargs), lambda n: n.meta["val"])
-    with detect_fake_mode(list(args)):
-        fused.meta["val"] = e4m3(*args, **kwargs)
-    rounding.replace_all_uses_with(fused)
-    for total in others:  # add_norm_modulate's sum x + gate * a
-        with graph.inserting_after(fused):
-            new = graph.call_function(operator.getitem, (fused, 2))
-        new.meta["val"] = fused.meta["val"][2]
-        total.replace_all_uses_with(new)
-    for node in [rounding, *views, *outputs, norm]:
-        graph.erase_node(node)
+    if e4m3 is None or index != rows_index or (others and not only_the_sum):
+        return False
+    return _swap_in(graph, norm, e4m3, norm.args, norm.kwargs, rounding, others, [*views, *outputs, norm])
+
+
+def _fuse_add_rounding(graph, rounding):
+    """rounding = fp8_rows(views of x + gate * a), gate one row a sample (B, 1, ..., 1, K) and the sum's rows of K:
+    opensora::add_fp8_rows in place of the add, its product and the rounding, if the product is used only there."""
+    total, views = _rounded(rounding)
+    aten = torch.ops.aten
+    if total is None or total.target is not aten.add.Tensor or len(total.args) != 2 or total.kwargs:
+        return False
+    for x, product in (total.args, total.args[::-1]):
+        if isinstance(product, torch.fx.Node) and product.target is aten.mul.Tensor and len(product.users) == 1:
+            break
+    else:
+        return False
+    if not all(isinstance(n, torch.fx.Node) for n in (x, *product.args)):
+        return False
+    shape = total.meta["val"].shape
+    a, gate = product.args if product.args[0].meta["val"].shape == shape else product.args[::-1]
+    values = [n.meta["val"] for n in (x, a, gate, total)]
+    per_sample = values[2].dim() == len(shape) > 1 and values[2].shape[0] == shape[0] and values[2].shape[-1] == shape[-1]
+    if (values[0].shape != shape or values[1].shape != shape or not per_sample or set(values[2].shape[1:-1]) - {1}
+            or len({v.dtype for v in values}) > 1 or rounding.args[0].meta["val"].shape[-1] != shape[-1]):
+        return False
+    sums = [total] if set(total.users) - set(views) - {rounding} else []  # the residual stream goes on from it
+    return _swap_in(graph, total, torch.ops.opensora.add_fp8_rows.default, (x, a, gate), {}, rounding, sums,
+                    [*views, total, product])
 
 
 if triton is not None:

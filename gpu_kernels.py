@@ -515,7 +515,7 @@ def _(x, a, gate, shift, scale, eps, dtype):
 
 # Sampling with fp8 linears: the norms' rows go straight to an Fp8Linear, whose first step rounds them to e4m3
 # (fp8.py). These ops write the codes and scales instead of the rows: the rows are never written in bf16 nor read
-# back. Only fp8.py's compiler pass (FuseNormRounding, in sample.compile_for_sampling) puts them in a graph.
+# back. Only fp8.py's compiler pass (FuseRounding, in sample.compile_for_sampling) puts them in a graph.
 @torch.library.custom_op("opensora::norm_modulate_e4m3", mutates_args=())
 def norm_modulate_e4m3(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 import seqparallel
-from fp8 import Fp8Linear, FuseNormRounding, quantize_fp8
+from fp8 import Fp8Linear, FuseRounding, quantize_fp8
 import model as M
 from model import model_from_config, read_state_dict
 from text import TextEncoder
@@ -133,8 +133,8 @@ def compile_for_sampling(model):
     """The model compiled as one graph for many denoising steps of one video size: fusing across blocks saves
     what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100: 106.4 ms a forward
     against 110.2 ms block by block). With fp8 linears: CUDA graphs (mode "reduce-overhead"), whose short rounding
-    kernels are what a graph saves launching, and fp8.FuseNormRounding, which has the norms write their rows in e4m3
-    (STDiT-XL/2 16x256 on an H100: 74.4 -> 71.9 ms a forward). "max-autotune" did not pay for its compile time
+    kernels are what a graph saves launching, and fp8.FuseRounding, which has the norms and the residual adds
+    before fp8 linears write their rows in e4m3 (STDiT-XL/2 16x256 on an H100, the norms: 74.4 -> 71.9 ms a forward). "max-autotune" did not pay for its compile time
     (docs/LOG.md, compiling the sampler). A sequence-parallel model compiles block by block: its collectives stay
     outside the compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
@@ -143,8 +143,8 @@ def compile_for_sampling(model):
         return model
     if not any(isinstance(m, Fp8Linear) for m in model.modules()):
         return torch.compile(model)
-    # mode "reduce-overhead" (CUDA graphs), and the norms round their rows for the fp8 linears themselves
-    return torch.compile(model, options={"triton.cudagraphs": True, "post_grad_custom_post_pass": FuseNormRounding()})
+    # mode "reduce-overhead" (CUDA graphs), and the norms and adds round their rows for the fp8 linears themselves
+    return torch.compile(model, options={"triton.cudagraphs": True, "post_grad_custom_post_pass": FuseRounding()})
 
 
 def cpu_noise(shape, gen, device):

@@ -668,13 +668,13 @@ def _targets(graph):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_fp8_sampling_pass_has_the_norms_round_their_rows(gated):
-    """fp8.FuseNormRounding (sample.compile_for_sampling's pass for fp8 linears) swaps a fused norm feeding an fp8
+    """fp8.FuseRounding (sample.compile_for_sampling's pass for fp8 linears) swaps a fused norm feeding an fp8
     rounding pass, and nothing else, for the norm op that writes e4m3 codes: graph and outputs as they should be.
     Rows that something else uses (a returned tensor here; in training the backward) stay as they were. The ops'
     numbers and a compiled model on a GPU: test_fp8_sampling_norms_write_the_rounded_rows."""
     ops = torch.ops.opensora
     graph = _norm_rounding_graph(gated)
-    fp8.FuseNormRounding()(graph)
+    fp8.FuseRounding()(graph)
     graph.lint()
     targets = _targets(graph)
     assert ops.norm_modulate_e4m3.default in targets and ops.add_norm_modulate_e4m3.default in targets
@@ -686,16 +686,57 @@ def test_fp8_sampling_pass_has_the_norms_round_their_rows(gated):
     assert total.args == (next(n for n in graph.nodes if n.target is ops.add_norm_modulate_e4m3.default), 2)
     for returned in ("rows", "stats"):
         kept = _norm_rounding_graph(gated, returned)
-        fp8.FuseNormRounding()(kept)
+        fp8.FuseRounding()(kept)
         assert _targets(kept).count(ops.norm_modulate.default) == 1 and _targets(kept).count(ops.fp8_rows.default) == 1
         assert ops.add_norm_modulate_e4m3.default in _targets(kept)  # the second norm's rows go to the rounding alone
+
+
+def _add_rounding_graph(case=None):
+    """An FX graph of STDiT's gated residual add whose sum goes on in the stream and, through reshapes, to an fp8
+    rounding pass (fake tensors, as Inductor hands graphs to the pass). case: "product used" (gate * a also
+    returned), "gate per token" (a gate the shape of x), "gelu" (the rounding of an MLP's fc2): nothing to fuse."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def block(x, a, gate, gate_rows):
+        product = (gate_rows if case == "gate per token" else gate) * a
+        total = x + product
+        codes, scales = torch.ops.opensora.fp8_rows.default(total.reshape(8, 16, 64).reshape(-1, 64), case == "gelu")
+        return (codes, scales, total * 2) + ((product,) if case == "product used" else ())
+    mod = torch.empty(2, 6, 64)
+    gate = mod[:, :, None, None].unbind(1)[2]  # a view of the adaLN rows, as STDiT's blocks take it
+    return make_fx(block, tracing_mode="fake")(torch.empty(2, 4, 16, 64), torch.empty(2, 4, 16, 64), gate,
+                                               torch.empty(2, 4, 16, 64)).graph
+
+
+def test_fp8_sampling_pass_has_residual_adds_round_their_sums():
+    """fp8.FuseRounding swaps x + gate * a feeding an fp8 rounding pass (gate one row a sample) for
+    opensora::add_fp8_rows, whose third output is the sum the rest of the block reads; a product used elsewhere, a
+    gate per token, or an MLP's GELU rounding stay as they were. Numbers on a GPU: test_fp8_sampling_norms_write_the_rounded_rows."""
+    ops, aten = torch.ops.opensora, torch.ops.aten
+    graph = _add_rounding_graph()
+    fp8.FuseRounding()(graph)
+    graph.lint()
+    targets = _targets(graph)
+    assert targets.count(ops.add_fp8_rows.default) == 1
+    assert not {ops.fp8_rows.default, aten.add.Tensor} & set(targets)
+    output = next(n for n in graph.nodes if n.op == "output").args[0]
+    fused = next(n for n in graph.nodes if n.target is ops.add_fp8_rows.default)
+    assert [n.args for n in output[:2]] == [(fused, 0), (fused, 1)] and output[2].args[0].args == (fused, 2)
+    assert [tuple(n.meta["val"].shape) for n in output] == [(128, 64), (128, 1), (2, 4, 16, 64)]
+    x, a, gate = fused.args
+    assert (x.op, a.op, tuple(gate.meta["val"].shape)) == ("placeholder", "placeholder", (2, 1, 1, 64))
+    for case in ("product used", "gate per token", "gelu"):
+        kept = _add_rounding_graph(case)
+        fp8.FuseRounding()(kept)
+        assert ops.add_fp8_rows.default not in _targets(kept) and ops.fp8_rows.default in _targets(kept), case
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused norm kernels and fp8 matmuls need CUDA (the GPU suite runs this)")
 def test_fp8_sampling_norms_write_the_rounded_rows():
     """On CUDA the e4m3 norm ops give the codes and scales of the fused norm followed by fp8.py's rounding kernel
-    (x in fp32 and bf16, rows in bf16, fp16 and fp32, gated and not), and sample.compile_for_sampling swaps both
-    norms of every block of an fp8 model for them, with the output of the model compiled without the pass."""
+    (x in fp32 and bf16, rows in bf16, fp16 and fp32, gated and not), the residual add that rounds its sum gives the
+    sum and the rounding kernel's codes of it, and sample.compile_for_sampling swaps both norms of every block of an
+    fp8 model, and the adds feeding fp8 linears, for them, with the output of the model compiled without the pass."""
     import sample
     from torch._inductor.utils import run_and_get_code
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -715,7 +756,16 @@ def test_fp8_sampling_norms_write_the_rounded_rows():
             torch.testing.assert_close(scales, want_scales, atol=0, rtol=1e-2)
             apart = (codes.view(torch.uint8).int() - want_codes.view(torch.uint8).int()).abs()
             assert apart.max() <= 1 and (apart > 0).float().mean() < 1e-4
-    for name, kw in (("DiT-debug", dict(num_classes=10, cond="adaln")), ("STDiT-debug", TEXT)):
+    for dtype in (torch.bfloat16, torch.float32):  # the residual add that rounds its sum, gate a view of adaLN rows
+        x, a = (torch.randn(2, 4, 96, 1152, device="cuda", generator=gen, dtype=dtype) for _ in range(2))
+        gate = torch.randn(2, 6, 1152, device="cuda", generator=gen, dtype=dtype)[:, :, None, None].unbind(1)[2]
+        codes, scales, total = fp8.add_fp8_rows_cuda(x, a, gate)
+        torch.testing.assert_close(total, (x.float() + gate.float() * a.float()).to(dtype))
+        want_codes, want_scales = fp8.fp8_rows_cuda(total.view(-1, 1152))
+        torch.testing.assert_close(scales, want_scales, atol=0, rtol=0)
+        torch.testing.assert_close(codes.view(torch.uint8), want_codes.view(torch.uint8), atol=0, rtol=0)
+    for name, kw, adds in (("DiT-debug", dict(num_classes=10, cond="adaln"), 0), ("STDiT-debug", TEXT, 3),
+                           ("DiT-debug", dict(cond="cross", **TEXT), 2)):
         model = randomize(build_model(name, **kw), std=0.05).cuda().eval()
         fp8.quantize_fp8(model)
         y, mask = condition(model, 2)
@@ -729,6 +779,9 @@ def test_fp8_sampling_norms_write_the_rounded_rows():
         code = "\n".join(code)
         assert code.count("opensora.norm_modulate_e4m3.default(") == model.cfg.depth
         assert code.count("opensora.add_norm_modulate_e4m3.default(") == model.cfg.depth
+        # STDiT: the temporal attention's and the cross-attention's input in every block but block 0's temporal
+        # one (x + its position embedding); DiT with cross-attention: the cross-attention's input
+        assert code.count("opensora.add_fp8_rows.default(") == adds
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=5e-2)
 
 
