@@ -115,7 +115,8 @@ def _(x, gelu=False):
 
 
 @torch.library.custom_op("opensora::add_fp8_rows", mutates_args=())
-def add_fp8_rows_cuda(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_fp8_rows_cuda(x: torch.Tensor, a: torch.Tensor,
+                      gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A block's gated residual add and the rounding of its sum for the next Fp8Linear, in one pass: x and a
     (B, ..., K), gate (B, 1, ..., 1, K) -> e4m3 rows and scales of x + gate * a (as fp8_rows of it, flattened to
     rows of K), then the sum itself, which the rounding would otherwise read back. Put in by FuseRounding."""
@@ -128,8 +129,8 @@ def add_fp8_rows_cuda(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> t
 
 @add_fp8_rows_cuda.register_fake
 def _(x, a, gate):
-    K = x.shape[-1]
-    return x.new_empty(x.numel() // K, K, dtype=E4M3), x.new_empty(x.numel() // K, 1, dtype=torch.float32), x.new_empty(x.shape)
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    return x.new_empty(M, K, dtype=E4M3), x.new_empty(M, 1, dtype=torch.float32), x.new_empty(x.shape)
 
 
 def _rows8(x, gelu=False):
