@@ -711,7 +711,8 @@ def _add_rounding_graph(case=None):
 def test_fp8_sampling_pass_has_residual_adds_round_their_sums():
     """fp8.FuseRounding swaps x + gate * a feeding an fp8 rounding pass (gate one row a sample) for
     opensora::add_fp8_rows, whose third output is the sum the rest of the block reads; a product used elsewhere, a
-    gate per token, or an MLP's GELU rounding stay as they were. Numbers on a GPU: test_fp8_sampling_norms_write_the_rounded_rows."""
+    gate per token, or an MLP's GELU rounding stay as they were. The op's numbers and compiled models on a GPU:
+    test_fp8_sampling_norms_write_the_rounded_rows."""
     ops, aten = torch.ops.opensora, torch.ops.aten
     graph = _add_rounding_graph()
     fp8.FuseRounding()(graph)
