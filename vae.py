@@ -11,7 +11,7 @@ Diffusion runs on the latents. Every kind is one small class with the same inter
 Kinds: "raw" (pixels, identity: for tiny debug runs), "sd" (Stable Diffusion's image VAE applied to each
 frame, as Open-Sora v1.0 does), "vqvae" (VideoGPT's video VQ-VAE, x2 in time and x4 in space, whose
 continuous code embeddings the March 2024 release diffused) and "video" (Wan 2.1's causal 3D VAE from
-diffusers, x4 in time and x8 in space). No VQ-VAE weights can be downloaded here, so train.py also trains one
+diffusers, x4 in time and x8 in space). No VQ-VAE weights can be downloaded here, so train_vqvae.py trains one
 (`python vae.py train` forwards to it):
 
     python vae.py train --demo --out outputs/vqvae          # demo clips, PSNR on held-out clips
@@ -21,7 +21,6 @@ diffusers, x4 in time and x8 in space). No VQ-VAE weights can be downloaded here
 Shape letters as in model.py's docstring: B batch, C channels, T frames, H, W.
 """
 import argparse
-import importlib
 import json
 import math
 import os
@@ -603,10 +602,10 @@ def build_vae(kind="raw", path=None, micro_batch=32, device="cpu", dtype=torch.f
 
 
 if __name__ == "__main__":
-    # `python vae.py train FLAGS` forwards to the VQ-VAE trainer in train.py (it reads clips with data.py, which this
-    # library never imports). train.py imports this file, so it is imported here by name, only when run as a script:
-    # an import at the top would close a circle.
+    # `python vae.py train FLAGS` is train_vqvae.py's command (it reads clips with data.py, which this library never
+    # imports); imported only here, where this file runs as the script `__main__`, not as the module vae
     command = argparse.ArgumentParser(prog="vae.py", description=__doc__.split("\n\n")[0])
     command.add_argument("command", choices=["train"], help="train: train the VQ-VAE (python vae.py train --help)")
     command.add_argument("flags", nargs=argparse.REMAINDER, help="the command's flags")
-    importlib.import_module("train").train_vqvae(command.parse_args().flags)
+    import train_vqvae
+    train_vqvae.main(command.parse_args().flags)
