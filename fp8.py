@@ -5,7 +5,8 @@ FP8 matmuls for the blocks' linears, applied from outside the model (like torcha
     enable_fp8_training(model)   # training (train.py --fp8): same parameters, same state-dict keys
 
 Both swap modules in place and take over the existing linears' tensors, so `blocks.0.mlp.fc1.weight` stays
-`blocks.0.mlp.fc1.weight`. model.py knows nothing of fp8.
+`blocks.0.mlp.fc1.weight`. model.py knows nothing of fp8. This file imports gpu_kernels.py for one thing: the
+fused-norm ops that its sampling compiler pass (FuseRounding) rewrites, taken by reference (gpu_kernels.E4M3_TWINS).
 
 The recipe. Hopper's tensor cores multiply e4m3 (4 exponent bits, 3 mantissa bits, largest value 448) at twice
 the bf16 rate. Rounding to e4m3 costs up to 1/16 relative error per element, averaged down over a dot product,
@@ -28,7 +29,8 @@ so the scales decide the quality:
     are never read back in bf16.
   - Off CUDA the same e4m3 values are multiplied in fp32: the reference the GPU tests compare against, and what
     the CPU tests run.
-What it is worth on H100 and H200 (training and sampling rows, before and after): docs/LOG.md, "fp8".
+What it is worth on H100 and H200: docs/LOG.md, "fp8 training (`train.py --fp8`)", "fp8 sampling (`sample.py
+--fp8`)" and the later fp8 entries.
 """
 import operator
 
@@ -37,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+import gpu_kernels
 
 try:  # ships with torch's CUDA builds; CPUs round with torch ops
     import triton
@@ -74,7 +78,8 @@ if triton is not None:
             tl.store(total + at, v, mask=keep)
             v = v.to(tl.float32)
         if GELU:  # 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3))), the tanh one approximate hardware instruction
-            # (the codes differ from the exact GELU's in 0.03% of values, by one); sigmoid's exp and division: 1.4x slower
+            # (codes one apart from the exact GELU's in 0.03% of values); sigmoid's exp and division ran 1.4x slower
+            # (docs/LOG.md, "Sampling table")
             z = 0.7978845608028654 * (v + 0.044715 * v * v * v)
             t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
             v = 0.5 * v * (1.0 + t)
@@ -92,7 +97,8 @@ def _launch_rows(x, gelu=False, a=None, gate=None, total=None):
     """x (M, K) contiguous -> its e4m3 rows and scales through _fp8_rows_kernel (with a, gate and total: of the sum)."""
     out, scale = _fp8_outputs(x)
     block = triton.next_power_of_2(x.shape[1])
-    # tiles of 4,096 values or one row, 64 a thread: 1.4-1.5x faster than 8 warps on 8,192 values (H200; docs/LOG.md)
+    # tiles of 4,096 values or one row, 64 a thread: 1.4-1.5x faster than 8 warps on 8,192 values on an H200
+    # (docs/LOG.md, "Sampling table")
     rows = max(1, 4096 // block)
     add = a is not None
     _fp8_rows_kernel[(triton.cdiv(x.shape[0], rows),)](
@@ -105,7 +111,7 @@ def _launch_rows(x, gelu=False, a=None, gate=None, total=None):
 @torch.library.custom_op("opensora::fp8_rows", mutates_args=())
 def fp8_rows_cuda(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8_rows (of GELU(x) with gelu) as one Triton kernel that reads each row once (compiled torch ops read it
-    twice, which left the first fp8 forward of STDiT-XL/2 no faster than bf16's; docs/LOG.md)."""
+    twice, which left the first fp8 forward of STDiT-XL/2 no faster than bf16's: docs/LOG.md, "fp8 sampling")."""
     return _launch_rows(x.contiguous(), gelu)
 
 
@@ -143,8 +149,8 @@ def _rows8(x, gelu=False):
 def _mm8(a8, a_scale, b8, b_scale, bias=None, fast=False, dtype=torch.bfloat16):
     """(a8 * a_scale) @ (b8 * b_scale).T + bias in dtype (bf16 on CUDA): a8 (M, K) and b8 (N, K) e4m3, scales (M, 1)
     and (N, 1).
-    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes, 1.4x with fp32
-    promotion; docs/LOG.md): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
+    fast: accumulate in the tensor cores' own accumulators (1.7x the bf16 rate at XL's shapes; docs/LOG.md, "fp8
+    sampling"): the forward takes it, the input gradient (summed over 4,608 hidden channels) does not."""
     if a8.is_cuda:
         bias = None if bias is None else bias.to(torch.bfloat16)
         return torch._scaled_mm(a8, b8.t(), a_scale, b_scale.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast)
@@ -216,8 +222,9 @@ class FuseRounding(CustomGraphPass):
     """A compiler pass for sampling with fp8 linears (sample.compile_for_sampling adds it to Inductor's post-grad
     passes). An Fp8Linear's input is written in bf16 by the step before it and read back only to be rounded to
     e4m3. Where that step is one of a block's fused norms (gpu_kernels' LayerNorm + modulate ops), the pass has the
-    norm kernel round its rows itself (opensora::norm_modulate_e4m3, add_norm_modulate_e4m3), and the bf16 rows are
-    neither written nor read; where it is a gated residual add x + gate * a (STDiT's temporal attention and
+    norm kernel round its rows itself (its e4m3 twin: opensora::norm_modulate_e4m3, add_norm_modulate_e4m3; the
+    norms and their twins are taken from gpu_kernels.E4M3_TWINS by reference), and the bf16 rows are neither
+    written nor read; where it is a gated residual add x + gate * a (STDiT's temporal attention and
     cross-attention read the stream), the add and the rounding become one pass (opensora::add_fp8_rows), which
     writes the sum for the rest of the block and the rounded rows from the same registers. Same codes and scales
     (docs/LOG.md, "Norms that round to fp8", "Residual adds that round to fp8")."""
@@ -226,8 +233,8 @@ class FuseRounding(CustomGraphPass):
         for rounding in list(graph.find_nodes(op="call_function", target=torch.ops.opensora.fp8_rows.default)):
             _fuse_norm_rounding(graph, rounding) or _fuse_add_rounding(graph, rounding)
 
-    def uuid(self):  # Inductor's cache keeps graphs compiled with this pass while this file is unchanged
-        return get_hash_for_files((__file__,))
+    def uuid(self):  # Inductor keeps graphs compiled with this pass while this file and gpu_kernels.py are unchanged
+        return get_hash_for_files((__file__, gpu_kernels.__file__))
 
 
 VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
@@ -272,9 +279,7 @@ def _fuse_norm_rounding(graph, rounding):
     if rows is None or rows.target is not operator.getitem or len(rows.users) > 1:
         return False
     norm, index = rows.args
-    e4m3, rows_index = {torch.ops.opensora.norm_modulate.default: (torch.ops.opensora.norm_modulate_e4m3.default, 0),
-                        torch.ops.opensora.add_norm_modulate_v2.default: (torch.ops.opensora.add_norm_modulate_e4m3.default, 1),
-                        }.get(norm.target, (None, None))
+    e4m3, rows_index = gpu_kernels.E4M3_TWINS.get(norm.target, (None, None))  # the norm ops, by reference
     outputs = list(norm.users)  # getitems of the norm's outputs: add_norm_modulate's sum first, then rows, statistics
     others = [n for n in outputs if n is not rows and n.users]
     only_the_sum = rows_index == 1 and all(n.args[1] == 0 for n in others)  # not the statistics, which a backward reads
@@ -359,7 +364,8 @@ def fp8_grad_rows_cuda(grad: torch.Tensor, h: torch.Tensor | None = None) -> tup
     programs = triton.cdiv(M, GRAD_ROWS)
     block = triton.next_power_of_2(K)
     partial = grad.new_empty(programs, K, dtype=torch.float32)
-    # measured fastest: 1 row at a time on 8 warps with the GELU; without it 2 or 4 rows on 4 warps (docs/LOG.md)
+    # measured fastest: 1 row at a time on 8 warps with the GELU; without it 2 or 4 rows on 4 warps
+    # (docs/LOG.md, "Timings that code comments used to carry")
     tile, warps = (1, 8) if h is not None else (4 if block <= 2048 else 2, 4)
     _fp8_grad_rows_kernel[(programs,)](grad, grad if h is None else h, dh, g, out, scale, partial, M, K, GELU=h is not None,
                                        ROWS=GRAD_ROWS, TILE=tile, BLOCK=block, num_warps=warps)

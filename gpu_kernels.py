@@ -1,20 +1,29 @@
 """
-Fast paths on GPUs behind model.py's `attention` and adaLN norms, applied from outside the model.
+GPU kernels behind model.py's seams, dispatched by name from inside them (the way nanochat's model calls its
+flash_attention module): model.py imports this file and its seams call the functions below by name, handing
+over model.py's own code as `reference`, which runs on CPUs and wherever no kernel here pays. Nothing here
+wraps or patches the model. This file imports no project file.
 
 model.py writes attention twice, as the reference: torch's SDPA and the plain formula; and each branch's
 LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path that gives the same outputs
-(test_all.py checks each one against model.py's code):
+(test_all.py checks each one against model.py's code). What is here, and where model.py calls it:
 
-  auto policy  - `attention(q, k, v, mask, impl)` picks a kernel by the shapes; constants below say why
+  auto policy  - `attention(q, k, v, mask, impl, reference)` picks a kernel by the shapes; constants below say
+                 why. Called by model.attention, the attention seam, for impl "auto" and "flash"
   flash-attn   - version 4 (CuTe DSL kernels compiled at run time: Hopper and newer) and version 2, as
-                 custom ops so that compiled and checkpointed blocks call them as they are
+                 custom ops so that compiled and checkpointed blocks call them as they are; `flash_version()`,
+                 which ModelConfig asks when attn="flash"
   efficient    - SDPA's memory-efficient kernel on rows of queries, for cross-attention to few caption tokens
   frame kernel - STDiT's temporal attention as one Triton kernel that reads q, k, v where the projection
-                 wrote them (`frame_attention`)
-  adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward
-                 (`norm_modulate`, `add_norm_modulate`); twins that write e4m3 rows for fp8 sampling
-  checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (selective checkpointing)
+                 wrote them: model.TemporalAttention calls `frame_kernel_fits` and `frame_attention` itself,
+                 beside the attention seam (the kernel takes the qkv projection's (B, T, S, 3D) output whole)
+  adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward:
+                 `norm_modulate`, `add_norm_modulate`, called by model.py's seams of the same names; twins that
+                 write e4m3 rows for fp8 sampling
+  checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (model.checkpoint_block)
 
+It exports its ops for fp8.py, which imports it: fp8's sampling compiler pass takes the norm ops it rewrites,
+and their e4m3 twins, from E4M3_TWINS by reference.
 Nothing outside this file changes its settings by writing its globals: `override(...)` is the one way in,
 for tests (`with gpu_kernels.override(short_keys=10): ...`) and bench.py --no-flash-attn / --no-fused-norm.
 Shape letters as in model.py: B batch, N queries, M keys, h heads, d head size, T frames, S tokens a frame.
@@ -49,8 +58,8 @@ except ImportError:
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
 FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
-# flash-attn 4 from this many keys on: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys, no faster at
-# 1,024 and 1.6-2.3% slower at 256 (H200; docs/LOG.md, "flash-attn 4")
+# flash-attn 4 from this many keys on, where it pays: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys,
+# no shorter at 1,024 or fewer (H200; docs/LOG.md, "flash-attn 4")
 FLASH4_KEYS = 2048
 QUERY_ROWS = 1024  # "efficient": at most this many queries per batch row
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # "cudnn"; MATH on CPUs
@@ -84,7 +93,7 @@ def flash_version():
 def attention(q, k, v, mask, impl, reference):
     """Attention by the fastest path for these shapes. q (B, N, h, d), k and v (B, M, h, d), mask (B, M) bool.
 
-    impl "auto" picks by the shapes, as measured fastest on an H100 (docs/LOG.md, "attention policy"):
+    impl "auto" picks by the shapes, as measured fastest on an H100 (docs/LOG.md, "Attention policy"):
       many queries, few keys (cross-attention to L = 120 caption tokens): efficient when training, whose
         backward is the cheapest; cudnn without gradients (sampling), whose forward takes half the time;
       few queries and few keys inside torch.compile (STDiT's temporal attention where the frame kernel does not
@@ -210,7 +219,8 @@ def efficient_attention(q, k, v, mask=None):
     """SDPA's memory-efficient kernel, which takes the key mask and keeps no (N, M) probabilities for backward,
     on rows of at most QUERY_ROWS queries. Its backward runs one thread block per batch row, head and 128 keys:
     over 120 caption tokens that is B*h blocks, 32 for two videos, a quarter of an H100's SMs; folding queries
-    into rows fills them (STDiT-XL/2 64x512: 62.5k -> 68.8k tokens/s; docs/LOG.md). Each row gets its own keys."""
+    into rows fills them (STDiT-XL/2 64x512 trained 10% faster; docs/LOG.md, "Cross-attention to the caption").
+    Each row gets its own keys."""
     B, N = q.shape[:2]
     rows = -(-N // QUERY_ROWS)  # per sample
     n = -(-N // rows)  # queries per row; the last row is padded with zero queries
@@ -227,7 +237,7 @@ def efficient_attention(q, k, v, mask=None):
 # Attention along the frames (STDiT's temporal attention) as one Triton kernel. Over T <= 64 frames every
 # (sample, spatial position, head) is one small T x T attention. Run through attention(), (B, T, S, 3D) must be
 # transposed to (B S) T first and the output back, four copies of the activations, and the batched 16 x 16
-# matmuls run far from peak (12.6 ms of a 106 ms sampling forward of STDiT-XL/2 16x256 on an H100; docs/LOG.md).
+# matmuls run far from peak (12% of a sampling forward of STDiT-XL/2 16x256 on an H100; docs/LOG.md, "Frame kernel").
 # The kernel reads q, k and v where the qkv projection wrote them and writes the output in (B, T, S, D):
 # one program per (b, s, h) loads three T x d tiles, keeps the T x T scores in registers, and stores one tile.
 
@@ -441,9 +451,9 @@ if triton is not None:
         tl.store(sums + out + 2 * D, d_gate, mask=col_valid)
 
 
-# Rows a program takes at a time (forward) and a backward step takes. One H100, the ops alone on the image and
-# 16x256 rows' shapes (fp32 x), forward + backward: 1 row 3.70 ms, 2 rows 3.93, 4 rows 3.75, 8 rows 4.63; the
-# whole rows ran at 1 (docs/LOG.md, "The H100 column")
+# Rows a program takes at a time (forward) and a backward step takes: 1, the fastest of 1, 2, 4 and 8 on the ops
+# alone (3.70 ms forward + backward at the image and 16x256 rows' shapes, one H100); the whole rows were
+# measured at 1 (docs/LOG.md, "The H100 column")
 NORM_ROWS = 1
 
 
@@ -539,6 +549,15 @@ def add_norm_modulate_e4m3(x: torch.Tensor, a: torch.Tensor, gate: Optional[torc
 @add_norm_modulate_e4m3.register_fake
 def _(x, a, gate, shift, scale, eps, dtype):
     return *_norm_outputs(x, dtype, True), x.new_empty(x.shape, dtype=_sum_dtype(x, a, gate))
+
+
+# The fused norms as compiled graphs hold them (op overloads, not the Python functions above), each -> its e4m3
+# twin and the index of its rows among its outputs (add_norm_modulate's sum comes first). Exported for fp8.py's
+# compiler pass (FuseRounding), which finds these ops in a graph by identity, not by name.
+E4M3_TWINS = {
+    torch.ops.opensora.norm_modulate.default: (torch.ops.opensora.norm_modulate_e4m3.default, 0),
+    torch.ops.opensora.add_norm_modulate_v2.default: (torch.ops.opensora.add_norm_modulate_e4m3.default, 1),
+}
 
 
 @torch.library.custom_op("opensora::norm_modulate_backward", mutates_args=())

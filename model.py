@@ -17,7 +17,14 @@ Conditions are class labels (B,) or text-token states (B, L, C_text) with a mask
 
 Sizes are read from tensor shapes, never stored at construction: one model trains on images, short clips
 and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
-Every attention goes through one function, `attention`, so that file has exactly one seam to wrap.
+
+The GPU kernels live in gpu_kernels.py, dispatched by name from inside this file's seams, as nanochat's model
+calls its flash_attention module: `attention` (impl auto and flash), `norm_modulate` and `add_norm_modulate` (on
+CUDA) call the gpu_kernels functions of the same names and hand over their own plain code as the reference, which
+CPUs run. Three calls sit beside the seams: TemporalAttention runs gpu_kernels.frame_attention itself where
+gpu_kernels.frame_kernel_fits (CUDA, up to 64 frames; the kernel reads the qkv projection's (B, T, S, 3D) output
+in place), `attention` elsewhere; checkpoint_block takes gpu_kernels.keep_attention as its policy; ModelConfig
+asks gpu_kernels.flash_version() whether attn="flash" can run.
 """
 import math
 from dataclasses import dataclass, asdict
@@ -112,7 +119,8 @@ class Attention(nn.Module):
 
 class TemporalAttention(Attention):
     """STDiT's attention along the frames at every spatial position, on x laid out (B, T, S, D) as the block
-    holds it: on CUDA one Triton kernel (gpu_kernels.frame_attention), else (B S) folded into the batch."""
+    holds it: on CUDA one Triton kernel, called here beside the `attention` seam (gpu_kernels.frame_attention),
+    else (B S) folded into the batch of `attention`."""
 
     def forward(self, x):  # x (B, T, S, D)
         qkv = self.qkv(x)
@@ -174,7 +182,7 @@ class PatchEmbed(nn.Module):
             x = rearrange(self.proj(x), "B D T H W -> B T (H W) D")
         # The conv's output is channel-first: as a view, D would sit T*S elements apart. Every elementwise op
         # keeps its input's layout, so the blocks' residual stream would inherit it and each LayerNorm would read
-        # its row with that stride (measured: 6x slower on an H100). One copy here puts tokens in rows.
+        # its row with that stride (6x slower on an H100; docs/LOG.md, "Token layout"). One copy puts tokens in rows.
         return x.contiguous()
 
 
@@ -595,7 +603,7 @@ _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": 
 DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, patch=(1, p, p))
               for size, (d, D, h) in _DIT_SIZES.items() for p in (2, 4, 8)}
 # the CPU demo's: patches of 2x2 pixels (12 values a token; with 4x4, 48, it learnt colours but not shapes), and
-# eps_skip (without it, 1,440 steps of 16 gave no shapes: docs/LOG.md)
+# eps_skip (without it, 1,440 steps of 16 gave no shapes: docs/LOG.md, "The CPU demo, fourth day")
 DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 2, 2), eps_skip=True)
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 # STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs.
