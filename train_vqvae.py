@@ -22,14 +22,16 @@ import torch
 from tqdm import tqdm
 
 import data
+import checkpoint
 from checkpoint import Interrupts, RunError, RunLock
 from sample import autocast
 from vae import VQVAE, VQVAEConfig, save_vqvae
 
 
-def main(argv=None):
-    """`python train_vqvae.py FLAGS` (or `python vae.py train FLAGS`); returns the held-out PSNR in dB."""
-    args = get_args(argv)
+def main(argv=None, prog=None):
+    """`python train_vqvae.py FLAGS` (or `python vae.py train FLAGS`, prog "vae.py train"); returns the held-out
+    PSNR in dB."""
+    args = get_args(argv, prog)
     try:
         with RunLock(args.out), Interrupts() as interrupts:
             return train(args, interrupts)
@@ -157,8 +159,8 @@ def evaluate(model, videos, device, precision):
     return sum(psnrs) / max(len(psnrs), 1), math.sqrt(max(s2 / max(n, 1) - (s / max(n, 1)) ** 2, 1e-12))
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CSV manifest (path,caption,...; see data.py)")
     p.add_argument("--demo", action="store_true", help="train on the moving-shapes demo set (made in OUT/demo_data if missing)")
     p.add_argument("--demo-videos", type=int, default=2048)
@@ -197,6 +199,8 @@ def get_args(argv=None):
             p.error(str(e))
     data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
                                                  "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
+    if checkpoint.unwritable(args.out):
+        p.error(f"--out {checkpoint.unwritable(args.out)}")
     if args.cache is None:
         args.cache = args.demo
     return args

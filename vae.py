@@ -608,4 +608,4 @@ if __name__ == "__main__":
     command.add_argument("command", choices=["train"], help="train: train the VQ-VAE (python vae.py train --help)")
     command.add_argument("flags", nargs=argparse.REMAINDER, help="the command's flags")
     import train_vqvae
-    train_vqvae.main(command.parse_args().flags)
+    train_vqvae.main(command.parse_args().flags, prog="vae.py train")
