@@ -130,13 +130,12 @@ def make_scheduler(kind, steps, learn_sigma):
 
 def compile_for_sampling(model):
     """The model compiled as one graph for many denoising steps of one video size: fusing across blocks saves
-    what a graph per block leaves between them (STDiT-XL/2 16x256, a guided batch of 8, H100: 106.4 ms a forward
-    against 110.2 ms block by block). With fp8 linears: CUDA graphs (mode "reduce-overhead"), whose short rounding
-    kernels are what a graph saves launching, and fp8.FuseRounding, which has the norms and the residual adds
-    before fp8 linears write their rows in e4m3 (STDiT-XL/2 16x256 on an H100: 74.4 -> 71.9 ms a forward for the
-    norms, 72.0 -> 70.4 ms for the adds). "max-autotune" did not pay for its compile time (docs/LOG.md, compiling
-    the sampler). A sequence-parallel model compiles block by block: its collectives stay
-    outside the compiler."""
+    what a graph per block leaves between them (3% of a forward, docs/LOG.md, "Timings that code comments used to
+    carry"). With fp8 linears: CUDA graphs (mode "reduce-overhead"), whose short rounding kernels are what a graph
+    saves launching, and fp8.FuseRounding, which has the norms and the residual adds before fp8 linears write their
+    rows in e4m3 (docs/LOG.md, "Norms that round to fp8" and "Residual adds that round to fp8"). "max-autotune" did
+    not pay for its compile time (docs/LOG.md, "Compiling the sampler"). A sequence-parallel model compiles block by
+    block: its collectives stay outside the compiler."""
     if hasattr(model, "shards"):  # seqparallel.apply_sequence_parallel
         for block in model.blocks:
             block.compile()

@@ -73,6 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 import bench
+import checkpoint
 import data
 import fp8
 import gpu_kernels
@@ -81,6 +82,7 @@ import sample
 import seqparallel
 import text
 import train
+import train_vqvae
 import vae as V
 import zero
 from model import attention, build_model
@@ -2389,7 +2391,7 @@ def test_zero2_matches_adamw_on_one_process(world):
     _spawn(_zero_worker, world)
 
 
-# checkpoint.py: run folders written whole, resumed bit for bit or refused (code still in train.py, sample.py)
+# checkpoint.py: run folders written whole, resumed bit for bit or refused
 
 def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
@@ -2401,6 +2403,66 @@ def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
     assert meta["step"] == 2 and meta["model_config"]["arch"] == "stdit" and meta["args"]["model"] == "STDiT-debug"
     with pytest.raises(SystemExit, match="no checkpoint there"):
         tiny_run(tmp_path / "run", csv_path, tiny_t5, "--steps", "3", "--resume", str(tmp_path))
+
+
+OLD_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "run_b23e2e1")
+
+
+def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(tmp_path, tiny_t5, capsys):
+    """testdata/run_b23e2e1: 2 steps of DiT-debug from precomputed features, written by train.py at b23e2e1 (before
+    the run folder's code moved here). Resumed, every weight, EMA tensor, Adam moment, RNG state and the data
+    position are its files' bit for bit; going on to step 4 in one go or through a step-3 folder of today's format
+    gives the same bits, and the losses its uninterrupted run logged. sample.py samples it, and falls back to the
+    previous step where the newest step's weights are truncated."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    flags = ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4",
+             "--num-workers", "0", "--no-sample", "--log-every", "1", "--outdir", str(run), "--resume", "auto"]
+    old = run / "checkpoints" / "step_0000002"
+    # the state as read back, into a model and optimizer built as train.train builds them
+    args = train.get_args(flags + ["--steps", "4"])
+    world = train.World(False, torch.device("cpu"))
+    inputs = train.load_inputs(args, world)
+    model = train.make_model(args, inputs, world.device)
+    ema = copy.deepcopy(model)
+    _, opt, scaler = train.parallelize(args, model, world, ())
+    found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, world.device, 0, 1, print)
+    meta = json.loads((old / "meta.json").read_text())
+    assert (found, step, position) == (str(old), 2, (meta["epoch"], meta["batch"]))
+    for net, name in ((model, "model"), (ema, "ema")):
+        stored = load_file(old / f"{name}.safetensors")
+        assert net.state_dict().keys() == stored.keys()
+        assert all(torch.equal(v, stored[k]) for k, v in net.state_dict().items())
+    stored = torch.load(old / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    state = opt.state_dict()["state"]
+    assert state.keys() == stored.keys() and all(torch.equal(state[i][k], stored[i][k]) for i in state for k in state[i])
+    rng = torch.load(old / "rng_rank0.pt", weights_only=True)
+    assert torch.equal(torch.get_rng_state(), rng["torch"]) and random.getstate() == rng["python"]
+    # on to step 4: straight, and through a folder of today's format at step 3
+    shutil.copytree(run, tmp_path / "via3")
+    train.main(flags + ["--steps", "4", "--ckpt-every", "4"])
+    via3 = [f if f != str(run) else str(tmp_path / "via3") for f in flags]
+    via3[via3.index("--features") + 1] = str(tmp_path / "via3" / "features")
+    train.main(via3 + ["--steps", "3", "--ckpt-every", "3"])
+    train.main(via3 + ["--steps", "4", "--ckpt-every", "4"])
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(folder / "checkpoints" / "step_0000004" / name) for folder in (run, tmp_path / "via3"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda path: {r["step"]: r["loss"] for r in map(json.loads, open(path))}
+    uninterrupted, resumed = losses(run / "uninterrupted_log.jsonl"), losses(run / "log.jsonl")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    # bit for bit on the machine that wrote the folder; another CPU may round its matmuls otherwise
+    assert [resumed[k] for k in (3, 4)] == pytest.approx([uninterrupted[k] for k in (3, 4)], rel=1e-5)
+    # sample.py reads it, its EMA as stored; a truncated newest step falls back to the one before
+    sample.main(["--ckpt", str(OLD_RUN), "--prompt", "a red circle moving left", "--sampler", "ddim", "--steps", "2",
+                 "--text-encoder", tiny_t5, "--outdir", str(tmp_path / "samples")])
+    assert data.read_video(str(tmp_path / "samples" / "000_a_red_circle_moving_left.mp4")).shape[0] == 4
+    assert "step 2 of" in capsys.readouterr().out
+    newest = run / "checkpoints" / "step_0000004" / "ema.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    net, meta = checkpoint.load_for_sampling(str(run), "cpu")
+    assert meta["step"] == 2 and "skipping" in capsys.readouterr().out
+    assert all(torch.equal(v, load_file(old / "ema.safetensors")[k]) for k, v in net.state_dict().items())
 
 
 @pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"]],
@@ -2537,7 +2599,7 @@ def test_sigterm_and_ctrl_c_finish_the_step_and_write_a_checkpoint(tmp_path, tin
     a, b = (load_file(tmp_path / run / "checkpoints" / "step_0000005" / "ema.safetensors") for run in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a shell's background job
-    with train.Interrupts() as interrupts:
+    with checkpoint.Interrupts() as interrupts:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupts.signal == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
@@ -2548,29 +2610,29 @@ def test_sigterm_and_ctrl_c_finish_the_step_and_write_a_checkpoint(tmp_path, tin
 def test_released_names_download_into_the_cache(tmp_path, monkeypatch):
     """A released file name that is not a local file comes from the cache, or is downloaded into it from where the
     original scripts get it; offline, one sentence names the file, the address and where to put it."""
-    assert sample.released_url("OpenSora-v1-HQ-16x512x512.pth") == \
+    assert checkpoint.released_url("OpenSora-v1-HQ-16x512x512.pth") == \
         "https://huggingface.co/hpcai-tech/Open-Sora/resolve/main/OpenSora-v1-HQ-16x512x512.pth"
-    assert sample.released_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    assert checkpoint.released_url("DiT-XL-2-256x256.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
     source = tmp_path / "served.pt"
     torch.save({"w": torch.arange(5)}, source)
     monkeypatch.setenv("WEIGHTS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-256x256.pt", ("url", source.as_uri()))
-    path = sample.fetch_weights("DiT-XL-2-256x256.pt")
+    monkeypatch.setitem(checkpoint.RELEASED, "DiT-XL-2-256x256.pt", ("url", source.as_uri()))
+    path = checkpoint.fetch_weights("DiT-XL-2-256x256.pt")
     assert path == str(tmp_path / "cache" / "DiT-XL-2-256x256.pt") and os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
     assert torch.equal(M.read_state_dict(path)["w"], torch.arange(5))
     source.unlink()
-    assert sample.fetch_weights("DiT-XL-2-256x256.pt") == path   # the cache answers, nothing is fetched again
-    monkeypatch.setitem(sample.RELEASED, "DiT-XL-2-512x512.pt", ("url", (tmp_path / "gone.pt").as_uri()))
-    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt could not be downloaded .* put it at .*cache"):
-        sample.fetch_weights("DiT-XL-2-512x512.pt")
+    assert checkpoint.fetch_weights("DiT-XL-2-256x256.pt") == path   # the cache answers, nothing is fetched again
+    monkeypatch.setitem(checkpoint.RELEASED, "DiT-XL-2-512x512.pt", ("url", (tmp_path / "gone.pt").as_uri()))
+    with pytest.raises(checkpoint.RunError, match="DiT-XL-2-512x512.pt could not be downloaded .* put it at .*cache"):
+        checkpoint.fetch_weights("DiT-XL-2-512x512.pt")
     assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]  # no partial file left
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="OpenSora-v1-16x256x256.pth is not in the cache and HF_HUB_OFFLINE forbids "
+    with pytest.raises(checkpoint.RunError, match="OpenSora-v1-16x256x256.pth is not in the cache and HF_HUB_OFFLINE forbids "
                                          "downloading it: download https://huggingface.co/hpcai-tech/Open-Sora/"):
-        sample.fetch_weights("OpenSora-v1-16x256x256.pth")
-    with pytest.raises(SystemExit, match="no such file or folder"):
-        sample.fetch_weights(str(tmp_path / "typo.pt"))
+        checkpoint.fetch_weights("OpenSora-v1-16x256x256.pth")
+    with pytest.raises(checkpoint.RunError, match="no such file or folder"):
+        checkpoint.fetch_weights(str(tmp_path / "typo.pt"))
 
 
 # train.py: the IDDPM loss restated, the training step, non-finite steps, DDP, features, refused flags
@@ -2849,26 +2911,26 @@ def test_train_flags_that_cannot_go_together(capsys):
         assert said in capsys.readouterr().err
     assert train.get_args(["--demo", "--fp8"]).precision == "bf16"
     for command in (partial(data.main, ["precompute", "--data", "missing.csv", "--out", "feats"]),  # before T5 loads
-                    partial(train.train_vqvae, ["--data", "missing.csv"])):
+                    partial(train_vqvae.main, ["--data", "missing.csv"])):
         with pytest.raises(SystemExit):
             command()
         assert "--data missing.csv: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.train_vqvae(["--demo", "--batch-size", "0"])
+        train_vqvae.main(["--demo", "--batch-size", "0"])
     assert "--batch-size must be at least 1, not 0" in capsys.readouterr().err
-    # `python vae.py train` forwards its flags to train.train_vqvae (vae.py imports train.py only when run as a script)
+    # `python vae.py train` forwards its flags to train_vqvae.main (vae.py imports it only when run as a script)
     done = subprocess.run([sys.executable, "vae.py", "train", "--data", "missing.csv"], cwd=os.path.dirname(os.path.abspath(__file__)),
                           env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "vae.py train: error: --data missing.csv: no such file" in done.stderr, done.stderr[-2000:]
 
 
-# train_vqvae.py: the VQ-VAE trainer, then diffusion on its latents (code still in train.py)
+# train_vqvae.py: the VQ-VAE trainer, then diffusion on its latents
 
 def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5, capsys):
-    """`python vae.py train --demo` (tiny; train.train_vqvae, where vae.py forwards) writes a VQ-VAE folder and prints
+    """`python vae.py train --demo` (tiny; train_vqvae.main, where vae.py forwards) writes a VQ-VAE folder and prints
     the held-out PSNR; train.py then diffuses its code embeddings (8 channels, 2x4x4 smaller), sized from the VAE."""
     out = tmp_path / "vqvae"
-    train.train_vqvae(["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+    train_vqvae.main(["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
               "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
               "--val-clips", "4", "--steps", "4", "--eval-every", "2", "--num-workers", "0"])
     printed = capsys.readouterr().out
@@ -3281,8 +3343,9 @@ def test_bench_encoder_speed_mode(monkeypatch, capsys):
 # layout: the whole codebase: layers without circles, model.py without parallelism, timings in docs/LOG.md
 
 def test_model_py_never_imports_torch_distributed_or_speed_paths():
-    """model.py is the model: parallelism, GPU kernels and fp8 are applied from outside. It imports no
-    torch.distributed, triton, flash_attn or fp8 code; the GPU speed paths are reached through gpu_kernels only."""
+    """model.py is the model: parallelism and fp8 are applied from outside, GPU kernels are dispatched by name from
+    inside its seams. It imports no torch.distributed, triton, flash_attn or fp8 code; the GPU speed paths are
+    reached through gpu_kernels only."""
     tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "model.py")).read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
