@@ -2950,6 +2950,34 @@ def test_vqvae_training_command_then_diffusion_on_its_latents(tmp_path, tiny_t5,
         tiny_run(tmp_path / "bad", csv_path, tiny_t5, "--vae", "vqvae", "--vae-path", str(out), "--image-size", "20", "20")
 
 
+
+def test_vqvae_trainer_holds_its_folder_and_saves_on_an_interrupt(tmp_path, monkeypatch, capsys):
+    """The VQ-VAE trainer uses checkpoint.py's run lock and interrupt handler: a live lock refuses a second run into
+    --out; SIGINT during a step ends that step, writes the weights so far and exits with 128 + SIGINT."""
+    out = tmp_path / "vqvae"
+    flags = ["--demo", "--out", str(out), "--demo-videos", "12", "--num-frames", "4", "--image-size", "16", "16",
+             "--n-hiddens", "16", "--n-res-layers", "1", "--embedding-dim", "8", "--n-codes", "32", "--batch-size", "4",
+             "--val-clips", "4", "--steps", "50", "--eval-every", "100", "--num-workers", "0"]
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
+    with pytest.raises(SystemExit, match="another run .* is writing to"):
+        train_vqvae.main(flags)
+    (out / "run.lock").unlink()
+    real, calls = train_vqvae.autocast, []
+
+    def autocast_then_signal(*a):  # the third step's forward: Ctrl-C
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+    monkeypatch.setattr(train_vqvae, "autocast", autocast_then_signal)
+    with pytest.raises(SystemExit) as stop:
+        train_vqvae.main(flags)
+    assert stop.value.code == 128 + signal.SIGINT and len(calls) == 3
+    assert "stopped by SIGINT at step 3" in capsys.readouterr().out
+    assert V.load_vqvae(str(out)).config.embedding_dim == 8 and not (out / "run.lock").exists()
+
+
 # sample.py: the samplers restated from IDDPM, the published presets, released files, videos and images
 
 def test_ddpm_sampler_is_iddpms_respaced_p_sample_loop():
