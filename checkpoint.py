@@ -12,7 +12,7 @@ The run folder, written and read in one place: train.py, sample.py and train_vqv
 Writing: save_checkpoint (atomic: a .tmp folder, flushed to disk, renamed, then `latest` replaced). Reading:
 resume_newest (training: every piece of state, from the newest step folder that reads whole), load_for_sampling
 (a folder's EMA weights and meta.json), load_weights_file (a bare or released .pt/.pth/.safetensors file,
-downloaded into a cache where it is a released name). Run safety: RunLock, claim_outdir, Interrupts. Weights are
+downloaded into a cache where it is a released name). Run safety: RunFolder (RunLock, claim_outdir), Interrupts. Weights are
 read through model.read_state_dict and states with weights_only=True: nothing read here runs pickled code.
 """
 import contextlib
@@ -294,7 +294,7 @@ def load_for_sampling(path, device, weights="ema"):
     if os.path.isfile(os.path.join(path, "meta.json")):
         candidates = [path]
     else:
-        folder = path if os.path.isfile(os.path.join(path, "latest")) else os.path.join(path, "checkpoints")
+        folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
         candidates = step_folders(folder)
     if not candidates:
         raise RunError(f"no checkpoint in {path}: pass an experiment folder or a checkpoints/step_* folder written "
