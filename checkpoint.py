@@ -12,8 +12,9 @@ The run folder, written and read in one place: train.py, sample.py and train_vqv
 Writing: save_checkpoint (atomic: a .tmp folder, flushed to disk, renamed, then `latest` replaced). Reading:
 resume_newest (training: every piece of state, from the newest step folder that reads whole), load_for_sampling
 (a folder's EMA weights and meta.json), load_weights_file (a bare or released .pt/.pth/.safetensors file,
-downloaded into a cache where it is a released name). Run safety: RunFolder (RunLock, claim_outdir), Interrupts. Weights are
-read through model.read_state_dict and states with weights_only=True: nothing read here runs pickled code.
+downloaded into a cache where it is a released name). Run safety: RunFolder (RunLock, claim_outdir) and
+Interrupts. Weights are read through model.read_state_dict and states with weights_only=True: nothing read here
+runs pickled code.
 """
 import contextlib
 import errno
