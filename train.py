@@ -291,7 +291,7 @@ def train(args, world, interrupts):
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world.size} x {device.type}")
     train_model, opt, scaler = parallelize(args, model, world, (inputs.vae, inputs.text_encoder))
     diffusion = IDDPM()
-    dataset, sampler, loader = make_loader(args, inputs, model, world)
+    loader = make_loader(args, inputs, model, world)
 
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
     step, position = 0, (0, 0)
@@ -307,7 +307,7 @@ def train(args, world, interrupts):
     bar = tqdm(total=args.steps, initial=step, disable=world.rank != 0, desc="train", dynamic_ncols=True)
     unreadable, seen, tick = set(), 0, time.time()
     streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
-    stream = batches(dataset, sampler, loader, *position)
+    stream = batches(loader, *position)
     train_model.train()
     while step < args.steps:
         for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
@@ -487,7 +487,7 @@ def parallelize(args, model, world, encoders):
 
 
 def make_loader(args, inputs, model, world):
-    """(data set, bucket sampler, loader) over the manifest's clips, or over the precomputed features given."""
+    """The loader over the manifest's clips, or over the precomputed features given, in buckets of one size."""
     dataset, vae = inputs.dataset, inputs.vae
     if dataset is None:
         dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
@@ -505,13 +505,13 @@ def make_loader(args, inputs, model, world):
                                          # its own generator: a loader seeds its workers from the global RNG
                                          # otherwise, and a resumed run would draw different noise
                                          generator=torch.Generator().manual_seed(args.seed))
-    return dataset, sampler, loader
+    return loader
 
 
-def batches(dataset, sampler, loader, epoch, start):
+def batches(loader, epoch, start):
     """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
     was unreadable has nothing to learn from: it is passed over, its unreadable rows added to the next batch's."""
-    carried, read = [], False
+    dataset, sampler, carried, read = loader.dataset, loader.batch_sampler, [], False
     while True:
         dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
         sampler.set_epoch(epoch, start_batch=start)
