@@ -115,6 +115,18 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
     return final
 
 
+def prune_checkpoints(folder, keep_last, keep=()):
+    """Delete all but the newest keep_last step folders (0: keep every one), never the one `latest` names nor those
+    in keep (the one a run resumed from)."""
+    if keep_last < 1:
+        return
+    steps = step_folders(folder)  # `latest`'s first, then the newest to the oldest
+    spared = {os.path.abspath(p) for p in [*steps[:1], *sorted(steps, reverse=True)[:keep_last], *keep] if p}
+    for path in steps:
+        if os.path.abspath(path) not in spared:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def sync_files(folder, only=None):
     """fsync the files of folder (those whose name ends with `only`), then the folder itself (its entries)."""
     for name in os.listdir(folder):
@@ -202,6 +214,11 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
     """Load a step folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's RNG states.
     Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
     meta = read_meta(checkpoint)
+    written_by = len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
+    if written_by != world:  # the same on every rank: all stop, none waits in a collective for the others
+        raise RunError(f"{checkpoint} was written by {written_by} processes, this run has {world}: resume with "
+                       f"{written_by} (the data position and the global batch are theirs), or start a run from its "
+                       "weights with --init")
     check_same_run(checkpoint, meta, args, model)
     model.load_state_dict(read_weights(checkpoint, "model", device))
     written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
@@ -226,10 +243,9 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
             scaler.load_state_dict(states["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
-    rng_file = os.path.join(checkpoint, f"rng_rank{rank}.pt")
-    if not os.path.exists(rng_file):
-        raise RunError(f"{checkpoint} was written by fewer ranks than {world}: resume with the same number of processes")
-    rng = load_states(rng_file, "cpu")
+    for group in (opt.adamw if args.zero else opt).param_groups:  # this command line's, not the checkpoint's
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and device.type == "cuda":
@@ -237,11 +253,13 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
     return meta["step"], (meta["epoch"], meta["batch"])
 
 
-# Flags that change what the steps after a resume compute: changing them continues the run, but not as one
-# uninterrupted run would have gone on (a warning). The model's own flags must match (refused).
-EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "lr", "weight_decay", "grad_clip", "min_snr",
-               "mid_timesteps", "ema_decay", "precision", "seed", "num_frames", "frame_interval", "image_size",
-               "text_encoder", "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero")
+# Flags read at every step: a resume takes them from the command line and says so (a lower --lr after a loss spike
+# is the usual recovery). Flags that change what the steps compute in other ways (data, batch, sizes, encoders,
+# precision, seed) continue the run, but not as one uninterrupted run would have gone on: a warning. The model's
+# own flags must match: refused.
+HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps")
+EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "precision", "seed", "num_frames", "frame_interval",
+               "image_size", "text_encoder", "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero")
 
 
 def check_same_run(checkpoint, meta, args, model):
@@ -253,11 +271,13 @@ def check_same_run(checkpoint, meta, args, model):
     if differ:
         raise RunError(f"{checkpoint} holds another model ({meta['args'].get('model')}: {'; '.join(differ[:3])}): resume "
                        "with the flags it was trained with (its meta.json), or train this one in another --outdir")
-    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in EXACT_FLAGS
-               if k in meta["args"] and meta["args"][k] != getattr(args, k, None)]
-    if changed:
-        print(f"warning: resuming {checkpoint} with changed flags ({', '.join(changed)}): the run goes on, but not as "
-              "one uninterrupted run would have")
+    changed = lambda flags: [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in flags
+                             if k in meta["args"] and meta["args"][k] != getattr(args, k, None)]
+    if changed(HONOURED_FLAGS):
+        print(f"resuming {checkpoint} with {', '.join(changed(HONOURED_FLAGS))}: from step {meta['step'] + 1} on")
+    if changed(EXACT_FLAGS):
+        print(f"warning: resuming {checkpoint} with changed flags ({', '.join(changed(EXACT_FLAGS))}): the run goes on, "
+              "but not as one uninterrupted run would have")
 
 
 def resume_newest(args, model, ema, opt, scaler, device, rank, world, log):

@@ -2235,10 +2235,9 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=lambda m: f"{run} {k}: {m}")
     assert (tmp_path / "zero" / "checkpoints" / "step_0000002" / "zero_rank1.pt").exists()
     more = [*flags[:-6], "--steps", "3", "--outdir", str(tmp_path / "zero"), "--resume", "auto"]
-    with pytest.raises(SystemExit, match="slices were cut for 2 ranks .* this run has 1 ranks"):
-        train.main([*more, "--zero", "2"])
-    with pytest.raises(SystemExit, match="was written with --zero 2"):
-        train.main(more)
+    for zero in (["--zero", "2"], []):  # another world: refused before any slice or optimizer state is read
+        with pytest.raises(SystemExit, match="was written by 2 processes, this run has 1: resume with 2"):
+            train.main([*more, *zero])
     ema = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "ema.safetensors")
     assert any((got[k] != ema[k]).any() for k in got)  # the steps moved the weights (the EMA still sits near the start)
     bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
@@ -2465,6 +2464,64 @@ def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(t
     assert all(torch.equal(v, load_file(old / "ema.safetensors")[k]) for k, v in net.state_dict().items())
 
 
+def old_run_flags(run, *extra):
+    """train.py's flags for a copy of testdata/run_b23e2e1 at run."""
+    return ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4", "--num-workers",
+            "0", "--no-sample", "--log-every", "1", "--outdir", str(run), *extra]
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["adamw", "zero2"])
+def test_resume_trains_on_with_the_learning_rate_and_weight_decay_given(tmp_path, zero, capsys):
+    """A resume is how one lowers --lr after a loss spike: the optimizer takes --lr and --weight-decay from the command
+    line, not from the checkpoint (AdamW's state dict holds them), and says so; unchanged, nothing moves."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    zero_flags = ["--zero", "2"] if zero else []
+    if zero:  # a ZeRO-2 run of its own first: its slices hold the AdamW hyperparameters
+        shutil.rmtree(run / "checkpoints")
+        train.main(old_run_flags(run, "--steps", "2", "--ckpt-every", "2", *zero_flags))
+    train.main(old_run_flags(run, "--steps", "3", "--ckpt-every", "3", "--resume", "auto", "--lr", "1e-4",
+                             "--weight-decay", "0.05", *zero_flags))
+    assert "with --lr 0.002 -> 0.0001, --weight-decay 0.0 -> 0.05: from step 3 on" in capsys.readouterr().out
+    step3 = run / "checkpoints" / "step_0000003"
+    states = torch.load(step3 / "zero_rank0.pt", weights_only=True)["adamw"] if zero else \
+        torch.load(step3 / "optimizer.pt", weights_only=True)["optimizer"]
+    assert [(g["lr"], g["weight_decay"]) for g in states["param_groups"]] == [(1e-4, 0.05)] * len(states["param_groups"])
+    train.main(old_run_flags(run, "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *zero_flags))
+    assert "from step 4 on" in capsys.readouterr().out  # back to the default 2e-3, said again
+    if zero:  # ZeRO-2's slices hold no AdamW state that DDP could take
+        with pytest.raises(SystemExit, match="was written with --zero 2: resume with --zero 2"):
+            train.main(old_run_flags(run, "--steps", "5", "--resume", "auto"))
+
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path, capsys):
+    """A checkpoint holds each rank's RNG and the data position of its world: resumed on another number of processes
+    it would retrain clips and change the global batch (or, with more ranks, stop rank 0 in a gloo error). Every rank
+    counts the rng_rank files itself and refuses in one sentence."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    step2 = run / "checkpoints" / "step_0000002"
+    shutil.copy(step2 / "rng_rank0.pt", step2 / "rng_rank1.pt")  # as a 2-process run writes it
+    with pytest.raises(SystemExit, match="step_0000002 was written by 2 processes, this run has 1: resume with 2"):
+        train.main(old_run_flags(run, "--steps", "3", "--resume", "auto"))
+
+
+def test_keep_last_deletes_old_checkpoints_but_latest_and_the_one_resumed_from(tmp_path, capsys):
+    """--keep-last N keeps the newest N step folders; the one `latest` names and the one the run resumed from are
+    never deleted; 0 (the default) keeps them all. A resume past --steps says that there is nothing to train."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    steps = lambda: sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    train.main(old_run_flags(run, "--steps", "4", "--ckpt-every", "1", "--resume", "auto"))
+    assert steps() == ["step_0000002", "step_0000003", "step_0000004"]
+    train.main(old_run_flags(run, "--steps", "7", "--ckpt-every", "1", "--resume", "auto", "--keep-last", "1"))
+    assert steps() == ["step_0000004", "step_0000007"]  # step 4 was resumed from
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000007"
+    capsys.readouterr()
+    train.main(old_run_flags(run, "--steps", "5", "--resume", "auto"))
+    assert "resumed from" in (out := capsys.readouterr().out) and "--steps 5 is done: nothing to train" in out
+
+
 @pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"]],
                          ids=["ddp", "zero2-accum2", "features", "fp8"])
 def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
@@ -2528,10 +2585,11 @@ def test_resume_refuses_another_model_and_warns_of_changed_flags(tmp_path, tiny_
                                          "with"):
         plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--model", "DiT-debug")
     capsys.readouterr()
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4", "--seed", "7")
     out = capsys.readouterr().out
-    assert "warning: resuming " in out and "with changed flags (--lr 2e-05 -> 0.0001): the run goes on, but not as one " \
-        "uninterrupted run would have" in out, out[-2000:]
+    assert "with --lr 2e-05 -> 0.0001: from step 3 on" in out and "warning: resuming " in out and \
+        "with changed flags (--seed 42 -> 7): the run goes on, but not as one uninterrupted run would have" in out, \
+        out[-2000:]
 
 
 def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):

@@ -294,12 +294,13 @@ def train(args, world, interrupts):
     loader = make_loader(args, inputs, model, world)
 
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
-    step, position = 0, (0, 0)
+    found, step, position = None, 0, (0, 0)
     if args.resume:
         found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, device, world.rank,
                                                          world.size, log)
         if found:
-            log(f"resumed from {found} at step {step}")
+            log(f"resumed from {found} at step {step}" + (f"; --steps {args.steps} is done: nothing to train (raise "
+                                                         "--steps to go on)" if step >= args.steps else ""))
 
     # loop: batch, encode (no gradients), noise, loss, backward, step, EMA, log, checkpoint
     ckpt_dir = os.path.join(args.outdir, "checkpoints")
@@ -340,6 +341,7 @@ def train(args, world, interrupts):
             path = checkpoint.save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, world.rank)
             if world.rank == 0:
                 bar.write(f"step {step}: checkpoint {path}")
+                checkpoint.prune_checkpoints(ckpt_dir, args.keep_last, keep=[found])
         if stop:
             bar.close()
             log(f"stopped by {interrupts.name} at step {step}; the checkpoint above holds everything: continue with "
@@ -634,6 +636,8 @@ def get_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep only the newest N checkpoints (and the "
+                   "one resumed from); 0 (default): keep every one")
     p.add_argument("--resume", help="'auto' (the newest readable checkpoint in --outdir, if any) or a step folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --outdir that holds an earlier run's "
                    "checkpoints (they are deleted); without it such a folder is continued only with --resume")
@@ -684,7 +688,7 @@ def refuse_bad_values(error, args):
         error(f"--grad-clip {args.grad_clip:g}: give the largest gradient norm (Open-Sora v1.0: 1.0), or 0 for no clipping")
     if not 0 <= args.ema_decay <= 1:
         error(f"--ema-decay {args.ema_decay:g}: give a number from 0 to 1 (Open-Sora v1.0: 0.9999; 0 keeps no average)")
-    for name in ("weight_decay", "min_snr", "num_workers"):
+    for name in ("weight_decay", "min_snr", "num_workers", "keep_last"):
         if not getattr(args, name) >= 0:
             error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
     if not 0 <= args.mid_timesteps <= 1:
