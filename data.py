@@ -93,7 +93,7 @@ def write_video(path, frames, fps=8, crf=10):
                          f"{tuple(frames.shape)}; convert with ((x + 1) * 127.5).clamp(0, 255).byte()")
     # yuv420p stores chroma at half resolution, so libx264 needs even sizes: drop an odd last row/column.
     frames = np.ascontiguousarray(frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2])
-    with av.open(path, "w") as container:
+    with written_whole(path) as part, av.open(part, "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"  # the pixel format every player decodes
@@ -107,10 +107,24 @@ def write_video(path, frames, fps=8, crf=10):
         container.mux(stream.encode())  # flush the frames the encoder still holds for look-ahead
 
 
+@contextlib.contextmanager
+def written_whole(path):
+    """A partial file's name for path (its extension kept: av picks the format by it), renamed to path once the
+    block ends without an error and removed where it fails: no half-written file ever carries the final name."""
+    stem, ext = os.path.splitext(path)
+    part = f"{stem}.part{ext}"
+    try:
+        yield part
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
 def write_png(path, image):
     """Write an (H, W, 3) uint8 image as PNG with av (no extra image library needed)."""
     image = torch.as_tensor(image)
-    with av.open(path, "w") as container:
+    with written_whole(path) as part, av.open(part, "w") as container:
         stream = container.add_stream("png")
         stream.height, stream.width = image.shape[:2]
         stream.pix_fmt = "rgb24"
@@ -191,9 +205,15 @@ def read_manifest(csv_path):
     # newline="" lets the csv module keep quoted captions that contain line breaks intact; bytes that are not UTF-8
     # come through as lone surrogates, so one bad row is skipped (and named) instead of stopping the whole run
     rows = []
-    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a byte-order mark (what some spreadsheet programs write first) is not part of the first column's name
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         for row in reader:
+            if None in row or None in row.values():  # more fields than the header, or fewer: a caption cut or lost
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+                raise ValueError(f"row {reader.line_num} of {csv_path} has {fields} fields and its header "
+                                 f"{len(reader.fieldnames)}: quote captions that hold commas (\"a cat, sleeping\") and "
+                                 "give every row a path and a caption")
             if any(_NOT_UTF8.search(value or "") for value in row.values() if isinstance(value, str)):
                 log.warning("skipping row %d of %s: it is not UTF-8 text (re-save the file as UTF-8)", reader.line_num, csv_path)
                 continue

@@ -21,6 +21,7 @@ and a grid of 4 a row.
 import argparse
 import gc
 import json
+import math
 import os
 import re
 from contextlib import nullcontext
@@ -348,6 +349,10 @@ def get_args(argv=None):
     given = {k: v for k, v in vars(args).items() if v is not None}
     args = argparse.Namespace(**{**vars(args), **DEFAULTS, **PRESETS.get(args.preset, {}), **given}, given=set(given))
     data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps", "text_len"))
+    for name in ("cfg_scale", "space_scale", "time_scale"):  # NaN or infinity would write black videos
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 or name == "cfg_scale")):
+            p.error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name != "cfg_scale" else ""))
     if args.image_size is not None and min(args.image_size) < 1:
         p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
@@ -443,7 +448,11 @@ def main(argv=None):
         dist.destroy_process_group()
         if rank != 0:
             return
-    write_outputs(args, frames, prompts, meta)
+    try:
+        write_outputs(args, frames, prompts, meta)
+    except OSError as e:  # a full disk, a read-only folder: each file is written whole or not at all (data.written_whole)
+        raise SystemExit(f"writing the samples into {args.outdir} failed ({e.strerror or e}): free some space or choose "
+                         "another --outdir") from None
 
 
 def write_outputs(args, frames, prompts, meta):

@@ -1893,6 +1893,32 @@ def test_manifest_command(tmp_path, capsys):
         data.VideoDataset(_write_csv(tmp_path / "bad.csv", [["x.mp4"]], ("path",)))
 
 
+def test_manifests_with_a_byte_order_mark_read_and_rows_that_lost_fields_are_refused(tmp_path):
+    """A UTF-8 byte-order mark (spreadsheet exports) is not part of the first column's name; a row with fewer or more
+    fields than its header (a caption cut at an unquoted comma, or missing) is refused naming the row, not read
+    with a caption of None or half a caption."""
+    (tmp_path / "bom.csv").write_text("path,caption\nclip.mp4,a cat\n", encoding="utf-8-sig")
+    assert data.read_manifest(str(tmp_path / "bom.csv")) == [{"path": "clip.mp4", "caption": "a cat"}]
+    for name, rows, fields in (("short.csv", "a.mp4,a cat,16\nb.mp4\n", 1), ("long.csv", "a.mp4,a cat, asleep,16\n", 4)):
+        (tmp_path / name).write_text("path,caption,num_frames\n" + rows)
+        with pytest.raises(ValueError, match=f"row \\d of .*{name} has {fields} fields and its header 3: quote captions"):
+            data.read_manifest(str(tmp_path / name))
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path):
+    """data.write_video and write_png write under a partial name and rename once complete: a failure midway leaves
+    neither a partial file nor one under the final name."""
+    path = tmp_path / "clip.mp4"
+    with pytest.raises(OSError):
+        with data.written_whole(str(path)) as part:
+            assert part.endswith(".part.mp4")  # av picks the container by the extension
+            open(part, "wb").write(b"half a video")
+            raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path) == []
+    data.write_png(str(tmp_path / "a.png"), torch.zeros(4, 4, 3, dtype=torch.uint8))
+    assert os.listdir(tmp_path) == ["a.png"]
+
+
 def test_bad_captions_and_manifests_are_skipped_or_refused_before_the_encoders(tmp_path, caplog, capsys):
     """A caption that is not UTF-8 skips its row (named); an empty, header-only or path-less manifest is refused by
     train.py's argument check, before any encoder loads; an interrupted demo build is detected and rebuilt."""
@@ -3103,6 +3129,25 @@ def test_presets_are_the_published_inference_configs():
     args = get("--preset", "opensora-v1-16x512", "--steps", "20", "--sampler", "dpm", "--seed", "1", "--cfg-scale", "5")
     assert (args["steps"], args["sampler"], args["seed"], args["cfg_scale"], args["space_scale"]) == (20, "dpm", 1, 5.0, 1.0)
     assert get()["sampler"] == "ddpm" and get()["noise"] == "cpu" and get()["null_mask"] == "all"
+
+
+def test_sample_py_refuses_what_would_write_nothing_or_garbage(tmp_path, tiny_t5, capsys):
+    """A non-finite --cfg-scale (black videos), a step folder whose meta.json is corrupt, an --outdir that is a file:
+    each is one sentence, not a traceback or a run that exits 0."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    base = ["--prompt", "a red circle", "--sampler", "ddim", "--steps", "2", "--text-encoder", tiny_t5]
+    for value in ("nan", "inf"):
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", str(run), *base, "--cfg-scale", value])
+        assert f"--cfg-scale {value}: give a finite number" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="writing the samples into .*file failed .*: free some space or choose another"):
+        sample.main(["--ckpt", str(run), *base, "--outdir", str(tmp_path / "file")])
+    step = run / "checkpoints" / "step_0000002"
+    (step / "meta.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="step_0000002: its meta.json cannot be read .*; sample an older step_"):
+        sample.main(["--ckpt", str(step), *base])
 
 
 def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
