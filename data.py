@@ -55,6 +55,14 @@ def mix_seed(*numbers):
 
 # Video I/O. Images go through av too (its image2 demuxer), so one code path reads both.
 
+class ShortVideo(ValueError):
+    """A video with fewer frames than the count its frame indices were drawn from (frames: the true count)."""
+
+    def __init__(self, message, frames):
+        super().__init__(message)
+        self.frames = frames
+
+
 def read_video(path, indices=None):
     """Decode frames of a video or image as uint8 (T, H, W, 3); `indices` picks frames (default all)."""
     wanted, stop = (None, None) if indices is None else (set(indices), max(indices))
@@ -76,6 +84,8 @@ def read_video(path, indices=None):
         raise ValueError(f"{path} has no decodable frames")
     if indices is None:
         return torch.from_numpy(np.stack([kept[k] for k in sorted(kept)]))
+    if stop - last[0] > 2:  # far past the end: the count these indices came from was wrong
+        raise ShortVideo(f"{path} has {last[0] + 1} frames, fewer than the {stop + 1} asked for", last[0] + 1)
     # Headers can overstate the frame count by a frame or two: missing tail frames repeat the last one.
     tail = kept.get(last[0])
     if tail is None:
@@ -312,8 +322,13 @@ class VideoDataset(torch.utils.data.Dataset):
             total = _number(self.rows[index].get("num_frames")) or probe_video(self.path(index))["num_frames"]
             # The generator depends on (seed, epoch, index) only: same clip window in any worker layout.
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
-            indices = sample_frame_indices(total, T, self.frame_interval, generator)
-            frames = read_video(self.path(index), indices)
+            try:
+                frames = read_video(self.path(index), sample_frame_indices(total, T, self.frame_interval, generator))
+            except ShortVideo as short:  # the row's num_frames overstates the file: the file's count from now on
+                log.warning("%s: its row in %s says %d frames, the file has %d; sampling from those", self.path(index),
+                            self.csv_path, total, short.frames)
+                self.rows[index]["num_frames"] = short.frames
+                frames = read_video(self.path(index), sample_frame_indices(short.frames, T, self.frame_interval, generator))
         video = rearrange(frames, "T H W C -> T C H W").float()  # F.interpolate wants channels first
         if self.image_size is None:
             video = center_crop(video, (min(h, video.shape[-2]), min(w, video.shape[-1])))

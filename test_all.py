@@ -1905,6 +1905,21 @@ def test_manifests_with_a_byte_order_mark_read_and_rows_that_lost_fields_are_ref
             data.read_manifest(str(tmp_path / name))
 
 
+def test_a_manifest_that_overstates_a_clips_frames_is_corrected_not_trusted(tmp_path, caplog):
+    """A row whose num_frames is larger than its file gave clips of one repeated frame (every index past the end read
+    as the last frame); now the file's count replaces the row's, said once, and the clip holds the file's frames."""
+    frames = (torch.arange(8)[:, None, None, None] * 30).expand(8, 16, 16, 3).to(torch.uint8).contiguous()
+    data.write_video(str(tmp_path / "clip.mp4"), frames)
+    (tmp_path / "data.csv").write_text("path,caption,num_frames\nclip.mp4,grey levels,80\n")
+    dataset = data.VideoDataset(str(tmp_path / "data.csv"), num_frames=8, frame_interval=1, image_size=(16, 16))
+    with caplog.at_level(logging.WARNING):
+        video = dataset[0]["video"]  # (C, T, H, W) in [-1, 1]
+    assert "says 80 frames, the file has 8; sampling from those" in caplog.text
+    levels = ((video[0, :, 8, 8] + 1) * 127.5).round()
+    torch.testing.assert_close(levels, torch.arange(8.0) * 30, atol=3, rtol=0)  # all 8 frames, in order
+    assert dataset.rows[0]["num_frames"] == 8
+
+
 def test_files_are_written_whole_or_not_at_all(tmp_path):
     """data.write_video and write_png write under a partial name and rename once complete: a failure midway leaves
     neither a partial file nor one under the final name."""
