@@ -13,6 +13,7 @@ the model sees float (C, T, H, W) in [-1, 1], batched as (B, C, T, H, W).
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -626,7 +627,9 @@ def precompute(args):
                            seed=args.seed)
     vae.check_size(args.num_frames, *(size or (2 * vae.compression[1],) * 2))    # now, not at the first batch
     # what train.py --features needs to rebuild the run (and sample.py the encoders): the same names as its flags
-    settings = {"manifest": os.path.abspath(args.data), "vae": args.vae, "vae_path": args.vae_path,
+    with open(args.data, "rb") as f:  # its content, not only its path: a manifest edited in place is another one
+        manifest_sha256 = hashlib.sha256(f.read()).hexdigest()
+    settings = {"manifest": os.path.abspath(args.data), "manifest_sha256": manifest_sha256, "vae": args.vae, "vae_path": args.vae_path,
                 "vae_dtype": args.vae_dtype, "text_encoder": args.text_encoder,
                 "text_len": text_encoder.max_length, "num_frames": args.num_frames, "frame_interval": args.frame_interval,
                 "image_size": list(args.image_size), "seed": args.seed, "shard_size": args.shard_size, "dtype": args.dtype,
@@ -637,7 +640,8 @@ def precompute(args):
     if os.path.exists(settings_file):
         with open(settings_file) as f:
             before = json.load(f)
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        # (folders written before manifest_sha256 was kept lack it: for them the path alone is compared)
+        changed = sorted(k for k in settings if before.get(k) != settings[k] and (k in before or k != "manifest_sha256"))
         if changed:
             raise ValueError(f"{args.out} holds features made with other settings ({', '.join(changed)}): "
                              "pass the same flags to resume, or another --out")

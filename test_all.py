@@ -1990,6 +1990,12 @@ def test_precompute_resumes_skips_unreadable_and_checks_settings(tmp_path, tiny_
                                                      "shard_00001.safetensors", "shard_00002.safetensors"]
     with pytest.raises(SystemExit, match="other settings \\(dtype\\).*another --out"):
         precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2", "--dtype", "fp16")
+    # the manifest edited in place (a caption changed): its path is the same, its content is not
+    text = open(csv_path).read()
+    with open(csv_path, "w", newline="") as f:
+        f.write(text.replace("a broken clip", "a broken video"))
+    with pytest.raises(SystemExit, match="other settings \\(manifest_sha256\\)"):
+        precompute_tiny(csv_path, out, tiny_t5, "--vae", "raw", "--shard-size", "2")
     with pytest.raises(SystemExit, match="no index.json.*data.py precompute"):
         tiny_run(tmp_path / "run", str(tmp_path / "demo"), tiny_t5, "--steps", "1")
 
