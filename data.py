@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 from einops import rearrange
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -716,7 +716,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.samples = sorted((s["index"], shard["file"], s) for shard in self.info["shards"] for s in shard["samples"])
         if not self.samples:
             raise ValueError(f"{folder} holds no samples: every clip of {self.info['manifest']} was unreadable")
-        self.epoch = 0
+        self.epoch, self._warned = 0, set()
 
     def __len__(self):
         return len(self.samples)
@@ -729,17 +729,24 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         index, file, sample = self.samples[i]
-        # safe_open maps the file and reads only this sample's tensors
-        with safe_open(os.path.join(self.folder, file), "pt") as f:
-            latent, text, mask = (f.get_tensor(f"{index}.{key}") for key in ("latent", "text", "mask"))
+        try:  # safe_open maps the file and reads only this sample's tensors
+            with safe_open(os.path.join(self.folder, file), "pt") as f:
+                latent, text, mask = (f.get_tensor(f"{index}.{key}") for key in ("latent", "text", "mask"))
+        except (OSError, SafetensorError) as error:  # a truncated or lost shard: skipped and counted, as a bad video
+            if file not in self._warned:
+                self._warned.add(file)
+                log.warning("skipping the samples of unreadable shard %s (%s)", os.path.join(self.folder, file), error)
+            return {"unreadable": index}
         return {"latent": latent, "text": text, "mask": mask, "caption": sample["caption"], "index": index}
 
 
 def collate_features(batch):
-    return {"latent": torch.stack([item["latent"] for item in batch]),        # (B, C, T', H', W')
-            "text": torch.stack([item["text"] for item in batch]),            # (B, L, dim)
-            "mask": torch.stack([item["mask"] for item in batch]),            # (B, L)
-            "caption": [item["caption"] for item in batch], "index": [item["index"] for item in batch], "skipped": 0}
+    """Stack the readable samples (latent None where there is none), as collate() does with clips."""
+    kept = [item for item in batch if "latent" in item]
+    stack = lambda key: torch.stack([item[key] for item in kept]) if kept else None
+    return {"latent": stack("latent"), "text": stack("text"), "mask": stack("mask"),   # (B, C, T', H', W'), (B, L, dim), (B, L)
+            "caption": [item["caption"] for item in kept], "index": [item["index"] for item in kept],
+            "skipped": len(batch) - len(kept), "unreadable": [item["unreadable"] for item in batch if "unreadable" in item]}
 
 
 # Manifest builder and command line.

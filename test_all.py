@@ -2921,6 +2921,23 @@ def test_unreadable_files_count_once_per_run(tmp_path, tiny_t5, shapes_csv):
         plain_run(tmp_path / "run2", lost, tiny_t5, "--steps", "9")
 
 
+def test_an_unreadable_feature_shard_is_skipped_and_counted_as_a_clip_is(tmp_path, tiny_t5, shapes_csv):
+    """A truncated shard of precomputed features ended the run mid-training in a traceback; now its samples are
+    skipped and counted once each, as unreadable clips are, and a folder none of whose shards reads stops after
+    one epoch in one sentence."""
+    feats = tmp_path / "feats"
+    precompute_tiny(shapes_csv, feats, tiny_t5, "--vae", "raw", "--shard-size", "4")  # 12 samples, 3 shards
+    shard = feats / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:2000])
+    tiny_run(tmp_path / "run", feats, tiny_t5, "--steps", "6", "--ckpt-every", "6")  # 3 batches an epoch
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records[-1]["step"] == 6 and records[-1]["skipped"] == 4
+    for name in ("shard_00000.safetensors", "shard_00002.safetensors"):
+        (feats / name).write_bytes(b"")
+    with pytest.raises(SystemExit, match="not one clip of .*feats could be read in a whole epoch \\(12 unreadable.*: write them again"):
+        tiny_run(tmp_path / "run2", feats, tiny_t5, "--steps", "3")
+
+
 def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     """`torchrun --nproc_per_node=2 train.py` on CPU (gloo): both ranks train, save their RNG states, and
     a resume on the same world size continues."""

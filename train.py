@@ -519,13 +519,14 @@ def batches(loader, epoch, start):
         sampler.set_epoch(epoch, start_batch=start)
         for i, batch in enumerate(loader, start=start + 1):
             carried += batch.get("unreadable", [])
-            if "latent" in batch or batch["video"] is not None:  # features, or clips of which one at least was read
+            if batch.get("latent", batch.get("video")) is not None:  # one sample at least was read
                 yield epoch, i, dict(batch, unreadable=carried)
                 carried, read = [], True
         if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
-            raise RunError(f"not one clip of {getattr(dataset, 'csv_path', 'the manifest')} could be read in a whole epoch "
-                           f"({len(set(carried))} unreadable, see the warnings): check the paths in it (relative "
-                           "ones start at the manifest's folder)")
+            fix = "write them again with data.py precompute" if isinstance(dataset, data.FeatureDataset) else \
+                "check the paths in it (relative ones start at the manifest's folder)"
+            raise RunError(f"not one clip of {getattr(dataset, 'csv_path', None) or dataset.folder} could be read in a "
+                           f"whole epoch ({len(set(carried))} unreadable, see the warnings): {fix}")
         epoch, start, read = epoch + 1, 0, False
 
 
