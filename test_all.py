@@ -34,6 +34,7 @@ import ast
 import contextlib
 import copy
 import csv
+import errno
 import io
 import itertools
 import json
@@ -2936,6 +2937,22 @@ def test_an_unreadable_feature_shard_is_skipped_and_counted_as_a_clip_is(tmp_pat
         (feats / name).write_bytes(b"")
     with pytest.raises(SystemExit, match="not one clip of .*feats could be read in a whole epoch \\(12 unreadable.*: write them again"):
         tiny_run(tmp_path / "run2", feats, tiny_t5, "--steps", "3")
+
+
+def test_a_full_disk_while_logging_is_one_sentence(tmp_path):
+    """log.jsonl written on a full disk: the run stops in one sentence naming the file and the way on, not in a
+    traceback from inside the loop."""
+    class FullDisk(io.StringIO):
+        name = str(tmp_path / "log.jsonl")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    record = dict(step=1, loss=torch.tensor(0.5), grad_norm=torch.tensor(1.0), samples_per_s=2.0, skipped=0, epoch=0,
+                  nonfinite_skipped_steps=torch.tensor(0.0))
+    with pytest.raises(checkpoint.RunError, match="writing .*log.jsonl failed \\(No space left on device\\): free some "
+                                                  "space, then continue from the last checkpoint with --resume auto"):
+        train.log_step(tqdm_bar := train.tqdm(disable=True), FullDisk(), record, False)
+    tqdm_bar.close()
 
 
 def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):

@@ -539,9 +539,13 @@ def log_step(bar, logfile, record, distributed):
     record["nonfinite_skipped_steps"] = int(record["nonfinite_skipped_steps"])
     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}", skipped=record["skipped"],
                     **({"nonfinite": record["nonfinite_skipped_steps"]} if record["nonfinite_skipped_steps"] else {}))
-    if logfile:
-        logfile.write(json.dumps(record) + "\n")
-        logfile.flush()
+    try:
+        if logfile:
+            logfile.write(json.dumps(record) + "\n")
+            logfile.flush()
+    except OSError as e:  # a full disk: one sentence, and the checkpoints so far are whole
+        raise RunError(f"writing {logfile.name} failed ({e.strerror or e}): free some space, then continue from the "
+                       "last checkpoint with --resume auto") from e
 
 
 def sample_at_end(args, model, ema, opt, inputs, world):
