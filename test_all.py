@@ -2939,6 +2939,18 @@ def test_an_unreadable_feature_shard_is_skipped_and_counted_as_a_clip_is(tmp_pat
         tiny_run(tmp_path / "run2", feats, tiny_t5, "--steps", "3")
 
 
+@pytest.mark.parametrize("flag,value,said", [("--weight-decay", "inf", "give a finite number"),
+                                              ("--cfg-scale", "nan", "give a finite number"),
+                                              ("--space-scale", "0", "give a finite number above 0"),
+                                              ("--zero-bucket-mb", "nan", "give a finite number above 0"),
+                                              ("--sample-steps", "0", "must be at least 1")])
+def test_train_refuses_numbers_that_are_not_finite_or_out_of_range(flag, value, said, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--demo", flag, value])
+    err = capsys.readouterr().err
+    assert flag in err and value in err and said in err, err[-500:]
+
+
 def test_a_full_disk_while_logging_is_one_sentence(tmp_path):
     """log.jsonl written on a full disk: the run stops in one sentence naming the file and the way on, not in a
     traceback from inside the loop."""

@@ -677,7 +677,8 @@ def get_args(argv=None):
     if args.init and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     data.refuse_counts_below_one(p.error, args, ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum",
-                                                 "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos"))
+                                                 "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos",
+                                                 "sample_steps"))
     refuse_bad_values(p.error, args)
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
@@ -706,9 +707,15 @@ def refuse_bad_values(error, args):
     if args.image_size != [0, 0] and min(args.image_size) < 1:
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
+    positive = ("space_scale", "time_scale", "zero_bucket_mb")
+    for name in ("weight_decay", "min_snr", "cfg_scale", *positive):  # NaN or infinity: nonsense without a word
+        value = getattr(args, name)
+        if not math.isfinite(value) or (name in positive and not value > 0):
+            error(f"--{name.replace('_', '-')} {value:g}: give a finite number" + (" above 0" if name in positive else ""))
     unwritable = checkpoint.unwritable(args.outdir)  # now, not after the encoders have loaded
     if unwritable:
         error(f"--outdir {unwritable}")
+
 
 if __name__ == "__main__":
     main()
