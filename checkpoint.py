@@ -555,14 +555,18 @@ def claim_outdir(args, log):
 
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before killing a job) ask the loop to finish the
-    current step and write a checkpoint; a second signal aborts at once. Under torchrun the ranks agree at log steps."""
+    current step and write a checkpoint; a second signal aborts at once. Under torchrun the ranks agree at every step,
+    through a CPU (gloo) group: one number all-reduced there waits for no GPU work, and torchrun's grace period
+    (about 30 s after it forwards the signal) is shorter than many --log-every intervals."""
 
     def __init__(self):
-        self.signal, self.previous = None, {}
+        self.signal, self.previous, self.group = None, {}, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        if dist.is_initialized():  # every rank enters here at the same point of train.run: a collective call
+            self.group = dist.new_group(backend="gloo")
         return self
 
     def __exit__(self, *exc):
@@ -580,13 +584,12 @@ class Interrupts:
     def name(self):
         return signal.Signals(self.signal).name
 
-    def requested(self, log_step, device):
-        """Whether to stop now: at once in one process; under torchrun at log steps, where all ranks agree."""
-        if not dist.is_initialized():
+    def requested(self):
+        """Whether to stop after this step: on every rank once any rank was signalled."""
+        if self.group is None:
             return self.signal is not None
-        if not log_step:
-            return False
-        stop = not agree(self.signal is None, device)
-        if stop and self.signal is None:
+        asked = torch.tensor([float(self.signal is not None)])
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
+        if asked.item() and self.signal is None:
             self.signal = signal.SIGTERM  # another rank was asked
-        return stop
+        return bool(asked.item())

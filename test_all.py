@@ -2985,6 +2985,35 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     assert steps == [1, 2, 3]
 
 
+def test_torchrun_sigterm_stops_every_rank_within_a_step_whatever_log_every(tmp_path, tiny_t5):
+    """SIGTERM to torchrun (what a scheduler sends), with --log-every far away: every rank finishes its step, the
+    step's checkpoint is written by both, and the job ends well inside torchrun's grace period. The ranks agree at
+    every step (checkpoint.Interrupts, a gloo group), not only at log steps."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--demo",
+           "--data", csv_path, "--outdir", str(run), "--model", "STDiT-debug", "--text-encoder", tiny_t5, "--text-len",
+           "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers", "0", "--no-sample",
+           "--log-every", "100000", "--ckpt-every", "100000", "--steps", "100000"]
+    job = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=CPU_ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "log.jsonl").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)  # log.jsonl is opened when the loop starts
+        time.sleep(3)
+        job.send_signal(signal.SIGTERM)
+        sent = time.time()
+        out, _ = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert time.time() - sent < 25, out[-2000:]  # torchrun kills its workers about 30 s after forwarding
+    latest = (run / "checkpoints" / "latest").read_text()
+    step = int(latest.split("_")[1])
+    assert 0 < step < 100000 and "stopped by SIGTERM at step" in out, out[-2000:]
+    assert all((run / "checkpoints" / latest / f"rng_rank{r}.pt").exists() for r in (0, 1))
+
+
 def test_training_from_precomputed_features_equals_online_encoding(tmp_path, tiny_t5):
     """The tiny SD-VAE and T5 run once into fp32 features; two steps from them equal two steps that encode
     each batch online (posterior mean): same batches, same losses, same weights."""

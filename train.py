@@ -335,7 +335,7 @@ def train(args, world, interrupts):
             log_step(bar, logfile, record, world.distributed)
             seen, tick = 0, time.time()
             stop_if_diverged(streak, step, args)
-        stop = interrupts.requested(step % args.log_every == 0, device)
+        stop = interrupts.requested()
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             stop_if_diverged(streak, step, args)
             path = checkpoint.save_checkpoint(ckpt_dir, step, position, model, ema, opt, scaler, args, world.rank)
