@@ -271,12 +271,12 @@ def check_same_run(checkpoint, meta, args, model):
     if differ:
         raise RunError(f"{checkpoint} holds another model ({meta['args'].get('model')}: {'; '.join(differ[:3])}): resume "
                        "with the flags it was trained with (its meta.json), or train this one in another --outdir")
-    changed = lambda flags: [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in flags
-                             if k in meta["args"] and meta["args"][k] != getattr(args, k, None)]
-    if changed(HONOURED_FLAGS):
-        print(f"resuming {checkpoint} with {', '.join(changed(HONOURED_FLAGS))}: from step {meta['step'] + 1} on")
-    if changed(EXACT_FLAGS):
-        print(f"warning: resuming {checkpoint} with changed flags ({', '.join(changed(EXACT_FLAGS))}): the run goes on, "
+    changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in
+                                      flags if k in meta["args"] and meta["args"][k] != getattr(args, k, None))
+    if honoured := changed(HONOURED_FLAGS):
+        print(f"resuming {checkpoint} with {honoured}: from step {meta['step'] + 1} on")
+    if exact := changed(EXACT_FLAGS):
+        print(f"warning: resuming {checkpoint} with changed flags ({exact}): the run goes on, "
               "but not as one uninterrupted run would have")
 
 

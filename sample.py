@@ -349,10 +349,11 @@ def get_args(argv=None):
     given = {k: v for k, v in vars(args).items() if v is not None}
     args = argparse.Namespace(**{**vars(args), **DEFAULTS, **PRESETS.get(args.preset, {}), **given}, given=set(given))
     data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps", "text_len"))
-    for name in ("cfg_scale", "space_scale", "time_scale"):  # NaN or infinity would write black videos
+    positive = ("space_scale", "time_scale")
+    for name in ("cfg_scale", *positive):  # NaN or infinity would write black videos
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and (value > 0 or name == "cfg_scale")):
-            p.error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name != "cfg_scale" else ""))
+        if value is not None and (not math.isfinite(value) or (name in positive and not value > 0)):
+            p.error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name in positive else ""))
     if args.image_size is not None and min(args.image_size) < 1:
         p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     if args.prompt_file and not os.path.isfile(args.prompt_file):

@@ -2963,8 +2963,7 @@ def test_a_full_disk_while_logging_is_one_sentence(tmp_path):
                   nonfinite_skipped_steps=torch.tensor(0.0))
     with pytest.raises(checkpoint.RunError, match="writing .*log.jsonl failed \\(No space left on device\\): free some "
                                                   "space, then continue from the last checkpoint with --resume auto"):
-        train.log_step(tqdm_bar := train.tqdm(disable=True), FullDisk(), record, False)
-    tqdm_bar.close()
+        train.log_step(train.tqdm(disable=True), FullDisk(), record, False)
 
 
 def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):

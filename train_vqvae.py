@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import checkpoint
-from checkpoint import Interrupts, RunError, RunLock
+from checkpoint import RunError
 from sample import autocast
 from vae import VQVAE, VQVAEConfig, save_vqvae
 
@@ -33,7 +33,7 @@ def main(argv=None, prog=None):
     PSNR in dB."""
     args = get_args(argv, prog)
     try:
-        with RunLock(args.out), Interrupts() as interrupts:
+        with checkpoint.RunLock(args.out), checkpoint.Interrupts() as interrupts:
             return train(args, interrupts)
     except RunError as e:
         sys.exit(e.code or str(e))
