@@ -220,6 +220,8 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
                        f"{written_by} (the data position and the global batch are theirs), or start a run from its "
                        "weights with --init")
     check_same_run(checkpoint, meta, args, model)
+    adamw = opt.adamw if args.zero else opt
+    kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in adamw.param_groups]
     model.load_state_dict(read_weights(checkpoint, "model", device))
     written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
     if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
@@ -243,8 +245,8 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
             scaler.load_state_dict(states["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
-    for group in (opt.adamw if args.zero else opt).param_groups:  # this command line's, not the checkpoint's
-        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    for group, kept in zip(adamw.param_groups, kernels):  # this command line's values and this machine's kernels
+        group.update(kept, lr=args.lr, weight_decay=args.weight_decay)  # (a GPU's fused AdamW), not the checkpoint's
     rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

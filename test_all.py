@@ -2542,6 +2542,24 @@ def test_resume_trains_on_with_the_learning_rate_and_weight_decay_given(tmp_path
             train.main(old_run_flags(run, "--steps", "5", "--resume", "auto"))
 
 
+def test_resume_keeps_this_machines_adamw_kernels(tmp_path):
+    """AdamW's state dict also holds its kernel settings (fused on GPUs, foreach), which a resume must not take from
+    the checkpoint: a CPU-written run resumed on a GPU stepped the per-tensor kernel with the fused path's found_inf
+    and stopped in an AssertionError. Here the reverse: settings as a GPU writes them, resumed on this machine."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    saved = run / "checkpoints" / "step_0000002" / "optimizer.pt"
+    states = torch.load(saved, weights_only=True)
+    built = [{k: g[k] for k in ("fused", "foreach")} for g in states["optimizer"]["param_groups"]]
+    assert not any(g["fused"] for g in built)  # written on a CPU
+    for group in states["optimizer"]["param_groups"]:
+        group["fused"] = True
+    torch.save(states, saved)
+    train.main(old_run_flags(run, "--steps", "3", "--ckpt-every", "3", "--resume", "auto"))
+    groups = torch.load(run / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [{k: g[k] for k in ("fused", "foreach")} for g in groups] == built
+
+
 def test_resume_on_another_number_of_processes_is_refused(tmp_path, capsys):
     """A checkpoint holds each rank's RNG and the data position of its world: resumed on another number of processes
     it would retrain clips and change the global batch (or, with more ranks, stop rank 0 in a gloo error). Every rank
