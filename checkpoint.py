@@ -10,7 +10,7 @@ The run folder, written and read in one place: train.py, sample.py and train_vqv
                                         rng_rank{r}.pt (every rank's RNG states)
 
 Writing: save_checkpoint (atomic: a .tmp folder, flushed to disk, renamed, then `latest` replaced). Reading:
-resume_newest (training: every piece of state, from the newest step folder that reads whole), load_for_sampling
+check_resume_flags (before anything loads: a resume that changes what the run is, refused), resume_newest (training: every piece of state, from the newest step folder that reads whole), load_for_sampling
 (a folder's EMA weights and meta.json), load_weights_file (a bare or released .pt/.pth/.safetensors file,
 downloaded into a cache where it is a released name). Run safety: RunFolder (RunLock, claim_outdir) and
 Interrupts. Weights are read through model.read_state_dict and states with weights_only=True: nothing read here
@@ -210,16 +210,11 @@ def load_states(path, device):
         raise Unreadable(f"{os.path.basename(path)} cannot be read ({type(e).__name__})") from e
 
 
-def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
+def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
     """Load a step folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's RNG states.
     Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
     meta = read_meta(checkpoint)
-    written_by = len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
-    if written_by != world:  # the same on every rank: all stop, none waits in a collective for the others
-        raise RunError(f"{checkpoint} was written by {written_by} processes, this run has {world}: resume with "
-                       f"{written_by} (the data position and the global batch are theirs), or start a run from its "
-                       "weights with --init")
-    check_same_run(checkpoint, meta, args, model)
+    check_same_model(checkpoint, meta, model)
     adamw = opt.adamw if args.zero else opt
     kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in adamw.param_groups]
     model.load_state_dict(read_weights(checkpoint, "model", device))
@@ -256,15 +251,55 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank, world):
 
 
 # Flags read at every step: a resume takes them from the command line and says so (a lower --lr after a loss spike
-# is the usual recovery). Flags that change what the steps compute in other ways (data, batch, sizes, encoders,
-# precision, seed) continue the run, but not as one uninterrupted run would have gone on: a warning. The model's
-# own flags must match: refused.
+# is the usual recovery). A data set or features folder may have moved: its new path is taken and said (the data
+# position counts rows, so it must hold the same ones). The other flags fix what the run is: the model, and what its
+# data position, global batch and RNG streams mean (batch, sizes, encoders, precision, seed, optimizer layout,
+# sequence parallelism). A resume that changes one of those is refused before anything loads, since it would not
+# continue this run; --init starts a new one from its weights.
 HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps")
-EXACT_FLAGS = ("data", "features", "batch_size", "grad_accum", "precision", "seed", "num_frames", "frame_interval",
-               "image_size", "text_encoder", "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero")
+MOVED_FLAGS = ("data", "features")
+EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "batch_size", "grad_accum", "precision", "seed",
+               "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae", "vae_path",
+               "pixel_norm", "vae_sample", "zero", "sp_size")
 
 
-def check_same_run(checkpoint, meta, args, model):
+def check_resume_flags(args, world_size, log):
+    """Before any encoder, model or data loads: the checkpoint that --resume will read against this command line.
+    A change of world size or of an EXACT_FLAGS flag is refused (the same sentence on every rank, no collective);
+    HONOURED_FLAGS are taken from here and said."""
+    if args.resume == "auto":
+        candidates = step_folders(os.path.join(args.outdir, "checkpoints"), log=lambda *a: None)  # resume_newest says
+    else:
+        candidates = [args.resume]
+    for checkpoint in candidates:
+        try:
+            meta = read_meta(checkpoint)
+            break
+        except Unreadable:  # resume_newest skips it and says why
+            continue
+    else:
+        return
+    written_by = len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
+    if written_by != world_size:
+        raise RunError(f"{checkpoint} was written by {written_by} processes, this run has {world_size}: resume with "
+                       f"{written_by} (the data position and the global batch are theirs), or start a run from its "
+                       "weights with --init")
+    old, new = meta["args"], json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
+    changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags
+                                      if k in old and old[k] != new[k])
+    if exact := changed(EXACT_FLAGS):
+        raise RunError(f"{checkpoint} was written with other flags ({exact}): resume with the flags it was written "
+                       f"with (its meta.json), or start a new run from its weights with --init "
+                       f"{os.path.join(checkpoint, 'model.safetensors')}")
+    if honoured := changed(HONOURED_FLAGS):
+        log(f"resuming {checkpoint} with {honoured}: from step {meta['step'] + 1} on")
+    if moved := changed(MOVED_FLAGS):
+        log(f"resuming {checkpoint} with {moved}: the data position counts rows, so they must be the same rows")
+
+
+def check_same_model(checkpoint, meta, model):
+    """The model built here against the one the checkpoint holds (its ModelConfig): what features or encoders gave
+    it (channels, caption sizes) can differ where the flags are the same."""
     runtime = ("attn", "grad_checkpoint")  # how the model computes, not what it is
     written = {k: v for k, v in meta["model_config"].items() if k not in runtime}
     ours = {k: v for k, v in M.config_dict(model).items() if k not in runtime}
@@ -273,16 +308,9 @@ def check_same_run(checkpoint, meta, args, model):
     if differ:
         raise RunError(f"{checkpoint} holds another model ({meta['args'].get('model')}: {'; '.join(differ[:3])}): resume "
                        "with the flags it was trained with (its meta.json), or train this one in another --outdir")
-    changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in
-                                      flags if k in meta["args"] and meta["args"][k] != getattr(args, k, None))
-    if honoured := changed(HONOURED_FLAGS):
-        print(f"resuming {checkpoint} with {honoured}: from step {meta['step'] + 1} on")
-    if exact := changed(EXACT_FLAGS):
-        print(f"warning: resuming {checkpoint} with changed flags ({exact}): the run goes on, "
-              "but not as one uninterrupted run would have")
 
 
-def resume_newest(args, model, ema, opt, scaler, device, rank, world, log):
+def resume_newest(args, model, ema, opt, scaler, device, rank, log):
     """(checkpoint, step, (epoch, batch)) from --resume: the folder named, or with 'auto' the newest checkpoint in
     --outdir that reads whole (the one `latest` names first), saying which were skipped and why. (None, 0, (0, 0))
     where there is none yet."""
@@ -291,14 +319,14 @@ def resume_newest(args, model, ema, opt, scaler, device, rank, world, log):
             raise RunError(f"--resume {args.resume}: no checkpoint there (a folder with meta.json); pass a step_* "
                            "folder or 'auto'")
         try:
-            return (args.resume, *resume(args.resume, args, model, ema, opt, scaler, device, rank, world))
+            return (args.resume, *resume(args.resume, args, model, ema, opt, scaler, device, rank))
         except Unreadable as e:
             raise RunError(f"--resume {args.resume}: {e}; resume from an older step_* folder or with --resume auto") from e
     folder = os.path.join(args.outdir, "checkpoints")
     candidates = step_folders(folder, log)
     for checkpoint in candidates:
         try:
-            found = resume(checkpoint, args, model, ema, opt, scaler, device, rank, world)
+            found = resume(checkpoint, args, model, ema, opt, scaler, device, rank)
             error = None
         except Unreadable as e:
             found, error = None, e

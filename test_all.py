@@ -2469,11 +2469,11 @@ def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(t
     # the state as read back, into a model and optimizer built as train.train builds them
     args = train.get_args(flags + ["--steps", "4"])
     world = train.World(False, torch.device("cpu"))
-    inputs = train.load_inputs(args, world)
+    inputs = train.load_inputs(args, world, train.settle_data(args, world))
     model = train.make_model(args, inputs, world.device)
     ema = copy.deepcopy(model)
     _, opt, scaler = train.parallelize(args, model, world, ())
-    found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, world.device, 0, 1, print)
+    found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, world.device, 0, print)
     meta = json.loads((old / "meta.json").read_text())
     assert (found, step, position) == (str(old), 2, (meta["epoch"], meta["batch"]))
     for net, name in ((model, "model"), (ema, "ema")):
@@ -2538,7 +2538,7 @@ def test_resume_trains_on_with_the_learning_rate_and_weight_decay_given(tmp_path
     train.main(old_run_flags(run, "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *zero_flags))
     assert "from step 4 on" in capsys.readouterr().out  # back to the default 2e-3, said again
     if zero:  # ZeRO-2's slices hold no AdamW state that DDP could take
-        with pytest.raises(SystemExit, match="was written with --zero 2: resume with --zero 2"):
+        with pytest.raises(SystemExit, match="was written with other flags \\(--zero 2 -> 0\\): resume with the flags"):
             train.main(old_run_flags(run, "--steps", "5", "--resume", "auto"))
 
 
@@ -2644,18 +2644,33 @@ def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, 
         sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle"])
 
 
-def test_resume_refuses_another_model_and_warns_of_changed_flags(tmp_path, tiny_t5, shapes_csv, capsys):
+def test_resume_refuses_changed_flags_before_anything_loads(tmp_path, tiny_t5, shapes_csv, capsys, monkeypatch):
+    """A resume that changes what the run is (its model, seed, batch, ...) is refused in one sentence that names the
+    flags and the fix, before the encoders or the model load; --lr is honoured and said, a moved manifest is said.
+    A model that differs where the flags agree (a meta.json's ModelConfig) is still refused when it loads."""
     run = tmp_path / "run"
     plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
-    with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: .*\\): resume with the flags it was trained "
-                                         "with"):
-        plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--model", "DiT-debug")
+    monkeypatch.setattr(train, "load_inputs", lambda *a: pytest.fail("the encoders loaded before the refusal"))
+    for flags, said in ((["--model", "DiT-debug"], "--model 'STDiT-debug' -> 'DiT-debug'"),
+                        (["--seed", "7", "--batch-size", "2"], "--batch-size 4 -> 2, --seed 42 -> 7")):
+        with pytest.raises(SystemExit, match=re.escape(f"step_0000002 was written with other flags ({said}): resume "
+                                                       "with the flags it was written with (its meta.json), or start "
+                                                       "a new run from its weights with --init ")):
+            plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", *flags)
+    monkeypatch.undo()
+    moved = os.path.join(os.path.dirname(shapes_csv), "moved.csv")
+    shutil.copy(shapes_csv, moved)
     capsys.readouterr()
-    plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4", "--seed", "7")
+    plain_run(run, moved, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
     out = capsys.readouterr().out
-    assert "with --lr 2e-05 -> 0.0001: from step 3 on" in out and "warning: resuming " in out and \
-        "with changed flags (--seed 42 -> 7): the run goes on, but not as one uninterrupted run would have" in out, \
-        out[-2000:]
+    assert "with --lr 2e-05 -> 0.0001: from step 3 on" in out and f"with --data {str(shapes_csv)!r} -> {moved!r}: " \
+        "the data position counts rows, so they must be the same rows" in out, out[-2000:]
+    meta_path = run / "checkpoints" / "step_0000003" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"]["depth"] += 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: depth 3 there, 2 here\\): resume with"):
+        plain_run(run, moved, tiny_t5, "--steps", "4", "--resume", "auto")
 
 
 def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):
@@ -3000,6 +3015,21 @@ def test_torchrun_ddp_two_ranks(tmp_path, tiny_t5):
     assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists()
     steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "log.jsonl")]
     assert steps == [1, 2, 3]
+    # another number of processes, either way: refused on every rank before anything loads, in one sentence each
+    one = [sys.executable, *cmd[cmd.index("train.py"):]]
+    done = subprocess.run(one + ["--steps", "4", "--resume", "auto"], cwd=here, env=CPU_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "step_0000003 was written by 2 processes, this run has 1: resume with 2 (the data position and the global "
+        "batch are theirs), or start a run from its weights with --init"), done.stderr[-2000:]
+    one[one.index("--outdir") + 1] = str(tmp_path / "one")
+    done = subprocess.run(one + ["--steps", "1"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cmd[cmd.index("--outdir") + 1] = str(tmp_path / "one")
+    done = subprocess.run(cmd + ["--steps", "2", "--resume", "auto"], cwd=here, env=CPU_ENV, capture_output=True,
+                          text=True, timeout=300)
+    said = "step_0000001 was written by 1 processes, this run has 2: resume with 1"
+    assert done.returncode != 0 and done.stderr.count(said) == 2 and "gloo" not in done.stderr.lower(), done.stderr[-3000:]
 
 
 def test_torchrun_sigterm_stops_every_rank_within_a_step_whatever_log_every(tmp_path, tiny_t5):

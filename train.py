@@ -284,7 +284,10 @@ def run(args):
 def train(args, world, interrupts):
     """Inputs, model, parallelism, data, resume, the loop, samples: run()'s work inside the run folder it holds."""
     device, log = world.device, world.log
-    inputs = load_inputs(args, world)
+    features = settle_data(args, world)
+    if args.resume:  # a changed flag that the run cannot honour is refused before the encoders and the model load
+        checkpoint.check_resume_flags(args, world.size, log)
+    inputs = load_inputs(args, world, features)
     model = make_model(args, inputs, device)
     # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead); copied before fp8
     ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
@@ -296,8 +299,7 @@ def train(args, world, interrupts):
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
     found, step, position = None, 0, (0, 0)
     if args.resume:
-        found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, device, world.rank,
-                                                         world.size, log)
+        found, step, position = checkpoint.resume_newest(args, model, ema, opt, scaler, device, world.rank, log)
         if found:
             log(f"resumed from {found} at step {step}" + (f"; --steps {args.steps} is done: nothing to train (raise "
                                                          "--steps to go on)" if step >= args.steps else ""))
@@ -385,25 +387,33 @@ def setup_distributed(args):
     return world
 
 
-def load_inputs(args, world):
-    """Inputs: --demo writes its data set first. With --features the encoders already ran (data.py precompute) and
-    are not loaded."""
+def settle_data(args, world):
+    """--demo writes its data set (once); --features sets the flags its folder was made with. Then args say what the
+    run trains on, as its checkpoints save them. Returns the FeatureDataset, or None where the encoders will run."""
     if args.demo and args.data is None and args.features is None:
         args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
                                        max(args.image_size), write=world.rank == 0, log=world.log)
         checkpoint.barrier()
-    if args.features:
-        try:
-            dataset = data.FeatureDataset(args.features)
-        except (OSError, ValueError) as e:
-            raise RunError(str(e)) from e
-        # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
-        for key in ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size"):
-            setattr(args, key, dataset.info[key])
-        world.log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
-        info = dataset.info
-        return Inputs(dataset, None, None, dict(in_channels=info["latent_channels"],
-                                                caption_channels=info["caption_channels"], caption_len=info["text_len"]))
+    if not args.features:
+        return None
+    try:
+        dataset = data.FeatureDataset(args.features)
+    except (OSError, ValueError) as e:
+        raise RunError(str(e)) from e
+    # the checkpoint names what the features were made with, so sample.py rebuilds those encoders
+    for key in ("vae", "vae_path", "text_encoder", "text_len", "num_frames", "frame_interval", "image_size"):
+        setattr(args, key, dataset.info[key])
+    world.log(f"features: {len(dataset)} samples from {args.features} ({args.vae} VAE, {args.text_encoder} captions)")
+    return dataset
+
+
+def load_inputs(args, world, features):
+    """Inputs: the precomputed features (settle_data read them; the encoders already ran in data.py precompute and
+    are not loaded), or the frozen encoders."""
+    if features is not None:
+        info = features.info
+        return Inputs(features, None, None, dict(in_channels=info["latent_channels"],
+                                                 caption_channels=info["caption_channels"], caption_len=info["text_len"]))
     # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
     # starts from the same weights whether the encoders run here or ran once in data.py precompute
     with torch.random.fork_rng(devices=[]):
