@@ -240,6 +240,24 @@ def file_stem(i, prompt):
     return f"{i:03d}_" + re.sub(r"[^a-zA-Z0-9]+", "_", str(prompt)).strip("_")[:60]
 
 
+# what one sample.py run writes into --outdir: an earlier run's are replaced only with --overwrite
+OUTPUT_NAMES = re.compile(r"\d{3}_.*\.(mp4|png)|grid\.png|score\.json")
+
+
+def claim_outdir(args):
+    """--outdir for this run alone (main holds its checkpoint.RunLock, the lock train.py takes): an earlier run's
+    samples are refused unless --overwrite, which deletes those files (no others) first, so that the folder never
+    mixes two runs."""
+    earlier = sorted(n for n in os.listdir(args.outdir) if OUTPUT_NAMES.fullmatch(n))
+    if earlier and not args.overwrite:
+        raise RunError(f"{args.outdir} holds an earlier run's samples ({len(earlier)} files, e.g. {earlier[0]}): "
+                       "replace them with --overwrite, or choose another --outdir")
+    for name in earlier:
+        os.remove(os.path.join(args.outdir, name))
+    if earlier:
+        print(f"--overwrite: deleted the {len(earlier)} files of an earlier run in {args.outdir}")
+
+
 def save_videos(frames, prompts, outdir, fps=8, grid_frames=8, enlarge=False):
     """One mp4 per prompt plus grid.png: a row per prompt, grid_frames frames evenly spread in time. With enlarge
     (the demos), frames under 96 pixels a side are written larger by a whole factor, each pixel a block, so that a
@@ -341,7 +359,9 @@ def get_args(argv=None):
                         "a few percent of rounding error in each forward (README, Known differences)")
     p.add_argument("--compile", action="store_true",
                    help="compile the model as one graph first (on a GPU: about 75 s for STDiT-XL/2 at one video size)")
-    p.add_argument("--outdir", default="samples")
+    p.add_argument("--outdir", default="samples", help="where the mp4s (or PNGs), grid.png and score.json go; one "
+                   "run's alone (default: samples)")
+    p.add_argument("--overwrite", action="store_true", help="replace the samples an earlier run wrote in --outdir")
     p.add_argument("--fps", type=int, help="frames per second of the mp4s (default 8)")
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"],
                    help="under torchrun: how the ranks share each sample's sequence (seqparallel.py)")
@@ -356,6 +376,8 @@ def get_args(argv=None):
             p.error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name in positive else ""))
     if args.image_size is not None and min(args.image_size) < 1:
         p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
+    if why := checkpoint.unwritable(args.outdir):
+        p.error(f"--outdir {why}")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
     if args.fp8 and args.precision != "bf16" and "precision" in given:
@@ -397,12 +419,20 @@ def main(argv=None):
     # under torchrun all ranks work on every sample together, each holding 1/world of its sequence; they
     # draw the same noise (same seed), so every rank computes the same videos and rank 0 writes them
     distributed, rank = "RANK" in os.environ, int(os.environ.get("RANK", 0))
-    if distributed:
-        seqparallel.init_process_group(device)
-    try:
-        model, meta = load_model(args, device)
+    try:  # the folder first (rank 0 writes the outputs), then the process group: a refusal ends the job at once
+        with checkpoint.RunLock(args.outdir) if rank == 0 else nullcontext():
+            if rank == 0:
+                claim_outdir(args)
+            if distributed:
+                seqparallel.init_process_group(device)
+            sample_into(args, prompts, device, distributed, rank, error)
     except RunError as e:
         raise SystemExit(str(e)) from None
+
+
+def sample_into(args, prompts, device, distributed, rank, error):
+    """main's work once the output folder is held: the model, encoders and size checks, sampling, the outputs."""
+    model, meta = load_model(args, device)
     if model.cfg.num_classes and not all(p.isdigit() and int(p) < model.cfg.num_classes for p in prompts):
         error(f"this model is class-conditional: give class indices 0 to {model.cfg.num_classes - 1} as prompts")
     if args.fp8:

@@ -2326,7 +2326,7 @@ def test_torchrun_sample_fp8_with_ulysses(tmp_path, tiny_t5):
         assert done.returncode == 0, done.stderr[-2000:]
     one, sp = (np.asarray(PIL.Image.open(tmp_path / d / "grid.png")).astype(int) for d in ("one", "sp"))
     assert one.shape == sp.shape and one.std() > 1 and np.abs(one - sp).max() <= 2
-    done = subprocess.run([*torchrun, *flags, "--sp-kind", "fastseq"], cwd=here, env=CPU_ENV, capture_output=True, text=True,
+    done = subprocess.run([*torchrun, *flags, "--sp-kind", "fastseq", "--outdir", str(tmp_path / "fastseq")], cwd=here, env=CPU_ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "--sp-kind ulysses only" in done.stderr
 
@@ -2641,7 +2641,8 @@ def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, 
     assert "resumed from " + str(ckpts / "step_0000001") + " at step 1" in out
     assert (ckpts / "latest").read_text() == "step_0000005"
     with pytest.raises(SystemExit, match="model.safetensors cannot be read as weights"):
-        sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle"])
+        sample.main(["--ckpt", str(ckpts / "step_0000003"), "--weights", "model", "--prompt", "a red circle",
+                     "--outdir", str(tmp_path / "samples")])
 
 
 def test_resume_refuses_changed_flags_before_anything_loads(tmp_path, tiny_t5, shapes_csv, capsys, monkeypatch):
@@ -2937,7 +2938,7 @@ def test_diverging_run_stops_and_never_saves_nonfinite_weights(tmp_path, tiny_t5
     ema["final_layer.linear.weight"][0, 0] = float("nan")
     save_file(ema, checkpoints[-1] / "ema.safetensors")
     with pytest.raises(SystemExit, match="1 weights hold NaN or infinity .*final_layer.linear.weight.*sample an earlier"):
-        sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle"])
+        sample.main(["--ckpt", str(checkpoints[-1]), "--prompt", "a red circle", "--outdir", str(tmp_path / "samples")])
 
 
 def test_unreadable_files_count_once_per_run(tmp_path, tiny_t5, shapes_csv):
@@ -3276,21 +3277,39 @@ def test_presets_are_the_published_inference_configs():
 
 def test_sample_py_refuses_what_would_write_nothing_or_garbage(tmp_path, tiny_t5, capsys):
     """A non-finite --cfg-scale (black videos), a step folder whose meta.json is corrupt, an --outdir that is a file:
-    each is one sentence, not a traceback or a run that exits 0."""
+    each is one sentence, not a traceback or a run that exits 0. An --outdir holds one run's samples: a second run
+    there is refused unless --overwrite, which replaces the first run's files (and only those)."""
     run = tmp_path / "run"
     shutil.copytree(OLD_RUN, run)
-    base = ["--prompt", "a red circle", "--sampler", "ddim", "--steps", "2", "--text-encoder", tiny_t5]
+    out = tmp_path / "samples"
+    base = ["--prompt", "a red circle", "--sampler", "ddim", "--steps", "2", "--text-encoder", tiny_t5, "--outdir", str(out)]
     for value in ("nan", "inf"):
         with pytest.raises(SystemExit):
             sample.main(["--ckpt", str(run), *base, "--cfg-scale", value])
         assert f"--cfg-scale {value}: give a finite number" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="writing the samples into .*file failed .*: free some space or choose another"):
-        sample.main(["--ckpt", str(run), *base, "--outdir", str(tmp_path / "file")])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(run), *base, "--outdir", str(tmp_path / "file" / "samples")])
+    assert re.search("--outdir .*file/samples cannot be written to \\(.*file is not a folder\\): choose a folder",
+                     capsys.readouterr().err)
+    sample.main(["--ckpt", str(run), *base, "--prompt", "a blue square"])
+    (out / "notes.txt").write_text("mine")
+    first = sorted(p.name for p in out.iterdir())
+    assert first == ["000_a_red_circle.mp4", "001_a_blue_square.mp4", "grid.png", "notes.txt"]
+    with pytest.raises(SystemExit, match="samples holds an earlier run's samples \\(3 files, e.g. 000_a_red_circle.mp4\\): "
+                                         "replace them with --overwrite, or choose another --outdir"):
+        sample.main(["--ckpt", str(run), *base])
+    assert sorted(p.name for p in out.iterdir()) == first  # untouched
+    (out / "run.lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))  # a live run there
+    with pytest.raises(SystemExit, match="another run \\(process .*\\) is writing to .*samples: wait for it"):
+        sample.main(["--ckpt", str(run), *base, "--overwrite"])
+    (out / "run.lock").unlink()
+    sample.main(["--ckpt", str(run), *base, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.mp4", "grid.png", "notes.txt"]
     step = run / "checkpoints" / "step_0000002"
     (step / "meta.json").write_text("{not json")
     with pytest.raises(SystemExit, match="step_0000002: its meta.json cannot be read .*; sample an older step_"):
-        sample.main(["--ckpt", str(step), *base])
+        sample.main(["--ckpt", str(step), *base, "--overwrite"])
 
 
 def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypatch):
@@ -3313,14 +3332,14 @@ def test_sample_py_writes_videos_that_decode(tmp_path, tiny_t5, capsys, monkeypa
         assert torch.equal(grid, grid[::6, ::6].repeat_interleave(6, 0).repeat_interleave(6, 1))
     assert normalised == [[-0.5, 0.5]] * 3
     with pytest.raises(SystemExit, match="no checkpoint"):
-        sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
+        sample.main(["--ckpt", str(tmp_path), "--prompt", "x", "--outdir", str(tmp_path / "samples")])
     for bad, said in ((["--num-frames", "0"], "--num-frames must be at least 1, not 0"),
                       (["--prompt-file", str(tmp_path / "none.txt")], "none.txt: no such file"),
                       (["--image-size", "17", "17"], "is not divisible by the patch (1, 2, 2)"),
                       (["--cfg-channels", "9"], "--cfg-channels 9: the latents have 3 channels"),
                       (["--image-size", "0", "16"], "--image-size must be positive")):
         with pytest.raises(SystemExit):
-            sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", *bad])
+            sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "x", "--outdir", str(tmp_path / "s"), *bad])
         assert said in capsys.readouterr().err
 
 
@@ -3386,10 +3405,11 @@ def test_released_dit_files_sample_images(tmp_path, monkeypatch, capsys):
     assert (grids[0] == grids[1]).all() and (grids[0] == grids[2]).all()
     assert "wrote 5 images" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the preset's prompts are DiT's ImageNet classes: this model has 10
-        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--preset", "dit-xl2-256", "--model", "DiT-debug"])
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--preset", "dit-xl2-256", "--model", "DiT-debug",
+                     "--outdir", str(tmp_path / "s")])
     assert "give class indices 0 to 9" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="name its architecture with --model"):
-        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--prompt", "1"])
+        sample.main(["--ckpt", str(tmp_path / "None.pt"), "--prompt", "1", "--outdir", str(tmp_path / "s")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN kernel is a CUDA kernel (the GPU suite runs this)")
