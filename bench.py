@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import gpu_kernels
 import sample
@@ -544,6 +545,30 @@ def max_tokens(args, s, argv, log):
     return dict(best, max_tokens=best["tokens"], max_frames=good, first_failing_frames=bad)
 
 
+def refuse_bad_values(error, args):
+    """One sentence (error) for a value that would time nonsense or fail later, before any model is built."""
+    data.refuse_counts_below_one(error, args, ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size",
+                                              "steps", "trial_timeout"))
+    if args.model and args.model not in PRESETS:
+        error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
+    if args.grad_checkpoint is not None and not 0 <= args.grad_checkpoint <= 1:
+        error(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
+    if args.warmup < 0:
+        error(f"--warmup must be 0 or more, not {args.warmup}")
+    for name, values in (("size", args.size), ("sample-steps", args.sample_steps)):
+        if values and min(values) < 1:
+            error(f"--{name} must be positive, not {' '.join(map(str, values))}")
+    if args.fp8 and args.precision == "fp16" and not args.sample:  # as train.py refuses it
+        error("--fp8 trains under bf16 autocast (its kernels write bf16): drop --precision fp16")
+    if args.sample_steps and len(args.sample_steps) != len(args.sampler):
+        error(f"--sample-steps gives {len(args.sample_steps)} step counts for {len(args.sampler)} samplers: give one each")
+    if args.side_by_side and args.row != "all":
+        error("--side-by-side spreads the rows of --row all over this host's GPUs: add --row all, or leave it out")
+    if args.out and (why := checkpoint.unwritable(os.path.dirname(args.out) or ".") or
+                     (os.path.isdir(args.out) and f"{args.out} is a folder: give a file name")):
+        error(f"--out {why}")  # now, not after the timed runs
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -596,21 +621,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
 
-    data.refuse_counts_below_one(sys.exit, args, ("frames", "tokens", "batch_size", "text_len", "vae_micro_batch", "sp_size",
-                                                  "steps", "trial_timeout"))
-    if args.model and args.model not in PRESETS:
-        sys.exit(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
-    if args.grad_checkpoint is not None and not 0 <= args.grad_checkpoint <= 1:
-        sys.exit(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
-    if args.warmup < 0:
-        sys.exit(f"--warmup must be 0 or more, not {args.warmup}")
-    for name, values in (("size", args.size), ("sample-steps", args.sample_steps)):
-        if values and min(values) < 1:
-            sys.exit(f"--{name} must be positive, not {' '.join(map(str, values))}")
-    if args.fp8 and args.precision == "fp16" and not args.sample:  # as train.py refuses it
-        sys.exit("--fp8 trains under bf16 autocast (its kernels write bf16): drop --precision fp16")
-    if args.side_by_side and args.row != "all":
-        sys.exit("--side-by-side spreads the rows of --row all over this host's GPUs: add --row all, or leave it out")
+    refuse_bad_values(sys.exit, args)
     if args.row == "all":
         return write(args, all_rows(args, argv))
 
@@ -622,8 +633,6 @@ def main(argv=None):
 def run(args, argv):
     """One row (or one --max-tokens search) as main's checked flags ask."""
     args.sample_steps = args.sample_steps or [SAMPLE_STEPS[k] for k in args.sampler]
-    if len(args.sample_steps) != len(args.sampler):  # checked before any model is built
-        sys.exit(f"--sample-steps gives {len(args.sample_steps)} step counts for {len(args.sampler)} samplers: give one each")
     distributed = "RANK" in os.environ
     s = settings(args)
     if s["sp"] > 1 and not distributed:

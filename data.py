@@ -817,11 +817,7 @@ def main(argv=None):
     pre.add_argument("--num-workers", type=int, default=4)
     pre.add_argument("--seed", type=int, default=42, help="train.py's --seed: it picks the clip windows")
     args = parser.parse_args(argv)
-    if args.command == "precompute":  # checked before any encoder loads
-        if missing_manifest(args.data):
-            pre.error(missing_manifest(args.data))
-        refuse_counts_below_one(pre.error, args, ("vae_micro_batch", "num_frames", "frame_interval", "batch_size",
-                                                  "shard_size"))
+    refuse_bad_values({"demo": demo, "precompute": pre}.get(args.command, parser).error, args)
     try:
         if args.command == "precompute":
             path = precompute(args)
@@ -838,6 +834,23 @@ def main(argv=None):
             print(f"wrote {written} rows to {args.out_csv}; skipped {len(unreadable)} unreadable files")
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
+
+
+def refuse_bad_values(error, args):
+    """One sentence (error: the subcommand's parser's) for a value that would write nonsense or fail later, before
+    any video is written or any encoder loads."""
+    if args.command == "demo":
+        refuse_counts_below_one(error, args, ("num_videos", "num_frames", "size"))
+    if args.command == "precompute":
+        if missing_manifest(args.data):
+            error(missing_manifest(args.data))
+        refuse_counts_below_one(error, args, ("vae_micro_batch", "num_frames", "frame_interval", "batch_size",
+                                              "shard_size", "text_len"))
+        if args.image_size != [0, 0] and min(args.image_size) < 1:
+            error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 "
+                  "to keep each clip's own size")
+        if args.num_workers < 0:
+            error(f"--num-workers {args.num_workers}: give 0 or more")
 
 
 if __name__ == "__main__":

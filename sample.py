@@ -368,21 +368,26 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     args = argparse.Namespace(**{**vars(args), **DEFAULTS, **PRESETS.get(args.preset, {}), **given}, given=set(given))
-    data.refuse_counts_below_one(p.error, args, ("num_samples", "num_frames", "steps", "fps", "text_len"))
+    refuse_bad_values(p.error, args)
+    return args, p.error
+
+
+def refuse_bad_values(error, args):
+    """One sentence (error) for a value that would sample nonsense or fail later, before anything loads."""
+    data.refuse_counts_below_one(error, args, ("num_samples", "num_frames", "steps", "fps", "text_len", "cfg_channels"))
     positive = ("space_scale", "time_scale")
     for name in ("cfg_scale", *positive):  # NaN or infinity would write black videos
         value = getattr(args, name)
         if value is not None and (not math.isfinite(value) or (name in positive and not value > 0)):
-            p.error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name in positive else ""))
+            error(f"--{name.replace('_', '-')} {value}: give a finite number" + (" above 0" if name in positive else ""))
     if args.image_size is not None and min(args.image_size) < 1:
-        p.error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
-    if why := checkpoint.unwritable(args.outdir):
-        p.error(f"--outdir {why}")
+        error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
-        p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
-    if args.fp8 and args.precision != "bf16" and "precision" in given:
-        p.error(f"--fp8 samples in bf16: leave out --precision {args.precision}")
-    return args, p.error
+        error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
+    if args.fp8 and args.precision != "bf16" and "precision" in args.given:
+        error(f"--fp8 samples in bf16: leave out --precision {args.precision}")
+    if why := checkpoint.unwritable(args.outdir):
+        error(f"--outdir {why}")
 
 
 def read_prompts(args, error):

@@ -3105,7 +3105,7 @@ def test_train_refuses_values_that_would_train_nonsense(tmp_path, capsys):
                         (["--num-workers", "-1"], "--num-workers -1: give 0 or more"),
                         (["--min-snr", "-5"], "--min-snr -5: give 0 or more"),
                         (["--mid-timesteps", "1.5"], "--mid-timesteps 1.5: give a share from 0"),
-                        (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: the standard deviation must be positive"),
+                        (["--pixel-norm", "0", "0"], "--pixel-norm 0 0: give a finite mean and a positive, finite standard deviation"),
                         (["--vae", "sd", "--pixel-norm", "0", "2"], "--pixel-norm scales raw pixels, not the sd"),
                         (["--image-size", "-32", "-32"], "--image-size -32 -32: give a positive height and width"),
                         (["--image-size", "0", "32"], "--image-size 0 32: give a positive height and width, or 0 0"),
@@ -3635,6 +3635,64 @@ def test_bench_encoder_speed_mode(monkeypatch, capsys):
 
 
 # layout: the whole codebase: layers without circles, model.py without parallelism, timings in docs/LOG.md
+
+# values a flag takes on purpose: any seed; negative guidance; a pixel mean below 0 (the demo's is -0.83)
+NUMBERS_ANY_SIGN = {"--seed", "--cfg-scale", "--pixel-norm"}
+
+
+def number_flags(parser, prefix=()):
+    """(argv prefix, option, type, nargs) of every flag of parser and its subcommands that takes numbers."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from number_flags(sub, (*prefix, name))
+        elif action.option_strings and action.type in (int, float) and action.choices is None:  # argparse checks choices
+            yield prefix, action.option_strings[0], action.type, action.nargs
+
+
+def test_every_number_flag_is_checked_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """Issue 47's sweep, over every script's parser as it is (a flag added later is swept too): for each flag that
+    takes numbers, NaN and infinity (floats) and -1 (all, unless the flag means any sign) end in one sentence that
+    names the flag, from the script's own checks, before any model, encoder or data set is touched."""
+    (tmp_path / "m.csv").write_text("path,caption\na.mp4,a red circle\n")
+    out = str(tmp_path / "out")
+    parsers = []
+    parse = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))
+    class Began(Exception):  # the script's work: the base flags reach it, a bad value must not
+        pass
+
+    def begin(*args, **kwargs):
+        raise Began
+    for module, name in ((data, "precompute"), (data, "make_demo_dataset"), (bench, "run"), (train_vqvae, "train")):
+        monkeypatch.setattr(module, name, begin)
+    scripts = {"train.py": (train.get_args, ["--demo", "--outdir", out]),
+               "sample.py": (sample.get_args, ["--ckpt", out, "--prompt", "x", "--outdir", out]),
+               "data.py precompute": (data.main, ["precompute", "--data", str(tmp_path / "m.csv"), "--out", out]),
+               "data.py demo": (data.main, ["demo", out]),
+               "bench.py": (bench.main, []),
+               "train_vqvae.py": (train_vqvae.get_args, ["--demo", "--out", out])}
+    swept = []
+    for script, (entry, base) in scripts.items():
+        parsers.clear()
+        with contextlib.suppress(Began):
+            entry(base)  # the base flags pass
+        top = script.split()[1:]
+        flags = [f for f in number_flags(parsers[0]) if list(f[0]) == top]
+        assert flags, script
+        for _, option, kind, nargs in flags:
+            count = nargs if isinstance(nargs, int) else 1
+            for bad in (("nan", "inf", "-1") if kind is float else ("-1",)):
+                if bad == "-1" and option in NUMBERS_ANY_SIGN:
+                    continue
+                argv = [*base, option, bad, *["16"] * (count - 1)]
+                with pytest.raises(SystemExit) as stop:
+                    entry(argv)
+                said = f"{stop.value.code} {capsys.readouterr().err}"
+                assert option in said and "invalid" not in said and "Traceback" not in said, (script, argv, said[-300:])
+                swept.append(f"{script} {option} {bad}")
+    assert len(swept) > 60, swept
+
 
 def test_model_py_never_imports_torch_distributed_or_speed_paths():
     """model.py is the model: parallelism and fp8 are applied from outside, GPU kernels are dispatched by name from

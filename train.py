@@ -682,13 +682,8 @@ def get_args(argv=None):
             p.error(str(e))
     if args.model not in PRESETS:
         p.error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
-    if not 0 <= args.grad_checkpoint <= 1:
-        p.error(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if args.init and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
-    data.refuse_counts_below_one(p.error, args, ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum",
-                                                 "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos",
-                                                 "sample_steps"))
     refuse_bad_values(p.error, args)
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
@@ -697,10 +692,16 @@ def get_args(argv=None):
 
 
 def refuse_bad_values(error, args):
-    """One sentence (error) for a value that would train nonsense or fail later, before anything loads."""
+    """One sentence (error) for a value that would train nonsense or fail later, before anything loads: every flag
+    that takes a number is checked here."""
+    data.refuse_counts_below_one(error, args, ("batch_size", "num_frames", "frame_interval", "steps", "grad_accum",
+                                               "log_every", "ckpt_every", "sp_size", "vae_micro_batch", "demo_videos",
+                                               "sample_steps", "text_len"))
+    if not 0 <= args.grad_checkpoint <= 1:
+        error(f"--grad-checkpoint {args.grad_checkpoint}: give the share of blocks to recompute, from 0 to 1")
     if not args.lr > 0 or not math.isfinite(args.lr):
         error(f"--lr {args.lr:g}: the learning rate must be a positive number (Open-Sora v1.0: 2e-5)")
-    if not args.grad_clip >= 0:
+    if not 0 <= args.grad_clip < math.inf:
         error(f"--grad-clip {args.grad_clip:g}: give the largest gradient norm (Open-Sora v1.0: 1.0), or 0 for no clipping")
     if not 0 <= args.ema_decay <= 1:
         error(f"--ema-decay {args.ema_decay:g}: give a number from 0 to 1 (Open-Sora v1.0: 0.9999; 0 keeps no average)")
@@ -709,9 +710,9 @@ def refuse_bad_values(error, args):
             error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
     if not 0 <= args.mid_timesteps <= 1:
         error(f"--mid-timesteps {args.mid_timesteps:g}: give a share from 0 (uniform timesteps) to 1")
-    if not args.pixel_norm[1] > 0:
-        error(f"--pixel-norm {args.pixel_norm[0]:g} {args.pixel_norm[1]:g}: the standard deviation must be positive "
-              "(the data's, in [-1, 1] units; 1 leaves the pixels as they are)")
+    if not (math.isfinite(args.pixel_norm[0]) and 0 < args.pixel_norm[1] < math.inf):
+        error(f"--pixel-norm {args.pixel_norm[0]:g} {args.pixel_norm[1]:g}: give a finite mean and a positive, finite "
+              "standard deviation (the data's, in [-1, 1] units; 0 1 leaves the pixels as they are)")
     if args.pixel_norm != [0.0, 1.0] and args.vae != "raw":
         error(f"--pixel-norm scales raw pixels, not the {args.vae} VAE's latents: drop it, or train on --vae raw")
     if args.image_size != [0, 0] and min(args.image_size) < 1:

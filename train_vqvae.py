@@ -197,13 +197,29 @@ def get_args(argv=None, prog=None):
             data.read_manifest(args.data)
         except ValueError as e:
             p.error(str(e))
-    data.refuse_counts_below_one(p.error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
-                                                 "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
-    if checkpoint.unwritable(args.out):
-        p.error(f"--out {checkpoint.unwritable(args.out)}")
+    refuse_bad_values(p.error, args)
     if args.cache is None:
         args.cache = args.demo
     return args
+
+
+def refuse_bad_values(error, args):
+    """One sentence (error) for a value that would train nonsense or fail later, before anything loads: every flag
+    that takes a number is checked here."""
+    data.refuse_counts_below_one(error, args, ("demo_videos", "num_frames", "frame_interval", "n_hiddens", "n_res_layers",
+                                               "embedding_dim", "n_codes", "batch_size", "steps", "val_clips", "eval_every"))
+    for name in ("lr", "minutes"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            error(f"--{name} {value:g}: give a finite number " + ("above 0" if name == "lr" else "(0: no limit)"))
+    for name in ("image_size", "downsample"):
+        if min(getattr(args, name)) < 1:
+            error(f"--{name.replace('_', '-')} {' '.join(map(str, getattr(args, name)))}: give sizes of 1 or more")
+    for name in ("warmup", "num_workers"):
+        if getattr(args, name) < 0:
+            error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 or more")
+    if why := checkpoint.unwritable(args.out):
+        error(f"--out {why}")
 
 
 if __name__ == "__main__":
