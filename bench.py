@@ -73,7 +73,8 @@ ROWS = {
 }
 # Published sampling, Open-Sora v1.0 on one H800, 100 DDPM steps with guidance: seconds per sample
 PUBLISHED_SAMPLING = {"stdit-16x256": 5.0, "stdit-16x512": 20.0, "stdit-64x512": 40.0}
-SAMPLE_STEPS = {"ddpm": 100, "ddim": 50, "dpm": 20}  # --sample's default steps per sampler: v1.0's 100; 20 for DPM-Solver
+# --sample's default steps per sampler: v1.0's 100; 20 for DPM-Solver; Open-Sora 1.2's 30 for rectified flow
+SAMPLE_STEPS = {"ddpm": 100, "ddim": 50, "dpm": 20, "rflow": 30}
 
 # T5-v1.1-XXL's encoder (DeepFloyd/t5-v1_1-xxl): 4,762,310,656 parameters
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
@@ -412,7 +413,7 @@ def bench_sampling(args, s, device, log):
     for sampler, n in zip(args.sampler, args.sample_steps):
         def run(n=n):
             sample.generate(model, vae, text_encoder, prompts, size, sampler=sampler, steps=n, cfg_scale=7.0,
-                            precision=args.precision)
+                            precision=args.precision, timestep_shift=True)  # rflow as Open-Sora 1.2 samples
         run(2)  # warm-up: the scheduler's and the decoder's first calls
         seconds, _ = timed(run, 0, 1, device)
         result = dict(row=args.row, task="sampling", model=s["model"], frames=s["frames"], size=s["size"], batch=B,

@@ -258,9 +258,9 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
 # continue this run; --init starts a new one from its weights.
 HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps")
 MOVED_FLAGS = ("data", "features")
-EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "batch_size", "grad_accum", "precision", "seed",
-               "num_frames", "frame_interval", "image_size", "text_encoder", "text_len", "vae", "vae_path",
-               "pixel_norm", "vae_sample", "zero", "sp_size")
+EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow_t", "timestep_shift", "batch_size",
+               "grad_accum", "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",
+               "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "sp_size")
 
 
 def check_resume_flags(args, world_size, log):
@@ -284,7 +284,8 @@ def check_resume_flags(args, world_size, log):
         raise RunError(f"{checkpoint} was written by {written_by} processes, this run has {world_size}: resume with "
                        f"{written_by} (the data position and the global batch are theirs), or start a run from its "
                        "weights with --init")
-    old, new = meta["args"], json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
+    old = {"objective": "iddpm", **meta["args"]}  # runs from before --objective trained IDDPM
+    new = json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
     changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags
                                       if k in old and old[k] != new[k])
     if exact := changed(EXACT_FLAGS):

@@ -114,17 +114,52 @@ class IDDPMSampler:
         return mean + torch.exp(0.5 * log_var) * noise
 
 
-def make_scheduler(kind, steps, learn_sigma):
+# Rectified flow as Open-Sora 1.2 trains and samples it (v1.2.0 opensora/schedulers/rf/): x_t = (1 - t/1000) x0 +
+# (t/1000) eps is a straight line from the data (t = 0) to noise (t = 1000), the model predicts its velocity
+# x0 - eps, and sampling integrates that velocity from t = 1000 down to 0 by Euler steps. The resolution and
+# length shift moves the timesteps of larger or longer videos toward noise, in training and sampling alike.
+
+def shift_ratio(height, width, latent_frames, scale=1.0):
+    """Open-Sora 1.2's shift factor r = sqrt(H W / 512^2) * sqrt(latent frames) * scale (H, W in pixels; v1.2
+    counts its video VAE's latent frames, ours count the latent frames of whichever VAE: per-frame VAEs keep T)."""
+    return math.sqrt(height * width / 512 ** 2) * math.sqrt(latent_frames) * scale
+
+
+def shift_timesteps(t, ratio):
+    """t (a tensor in [0, 1000]) mapped by s -> r s / (1 + (r - 1) s) on s = t / 1000 (v1.2 timestep_transform):
+    r > 1 moves timesteps toward noise, r < 1 toward the data; 0 and 1000 stay where they are."""
+    s = t / 1000
+    return ratio * s / (1 + (ratio - 1) * s) * 1000
+
+
+class RectifiedFlowSampler:
+    """Open-Sora 1.2's RFLOW.sample: n Euler steps at t_i = (1 - i/n) 1000, i = 0 .. n-1, shifted where a ratio is
+    given; step i moves x by the guided velocity times dt = (t_i - t_{i+1}) / 1000, the last one down to t = 0.
+    No noise is drawn after the first."""
+
+    def __init__(self, steps, ratio=None):
+        t = torch.tensor([(1 - i / steps) * 1000 for i in range(steps)])  # float32, as there
+        self.timesteps = shift_timesteps(t, ratio) if ratio is not None else t
+        self.dt = (self.timesteps - torch.cat([self.timesteps[1:], torch.zeros(1)])) / 1000
+
+    def step(self, velocity, i, x):
+        return x + velocity * float(self.dt[i])
+
+
+def make_scheduler(kind, steps, learn_sigma, shift=None):
     """"ddpm": IDDPM's respaced ancestral sampler with the learned variance, as DiT and Open-Sora v1.0 sample;
-    "ddim" (eta 0) and "dpm" (DPM-Solver++, 2nd order: good samples in about 20 steps) from diffusers."""
+    "ddim" (eta 0) and "dpm" (DPM-Solver++, 2nd order: good samples in about 20 steps) from diffusers; "rflow":
+    the rectified-flow Euler sampler (shift: its ratio, or None for no shift)."""
     if kind == "ddpm":
         return IDDPMSampler(steps, learn_sigma)
+    if kind == "rflow":
+        return RectifiedFlowSampler(steps, shift)
     if kind == "ddim":
         sched = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
     elif kind == "dpm":
         sched = DPMSolverMultistepScheduler(**SCHEDULE)
     else:
-        raise ValueError(f"unknown sampler {kind!r}: use ddpm, ddim or dpm")
+        raise ValueError(f"unknown sampler {kind!r}: use ddpm, ddim, dpm or rflow")
     sched.set_timesteps(steps)
     return sched
 
@@ -190,11 +225,12 @@ def conditions(model, text_encoder, prompts, null_mask):
 
 @torch.no_grad()
 def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
-            seed=0, precision="fp32", noise="cpu", null_mask="all"):
+            seed=0, precision="fp32", noise="cpu", null_mask="all", shift=None):
     """Latents (B, C, T, H, W) for prompts, with classifier-free guidance on the first cfg_channels channels (all by
     default; DiT and Open-Sora v1.0 guide 3 of 4, and the prompts' half keeps its own other channels and variance).
     Every step runs one batch of 2B: the prompts, then the null condition. With noise "published" the first noise is
-    drawn in the precision's dtype and each step draws noise for the whole batch of 2B, as those scripts do."""
+    drawn in the precision's dtype and each step draws noise for the whole batch of 2B, as those scripts do.
+    sampler "rflow" guides the velocity (the output's first C channels); shift is its timestep-shift ratio."""
     model.eval()
     device = next(model.parameters()).device
     C, B = model.cfg.in_channels, len(prompts)
@@ -202,34 +238,40 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
     draw = noise_source(noise, seed, device)
     published = noise == "published"
     x = draw((B, C, *latent_shape), DTYPES[precision] if published else torch.float32)
-    sched = make_scheduler(sampler, steps, model.cfg.learn_sigma)
+    sched = make_scheduler(sampler, steps, model.cfg.learn_sigma, shift)
     ch = C if cfg_channels is None else cfg_channels
     timesteps = torch.tensor(sched.timesteps[::-1]) if sampler == "ddpm" else sched.timesteps
+    own = sampler in ("ddpm", "rflow")  # ours; diffusers' schedulers scale their inputs and step themselves
     # the steps on the device, copied at once: a copy per step would block the CPU until the GPU has drained
     steps_here = list(zip(timesteps, timesteps.to(device)))
     for i, (t, t_device) in enumerate(tqdm(steps_here, desc=f"{sampler} sampling", leave=False)):
-        xin = torch.cat([x, x]) if sampler == "ddpm" else sched.scale_model_input(torch.cat([x, x]).float(), t)
+        xin = torch.cat([x, x]) if own else sched.scale_model_input(torch.cat([x, x]).float(), t)
         with autocast(device, precision):
             out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop).float()
         cond, uncond = out.chunk(2)
-        eps = cond[:, :C].clone()
-        eps[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
+        guided = cond[:, :C].clone()  # the noise (IDDPM) or the velocity (rectified flow)
+        guided[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
         if sampler == "ddpm":  # the conditional half's own variance (learned sigma) goes with it
             index = len(timesteps) - 1 - i
             z = None
             if index > 0:
                 z = draw((2 * B, *x.shape[1:]), x.dtype)[:B] if published else draw(x.shape, torch.float32)
-            x = sched.step(torch.cat([eps, cond[:, C:]], dim=1), index, x, z)
+            x = sched.step(torch.cat([guided, cond[:, C:]], dim=1), index, x, z)
+        elif sampler == "rflow":  # Euler along the velocity, toward the data
+            x = sched.step(guided, i, x.float())
         else:  # DDIM (eta 0) and DPM-Solver++ draw no noise
-            x = sched.step(eps, t, x.float()).prev_sample
+            x = sched.step(guided, t, x.float()).prev_sample
     return x
 
 
 def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
-             seed=0, precision="fp32", noise="cpu", null_mask="all"):
-    """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W); see denoise for the rest."""
-    x = denoise(model, text_encoder, prompts, vae.latent_shape(*size), sampler, steps, cfg_scale, cfg_channels, seed,
-                precision, noise, null_mask)
+             seed=0, precision="fp32", noise="cpu", null_mask="all", timestep_shift=False):
+    """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W); see denoise for the rest. timestep_shift:
+    "rflow" shifts its timesteps by this video's size and latent length, as the run trained."""
+    latent_shape = vae.latent_shape(*size)
+    shift = shift_ratio(size[1], size[2], latent_shape[0]) if sampler == "rflow" and timestep_shift else None
+    x = denoise(model, text_encoder, prompts, latent_shape, sampler, steps, cfg_scale, cfg_channels, seed, precision,
+                noise, null_mask, shift)
     with torch.no_grad():
         video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
@@ -317,7 +359,7 @@ PRESETS = {
 DEFAULTS = dict(sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None, seed=0, precision="fp32", fps=8,
                 noise="cpu", null_mask="all", text_encoder="t5", text_len=120, text_dtype=None, vae="sd", vae_path=None,
                 vae_micro_batch=32, space_scale=1.0, time_scale=1.0, model=None, prompts=[], num_frames=None,
-                image_size=None, pixel_norm=(0.0, 1.0))
+                image_size=None, pixel_norm=(0.0, 1.0), timestep_shift=None)
 
 
 def get_args(argv=None):
@@ -338,9 +380,12 @@ def get_args(argv=None):
     p.add_argument("--score", action="store_true", help="grade demo samples: dominant colour and motion direction vs the prompt")
     p.add_argument("--num-frames", type=int, help="default: the training clip length (train.py folders) or the preset's")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="default: the training size or the preset's")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], help="ddpm (default): IDDPM's respaced sampler, as "
-                   "DiT and Open-Sora v1.0 sample; ddim and dpm: diffusers' DDIM and DPM-Solver++")
-    p.add_argument("--steps", type=int, help="sampling steps (default 100)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "rflow"], help="IDDPM runs: ddpm (default), IDDPM's "
+                   "respaced sampler as DiT and Open-Sora v1.0 sample, or diffusers' DDIM and DPM-Solver++; rectified-flow "
+                   "runs (train.py --objective rflow): rflow, Open-Sora 1.2's Euler sampler (their default)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 100; rflow 30)")
+    p.add_argument("--timestep-shift", action=argparse.BooleanOptionalAction, help="rflow: shift the timesteps by the "
+                   "video's size and length (default: as the run trained; on for bare files, as Open-Sora 1.2)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 7.0)")
     p.add_argument("--cfg-channels", type=int, help="guide only the first N latent channels (DiT and Open-Sora v1.0: 3)")
     p.add_argument("--noise", choices=["cpu", "published"], help="cpu (default): a CPU generator, one seed gives one "
@@ -412,9 +457,27 @@ def load_model(args, device):
                                                  "num_frames", "image_size")}
         trained["pixel_norm"] = meta["args"].get("pixel_norm", [0.0, 1.0])  # runs from before the flag: none
         vars(args).update({k: v for k, v in trained.items() if k not in args.given})
+        take_objective(args, meta["args"].get("objective", "iddpm"), meta["args"].get("timestep_shift"))
         return model, meta
     scales = dict(space_scale=args.space_scale, time_scale=args.time_scale)
-    return checkpoint.load_weights_file(args.ckpt, args.model, scales, device)
+    model, meta = checkpoint.load_weights_file(args.ckpt, args.model, scales, device)
+    take_objective(args, "rflow" if args.sampler == "rflow" else "iddpm", True)  # a bare file: as --sampler says
+    return model, meta
+
+
+def take_objective(args, objective, shift):
+    """The sampler of the objective the weights were trained with: rflow for rectified flow (30 steps, the run's
+    timestep shift), ddpm/ddim/dpm for IDDPM; the other family is refused in one sentence."""
+    if objective == "rflow":
+        if "sampler" in args.given and args.sampler != "rflow":
+            raise RunError(f"{args.ckpt} was trained with rectified flow (train.py --objective rflow): sample it with "
+                           f"--sampler rflow, not {args.sampler} (ddpm, ddim and dpm sample IDDPM runs)")
+        args.sampler = "rflow"
+        args.steps = args.steps if "steps" in args.given else 30
+        args.timestep_shift = args.timestep_shift if "timestep_shift" in args.given else bool(shift)
+    elif args.sampler == "rflow":
+        raise RunError(f"{args.ckpt} was trained with IDDPM: sample it with --sampler ddpm, ddim or dpm (rflow "
+                       "samples runs trained with train.py --objective rflow)")
 
 
 def main(argv=None):
@@ -473,7 +536,7 @@ def sample_into(args, prompts, device, distributed, rank, error):
         error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
               f"{vae.out_channels} of them")
     frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
-                      args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask)
+                      args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask, args.timestep_shift)
     if distributed:
         # free the group while the interpreter is whole: the attention layers hold it and compiled blocks hold
         # themselves (a cycle), and a gloo group first freed at exit can abort the process (CI once: rank 1, SIGABRT)

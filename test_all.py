@@ -39,6 +39,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -2271,22 +2272,24 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
            "--outdir", str(tmp_path / "sp"), "--sp-size", "2", "--sp-kind", "fastseq"]
     done = subprocess.run(cmd, cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses"],
+    rflow = ["--objective", "rflow"]  # ZeRO-2 + Ulysses trains rectified flow: its timesteps are drawn alike too
+    done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses", *rflow],
                           cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks above
     train.main([*flags, "--outdir", str(tmp_path / "one")])
-    want = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "model.safetensors")
-    for run in ("sp", "zero"):
+    train.main([*flags, "--outdir", str(tmp_path / "one_rflow"), *rflow])
+    for run, one in (("sp", "one"), ("zero", "one_rflow")):
+        want = load_file(tmp_path / one / "checkpoints" / "step_0000002" / "model.safetensors")
         got = load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=lambda m: f"{run} {k}: {m}")
     assert (tmp_path / "zero" / "checkpoints" / "step_0000002" / "zero_rank1.pt").exists()
-    more = [*flags[:-6], "--steps", "3", "--outdir", str(tmp_path / "zero"), "--resume", "auto"]
+    more = [*flags[:-6], "--steps", "3", "--outdir", str(tmp_path / "zero"), "--resume", "auto", *rflow]
     for zero in (["--zero", "2"], []):  # another world: refused before any slice or optimizer state is read
         with pytest.raises(SystemExit, match="was written by 2 processes, this run has 1: resume with 2"):
             train.main([*more, *zero])
-    ema = load_file(tmp_path / "one" / "checkpoints" / "step_0000002" / "ema.safetensors")
+    ema = load_file(tmp_path / "one_rflow" / "checkpoints" / "step_0000002" / "ema.safetensors")
     assert any((got[k] != ema[k]).any() for k in got)  # the steps moved the weights (the EMA still sits near the start)
     bad = subprocess.run([*cmd[:-4], "--outdir", str(tmp_path / "bad"), "--sp-size", "3"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--sp-size 3 does not divide the 2 ranks" in bad.stderr
@@ -2588,11 +2591,12 @@ def test_keep_last_deletes_old_checkpoints_but_latest_and_the_one_resumed_from(t
     assert "resumed from" in (out := capsys.readouterr().out) and "--steps 5 is done: nothing to train" in out
 
 
-@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"]],
-                         ids=["ddp", "zero2-accum2", "features", "fp8"])
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"], ["--objective", "rflow"]],
+                         ids=["ddp", "zero2-accum2", "features", "fp8", "rflow"])
 def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
     """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
-    (also with ZeRO-2 on a group of one and 2 micro-batches a step, from precomputed features, and with fp8 linears)."""
+    (also with ZeRO-2 on a group of one and 2 micro-batches a step, from precomputed features, with fp8 linears, and
+    under rectified flow)."""
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
     if flags == ["features"]:
         csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
@@ -2808,8 +2812,8 @@ def test_min_snr_weighting():
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
     snr = ab / (1 - ab)
     weight = (snr.clamp(max=5.0) / snr).float()
-    torch.testing.assert_close(d.loss(out, x0, xt, t, noise, 5.0), d.loss(out, x0, xt, t, noise) + mse * (weight - 1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(train.IDDPM(min_snr=5.0).loss(out, x0, xt, t, noise),
+                               d.loss(out, x0, xt, t, noise) + mse * (weight - 1), rtol=1e-5, atol=1e-6)
     assert weight[0] < 0.01 and weight[2:].tolist() == [1, 1, 1, 1]  # only the nearly clean steps are weighed down
 
 
@@ -2825,10 +2829,105 @@ def test_mid_timesteps_draws_that_share_from_the_middle():
     torch.manual_seed(0)
     z, y = torch.randn(4000, 1, 1, 1, 1), torch.zeros(4000, 1, 1)
     for share in (0.0, 0.5, 1.0):
-        train.training_step(Record(), train.IDDPM(), z, y, None, "fp32", mid_timesteps=share)
+        train.training_step(Record(), train.IDDPM(mid_timesteps=share), z, y, None, "fp32")
     middle = [((t >= 300) & (t < 800)).float().mean().item() for t in seen]
     assert abs(middle[0] - 0.5) < 0.03 and abs(middle[1] - 0.75) < 0.03 and middle[2] == 1.0
     assert seen[0].min() < 30 and seen[0].max() > 970 and seen[1].min() < 30 and seen[1].max() > 970
+
+
+def test_rectified_flow_loss_noising_and_velocity_restated():
+    """Open-Sora 1.2's rectified flow from its equations: x_t = (1 - t/1000) x0 + (t/1000) eps, the target x0 - eps,
+    the squared error averaged over (C, T, H, W) on the output's first C channels; the other C change nothing."""
+    rf = train.RectifiedFlow()
+    torch.manual_seed(0)
+    x0, eps, out = torch.randn(3, 4, 2, 4, 4), torch.randn(3, 4, 2, 4, 4), torch.randn(3, 8, 2, 4, 4)
+    t = torch.tensor([0.0, 250.0, 999.0])
+    xt = rf.add_noise(x0, t, eps)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(xt[i], (1 - ti / 1000) * x0[i] + ti / 1000 * eps[i])
+    want = torch.stack([((out[i, :4] - (x0[i] - eps[i])) ** 2).mean() for i in range(3)])
+    torch.testing.assert_close(rf.loss(out, x0, xt, t, eps), want)
+    other = out.clone()
+    other[:, 4:] += 1
+    assert torch.equal(rf.loss(other, x0, xt, t, eps), rf.loss(out, x0, xt, t, eps))
+    exact = torch.cat([x0 - eps, out[:, 4:]], 1)
+    assert rf.loss(exact, x0, xt, t, eps).abs().max() == 0
+
+
+def test_rectified_flow_timesteps_and_the_shift_restated():
+    """Training t: uniform on [0, 1000), or logit-normal (sigmoid of N(0, 1), times 1000), then the shift
+    s -> r s / (1 + (r - 1) s) with r = sqrt(H W / 512^2) sqrt(latent frames) (H, W pixels: latents times the VAE's
+    factors). 16 latent frames of 32x32 latents under an 8x VAE (256^2 pixels): r = 0.5 * 4 = 2."""
+    z = torch.zeros(20000, 4, 16, 32, 32)
+    for draw in ("uniform", "logit-normal"):
+        torch.manual_seed(0)
+        t = train.RectifiedFlow(draw, timestep_shift=False).timesteps(z)
+        assert t.shape == (20000,) and 0 <= t.min() and t.max() < 1000
+        s = t / 1000
+        for q in (0.1, 0.3, 0.5, 0.7, 0.9):  # the CDF at q: q (uniform); Phi(logit q) (logit-normal)
+            want = q if draw == "uniform" else 0.5 * (1 + math.erf(math.log(q / (1 - q)) / math.sqrt(2)))
+            assert abs((s < q).float().mean().item() - want) < 0.015, (draw, q)
+        torch.manual_seed(0)
+        shifted = train.RectifiedFlow(draw, timestep_shift=True, compression=(1, 8, 8)).timesteps(z)
+        torch.testing.assert_close(shifted, 2 * s / (1 + s) * 1000)
+    assert sample.shift_ratio(256, 256, 16) == 2.0 and sample.shift_ratio(512, 512, 1) == 1.0
+    torch.testing.assert_close(sample.shift_timesteps(torch.tensor([0.0, 500.0, 1000.0]), 2.0),
+                               torch.tensor([0.0, 2000 / 3, 1000.0]))
+    small = sample.shift_ratio(12, 12, 8)  # the CPU demo's clips: nearly every step moved toward the data
+    assert abs(small - math.sqrt(144 / 512 ** 2 * 8)) < 1e-12 and small < 0.07
+
+
+@pytest.mark.parametrize("objective", ["iddpm", "rflow"])
+def test_a_tiny_model_learns_with_each_objective(objective):
+    """A few steps on one fixed batch lower each objective's loss on that batch (the same draws of t and noise)."""
+    torch.manual_seed(0)
+    model = build_model("DiT-debug", in_channels=3, caption_channels=8, caption_len=4, cond="cross", dropout=0.0)
+    args = argparse.Namespace(objective=objective, rflow_t="logit-normal", timestep_shift=False, min_snr=0.0,
+                              mid_timesteps=0.0)
+    diffusion = train.objective(args, (1, 1, 1))
+    z, y = torch.randn(8, 3, 2, 8, 8).clamp(-1, 1), torch.randn(8, 4, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def loss_now():
+        torch.manual_seed(1)
+        return train.training_step(model, diffusion, z, y, None, "fp32")
+    before = loss_now().item()
+    for _ in range(30):
+        opt.zero_grad()
+        train.training_step(model, diffusion, z, y, None, "fp32").backward()
+        opt.step()
+    assert loss_now().item() < 0.9 * before, (objective, before, loss_now().item())
+
+
+def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, shapes_csv, capsys):
+    """--objective rflow: rflow's sampler and timesteps by default, IDDPM's options refused (and the reverse); the
+    objective is saved with the run, resumes exactly, and a resume that changes it is refused. The DiT-demo's
+    eps_skip (IDDPM's noise guess) is off under rflow."""
+    for flags, said in ((["--objective", "rflow", "--min-snr", "5"], "--min-snr belong to IDDPM"),
+                        (["--objective", "rflow", "--sampler", "ddim"], "--sampler ddim belong to IDDPM"),
+                        (["--rflow-t", "uniform"], "--rflow-t belong to rectified flow: add --objective rflow"),
+                        (["--sampler", "rflow"], "--sampler rflow belong to rectified flow")):
+        with pytest.raises(SystemExit):
+            train.get_args(["--demo", *flags])
+        assert said in capsys.readouterr().err
+    args = train.get_args(["--demo", "--objective", "rflow"])
+    assert (args.sampler, args.sample_steps, args.rflow_t, args.timestep_shift, args.min_snr, args.mid_timesteps) == \
+        ("rflow", 30, "logit-normal", True, 0.0, 0.0)
+    run = tmp_path / "run"
+    rflow = ["--objective", "rflow", "--rflow-t", "uniform"]
+    plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2", *rflow)
+    meta = json.loads((run / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert (meta["args"]["objective"], meta["args"]["rflow_t"], meta["args"]["timestep_shift"]) == ("rflow", "uniform", True)
+    for other, said in ((["--objective", "rflow"], "--rflow-t 'uniform' -> 'logit-normal'"),
+                        ([], "--objective 'rflow' -> 'iddpm'"),
+                        ([*rflow, "--no-timestep-shift"], "--timestep-shift True -> False")):
+        with pytest.raises(SystemExit, match=re.escape(said)):
+            plain_run(run, shapes_csv, tiny_t5, "--steps", "3", "--resume", "auto", *other)
+    model = build_model("DiT-demo", in_channels=3, caption_channels=8, caption_len=4)
+    assert model.cfg.eps_skip
+    demo = train.get_args(["--demo", "--objective", "rflow", "--text-encoder", tiny_t5, "--outdir", str(tmp_path / "d")])
+    inputs = train.Inputs(None, None, None, dict(in_channels=3, caption_channels=8, caption_len=4), (1, 1, 1))
+    assert not train.make_model(demo, inputs, torch.device("cpu")).cfg.eps_skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on GPUs only (the GPU suite runs this)")
@@ -3255,6 +3354,53 @@ def test_ddpm_sampler_is_iddpms_respaced_p_sample_loop():
     assert not torch.allclose(other, got)
 
 
+def test_rflow_sampler_is_open_sora_1_2s_euler_loop():
+    """sample.py's rflow sampler equals RFLOW.sample of Open-Sora 1.2, restated from its equations in float64: t_i =
+    (1 - i/n) 1000 shifted by s -> r s / (1 + (r - 1) s), the guided velocity on all channels of the output's first
+    half, z <- z + v (t_i - t_{i+1}) / 1000 down to 0, no noise after the first; one seed, one result."""
+    model = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    steps, scale, seed, labels = 7, 4.0, 3, [3, 7]
+    for ratio in (None, 2.0, 0.25):
+        got = sample.denoise(model, None, [str(c) for c in labels], (1, 8, 8), "rflow", steps, scale, None, seed, "fp32",
+                             "cpu", "all", ratio)
+        s = np.array([1 - i / steps for i in range(steps)] + [0.0])
+        if ratio is not None:
+            s = ratio * s / (1 + (ratio - 1) * s)
+        z = torch.randn(2, 4, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).double()
+        y, drop = torch.tensor(labels * 2), torch.tensor([False, False, True, True])
+        with torch.no_grad():
+            for i in range(steps):
+                out = model(torch.cat([z, z]).float(), torch.full((4,), float(s[i] * 1000)), y, force_drop=drop).double()
+                v = out[:, :4]                               # the velocity: the first half of the channels
+                v = v[2:] + scale * (v[:2] - v[2:])          # guided on all of them
+                z = z + v * (s[i] - s[i + 1])
+        torch.testing.assert_close(got, z.float(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, sample.denoise(model, None, ["3", "7"], (1, 8, 8), "rflow", steps, scale, None, seed,
+                                               "fp32", "cpu", "all", ratio))
+    assert not torch.equal(got, sample.denoise(model, None, ["3", "7"], (1, 8, 8), "rflow", steps, scale, None, seed + 1,
+                                               "fp32", "cpu", "all", 0.25))
+    flow = sample.RectifiedFlowSampler(30, 2.0)
+    assert flow.timesteps[0] == 1000 and abs(float(flow.dt.sum()) - 1) < 1e-6 and len(flow.dt) == 30
+
+
+def test_sample_py_takes_the_objective_from_the_run(tmp_path, tiny_t5, shapes_csv, capsys, monkeypatch):
+    """A rectified-flow run samples with rflow, 30 steps and its timestep shift without being told; ddpm/ddim/dpm on
+    it, and rflow on an IDDPM run, are refused in one sentence naming the sampler to use."""
+    plain_run(tmp_path / "rf", shapes_csv, tiny_t5, "--steps", "1", "--objective", "rflow", "--no-timestep-shift")
+    base = ["--prompt", "a red circle", "--num-frames", "4"]
+    seen, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a: seen.append(a) or real(*a))
+    sample.main(["--ckpt", str(tmp_path / "rf"), *base, "--outdir", str(tmp_path / "s1")])
+    assert seen[0][5:7] == ("rflow", 30) and seen[0][-1] is False  # sampler, steps; the run's shift: off
+    assert "wrote 1 videos" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="rf was trained with rectified flow \\(train.py --objective rflow\\): sample it "
+                                         "with --sampler rflow, not ddim"):
+        sample.main(["--ckpt", str(tmp_path / "rf"), *base, "--sampler", "ddim", "--outdir", str(tmp_path / "s2")])
+    with pytest.raises(SystemExit, match="run_b23e2e1 was trained with IDDPM: sample it with --sampler ddpm, ddim or dpm"):
+        sample.main(["--ckpt", OLD_RUN, *base, "--sampler", "rflow", "--text-encoder", tiny_t5,
+                     "--outdir", str(tmp_path / "s3")])
+
+
 def test_presets_are_the_published_inference_configs():
     get = lambda *flags: vars(sample.get_args(["--ckpt", "x", *flags])[0])
     want = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd", vae_path="stabilityai/sd-vae-ft-ema",
@@ -3481,12 +3627,13 @@ def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
     monkeypatch.setattr(bench, "T5_XXL", TINY_T5)
     monkeypatch.setattr(bench, "SD_VAE_CONFIG", TINY_SD_VAE)
     argv = ["--model", "STDiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
-            "--sample", "--sampler", "ddpm", "dpm", "--sample-steps", "3", "2", "--no-compile", "--fp8"]
+            "--sample", "--sampler", "ddpm", "dpm", "rflow", "--sample-steps", "3", "2", "4", "--no-compile", "--fp8"]
     bench.main(argv + ["--profile"])
     out = capsys.readouterr()
-    ddpm, dpm = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+    ddpm, dpm, rflow = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
     assert "Self CPU" in out.err and "aten::" in out.err
-    assert (ddpm["sampler"], ddpm["steps"], dpm["sampler"], dpm["steps"]) == ("ddpm", 3, "dpm", 2)
+    assert [(r["sampler"], r["steps"]) for r in (ddpm, dpm, rflow)] == [("ddpm", 3), ("dpm", 2), ("rflow", 4)]
+    assert rflow["seconds_per_sample"] > 0
     assert ddpm["fp8"] and ddpm["seconds_per_sample"] > 0 and ddpm["forward_ms"] > 0
     assert 0 < ddpm["forward_error_bf16"] < ddpm["forward_error_fp8"] < 0.1
     with pytest.raises(SystemExit, match="one each"):

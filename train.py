@@ -1,5 +1,5 @@
 """
-Train DiT / STDiT with IDDPM diffusion.
+Train DiT / STDiT with IDDPM diffusion (Open-Sora v1.0) or rectified flow (Open-Sora 1.2: --objective rflow).
 
   python train.py --demo                                   # built-in demo: makes data, trains, samples (CPU ok)
   python train.py --data data.csv                          # one process
@@ -8,9 +8,9 @@ Train DiT / STDiT with IDDPM diffusion.
   python data.py precompute --data data.csv --out feats && python train.py --features feats   # encoders run once
   python train.py --data data.csv --zero 2 --compile --fp8   # H100/H200: the blocks' linears in fp8 (fp8.py)
 
-Read top to bottom: the IDDPM loss and the training step, then main() and its stages in the order they run
-(distributed setup -> run folder -> inputs -> model -> parallelism and optimizer -> data -> resume -> loop ->
-samples), then the command line. The run folder (checkpoints, resume, lock, interrupts) is checkpoint.py's.
+Read top to bottom: the IDDPM and rectified-flow losses and the training step, then main() and its stages in the
+order they run (distributed setup -> run folder -> inputs -> model -> parallelism and optimizer -> data -> resume
+-> loop -> samples), then the command line. The run folder (checkpoints, resume, lock, interrupts) is checkpoint.py's.
 Script defaults are Open-Sora v1.0's 16x256x256 config (configs/opensora/train/16x256x256.py): STDiT-XL/2,
 T5-v1.1-XXL with 120 tokens, SD-VAE, 16 frames every 3rd, batch 8 per GPU, lr 2e-5, clip 1.0, bf16,
 gradient checkpointing, space_scale 0.5. The README lists the other configs as one-line commands.
@@ -51,7 +51,7 @@ from vae import build_vae
 # predicts epsilon and a variance interpolation; loss = MSE(eps) + the variational bound on the variance.
 
 class IDDPM:
-    def __init__(self):
+    def __init__(self, min_snr=0.0, mid_timesteps=0.0):
         # sample.py's schedule, through diffusers (float32 betas; sample.IDDPMSampler takes IDDPM's float64 ones, which
         # differ from them by float32 rounding, 1e-7 at most)
         sched = DDPMScheduler(**SCHEDULE)
@@ -70,6 +70,16 @@ class IDDPM:
         self.num_steps = sched.config.num_train_timesteps
         self.tables = {k: v.float() for k, v in tables.items()}
         self.on_device = {}  # device -> the tables there, copied once
+        self.min_snr, self.mid_timesteps = min_snr, mid_timesteps
+
+    def timesteps(self, z):
+        """Training timesteps for latents z (B, ...): uniform over the 1000 steps, as published."""
+        B = z.shape[0]
+        t = torch.randint(0, self.num_steps, (B,), device=z.device)
+        if self.mid_timesteps:  # that share from steps 300-799 instead: where the caption alone must place what is seen
+            mid = torch.randint(300, 800, (B,), device=z.device)
+            t = torch.where(torch.rand(B, device=z.device) < self.mid_timesteps, mid, t)
+        return t
 
     def table(self, name, device):
         # copied once per device: a fresh copy at every use is a blocking host-to-device copy, after which the GPU
@@ -88,16 +98,16 @@ class IDDPM:
         mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
         return mean, self._at("min_log", t, xt).expand_as(xt)
 
-    def loss(self, out, x0, xt, t, noise, min_snr=0.0):
+    def loss(self, out, x0, xt, t, noise):
         """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,).
         min_snr > 0 weights the epsilon MSE by min(SNR, min_snr) / SNR (Hang et al., 2023): near t = 0 the
         noise is too faint to predict and its large, noisy errors would otherwise swamp the gradient."""
         out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
         eps, v = out.chunk(2, dim=1)
         mse = (noise - eps).pow(2).flatten(1).mean(1)
-        if min_snr > 0:
+        if self.min_snr > 0:
             snr = self.table("snr", t.device)[t]
-            mse = mse * snr.clamp(max=min_snr) / snr
+            mse = mse * snr.clamp(max=self.min_snr) / snr
         # learned range (IDDPM eq. 15): log variance interpolates between log beta-tilde_t and log beta_t
         frac = (v + 1) / 2
         model_log = frac * self._at("max_log", t, xt) + (1 - frac) * self._at("min_log", t, xt)
@@ -129,6 +139,42 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+# Rectified flow as Open-Sora 1.2 trains it (v1.2.0 opensora/schedulers/rf/; sample.py has the Euler sampler):
+# x_t = (1 - t/1000) x0 + (t/1000) eps on the straight line from the data to noise, the model predicts the
+# velocity x0 - eps on its first C output channels (the second C, IDDPM's variance, go unused), plain MSE.
+
+class RectifiedFlow:
+    def __init__(self, t_draw="logit-normal", timestep_shift=True, compression=(1, 1, 1)):
+        self.t_draw, self.timestep_shift, self.compression = t_draw, timestep_shift, compression
+
+    def timesteps(self, z):
+        """Training t in [0, 1000) for latents z (B, C, T, H, W): uniform, or logit-normal (sigmoid of a standard
+        normal: more of them mid-way, as v1.2's configs), then shifted by z's pixel size and latent frames."""
+        B = z.shape[0]
+        u = torch.rand(B, device=z.device) if self.t_draw == "uniform" else torch.sigmoid(torch.randn(B, device=z.device))
+        t = u * 1000
+        if self.timestep_shift:
+            T, H, W = z.shape[2:]
+            t = sample.shift_timesteps(t, sample.shift_ratio(H * self.compression[1], W * self.compression[2], T))
+        return t
+
+    def add_noise(self, x0, t, noise):
+        s = (t / 1000).view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - s) * x0 + s * noise
+
+    def loss(self, out, x0, xt, t, noise):
+        """The velocity's squared error per sample (B,): out's first C channels against x0 - noise."""
+        velocity = out.float()[:, :x0.shape[1]]
+        return (velocity - (x0.float() - noise.float())).pow(2).flatten(1).mean(1)
+
+
+def objective(args, compression):
+    """The diffusion objective that args name; compression: the VAE's (T, H, W) factors, for rflow's shift."""
+    if args.objective == "rflow":
+        return RectifiedFlow(args.rflow_t, args.timestep_shift, compression)
+    return IDDPM(args.min_snr, args.mid_timesteps)
+
+
 @torch.no_grad()  # the encoders are frozen
 def encode(vae, text_encoder, video, captions, sample=True):
     """Videos (B, 3, T, H, W) in [-1, 1] and B captions -> latents z, caption states y (B, L, C_text), mask (B, L)."""
@@ -147,20 +193,17 @@ def batch_on_device(args, batch, inputs, device):
                   sample=args.vae_sample)
 
 
-def training_step(model, diffusion, z, y, mask, precision, min_snr=0.0, mid_timesteps=0.0):
-    """One diffusion loss on latents z (B, C, T, H, W) and condition y: the step bench.py times as well."""
-    B = z.shape[0]
-    t = torch.randint(0, diffusion.num_steps, (B,), device=z.device)  # uniform timesteps, as published
-    if mid_timesteps:  # that share from steps 300-799 instead: where the caption alone must place what is seen
-        mid = torch.randint(300, 800, (B,), device=z.device)
-        t = torch.where(torch.rand(B, device=z.device) < mid_timesteps, mid, t)
+def training_step(model, diffusion, z, y, mask, precision):
+    """One diffusion loss on latents z (B, C, T, H, W) and condition y, for IDDPM or RectifiedFlow: the step
+    bench.py times as well."""
+    t = diffusion.timesteps(z)
     # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
     # SD-VAE's output) than for a contiguous one (precomputed features)
     noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
     xt = diffusion.add_noise(z, t, noise)
     with autocast(z.device, precision):
         out = model(xt, t, y, mask)
-    return diffusion.loss(out, z, xt, t, noise, min_snr).mean()
+    return diffusion.loss(out, z, xt, t, noise).mean()
 
 
 @torch.no_grad()
@@ -255,6 +298,7 @@ class Inputs:
     text_encoder: object
     vae: object
     sizes: dict
+    compression: tuple  # the VAE's (T, H, W) downsampling: latent sizes back to frames and pixels
 
 
 def main(argv=None):
@@ -293,7 +337,7 @@ def train(args, world, interrupts):
     ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world.size} x {device.type}")
     train_model, opt, scaler = parallelize(args, model, world, (inputs.vae, inputs.text_encoder))
-    diffusion = IDDPM()
+    diffusion = objective(args, inputs.compression)
     loader = make_loader(args, inputs, model, world)
 
     # resume: weights, EMA, optimizer, step, data position and every RNG, so the run continues exactly
@@ -321,8 +365,7 @@ def train(args, world, interrupts):
             # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
             last = micro == args.grad_accum - 1
             with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
-                loss = training_step(train_model, diffusion, z, y, mask, args.precision, args.min_snr,
-                                     args.mid_timesteps)
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision)
                 scaler.scale(loss / args.grad_accum).backward()
             seen += z.shape[0]
         grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
@@ -413,7 +456,8 @@ def load_inputs(args, world, features):
     if features is not None:
         info = features.info
         return Inputs(features, None, None, dict(in_channels=info["latent_channels"],
-                                                 caption_channels=info["caption_channels"], caption_len=info["text_len"]))
+                                                 caption_channels=info["caption_channels"], caption_len=info["text_len"]),
+                      tuple(info["compression"]))
     # loading an encoder draws from the RNG (weights are initialised, then overwritten): fork it, so the model
     # starts from the same weights whether the encoders run here or ran once in data.py precompute
     with torch.random.fork_rng(devices=[]):
@@ -422,7 +466,7 @@ def load_inputs(args, world, features):
         except (OSError, ValueError) as e:
             raise RunError(str(e)) from e
     return Inputs(None, text_encoder, vae, dict(in_channels=vae.out_channels, caption_channels=text_encoder.dim,
-                                                caption_len=text_encoder.max_length))
+                                                caption_len=text_encoder.max_length), vae.compression)
 
 
 def load_encoders(args, device):
@@ -435,8 +479,11 @@ def load_encoders(args, device):
 def make_model(args, inputs, device):
     """The model, sized by the inputs (latent channels in, the text encoder's caption states as condition), from
     --init's weights where given."""
+    # eps_skip (DiT-demo) adds IDDPM's best guess of the noise to the output: nothing a velocity should have
+    skip = dict(eps_skip=False) if args.objective == "rflow" else {}
     model = build_model(args.model, cond=args.cond, attn=args.attn, space_scale=args.space_scale,
-                        time_scale=args.time_scale, grad_checkpoint=args.grad_checkpoint, **inputs.sizes).to(device)
+                        time_scale=args.time_scale, grad_checkpoint=args.grad_checkpoint, **inputs.sizes,
+                        **skip).to(device)
     vae = inputs.vae
     if vae is not None:  # latents the patch must tile, checked now, not at the first batch (native sizes are cropped)
         H, W = args.image_size if args.image_size != [0, 0] else [vae.compression[1] * model.cfg.patch[1]] * 2
@@ -577,7 +624,7 @@ def sample_at_end(args, model, ema, opt, inputs, world):
     prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
     frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
                              sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                             seed=args.seed, precision=args.precision)
+                             seed=args.seed, precision=args.precision, timestep_shift=bool(args.timestep_shift))
     paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), enlarge=args.demo)
     log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
     if args.demo:
@@ -632,6 +679,12 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping")
+    p.add_argument("--objective", default="iddpm", choices=["iddpm", "rflow"], help="iddpm: IDDPM, as DiT and "
+                   "Open-Sora v1.0 train; rflow: rectified flow, as Open-Sora 1.2 (README, \"Rectified flow\")")
+    p.add_argument("--rflow-t", choices=["logit-normal", "uniform"], help="rflow's training timesteps (default "
+                   "logit-normal, as Open-Sora 1.2's configs)")
+    p.add_argument("--timestep-shift", action=argparse.BooleanOptionalAction, help="rflow: shift the timesteps by "
+                   "the video's size and length, in training and sampling (default on, as Open-Sora 1.2)")
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
     p.add_argument("--mid-timesteps", type=float, default=0.0, metavar="SHARE", help="draw this share of the timesteps "
                    "from 300-799, not 0-999 (0: uniform, as published; the demo: 0.5, where only the caption places the shape)")
@@ -659,13 +712,18 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--demo-videos", type=int, default=256, help="size of the generated demo data set")
-    p.add_argument("--sample-steps", type=int, default=100, help="sampling steps for the samples written at the end")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--sample-steps", type=int, default=100, help="sampling steps for the samples written at the end "
+                   "(rflow: 30)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm", "rflow"], help="for the samples at "
+                   "the end: ddpm, ddim or dpm for IDDPM; rflow (the default there) for rectified flow")
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--no-sample", action="store_true", help="skip writing sample videos at the end")
     args, _ = p.parse_known_args(argv)
     if args.demo:  # the demo's values become defaults: flags given on the command line still win
         p.set_defaults(**{**DEMO, "pixel_norm": None})  # None: not given
+    if args.objective == "rflow":  # its own sampler and timesteps; IDDPM's timestep options off
+        p.set_defaults(sampler="rflow", sample_steps=30, rflow_t="logit-normal", timestep_shift=True, min_snr=0.0,
+                       mid_timesteps=0.0)
     args = p.parse_args(argv)
     if args.pixel_norm is None:  # the demo's pixel standardisation is for raw pixels, not for latents
         args.pixel_norm = DEMO["pixel_norm"] if args.vae == "raw" else [0.0, 1.0]
@@ -685,10 +743,25 @@ def get_args(argv=None):
     if args.init and not os.path.isfile(args.init):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     refuse_bad_values(p.error, args)
+    refuse_mixed_objectives(p.error, args)
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
     return args
+
+
+def refuse_mixed_objectives(error, args):
+    """One sentence for an option or sampler of the other objective."""
+    if args.objective == "rflow":
+        iddpm_only = [f"--{k.replace('_', '-')}" for k in ("min_snr", "mid_timesteps") if getattr(args, k)]
+        if iddpm_only or args.sampler != "rflow":
+            error(f"{' and '.join(iddpm_only) or '--sampler ' + args.sampler} belong to IDDPM: with --objective "
+                  "rflow leave them out (rectified flow samples with --sampler rflow)")
+    else:
+        rflow_only = [f"--{k.replace('_', '-')}" for k in ("rflow_t", "timestep_shift") if getattr(args, k) is not None]
+        if rflow_only or args.sampler == "rflow":
+            error(f"{' and '.join(rflow_only) or '--sampler rflow'} belong to rectified flow: add --objective rflow, "
+                  "or leave them out")
 
 
 def refuse_bad_values(error, args):
