@@ -250,16 +250,17 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
     return meta["step"], (meta["epoch"], meta["batch"])
 
 
-# Flags read at every step: a resume takes them from the command line and says so (a lower --lr after a loss spike
-# is the usual recovery). A data set or features folder may have moved: its new path is taken and said (the data
-# position counts rows, so it must hold the same ones). The other flags fix what the run is: the model, and what its
-# data position, global batch and RNG streams mean (batch, sizes, encoders, precision, seed, optimizer layout,
-# sequence parallelism). A resume that changes one of those is refused before anything loads, since it would not
-# continue this run; --init starts a new one from its weights.
-HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps")
+# Flags read at every step, and the autocast precision between fp32 and bf16 under DDP (a CPU demo goes on on a
+# GPU): a resume takes them from the command line and says so (a lower --lr after a loss spike is the usual
+# recovery). A data set or features folder may have moved: its new path is taken and said (the data position counts
+# rows, so it must hold the same ones). The other flags fix what the run is: the model, and what its data position,
+# global batch and RNG streams mean (batch, sizes, encoders, objective, seed, optimizer layout, sequence
+# parallelism; the precision to or from fp16, or under ZeRO-2). A resume that changes one of those is refused before
+# anything loads, since it would not continue this run; --init starts a new one from its weights.
+HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps", "precision")
 MOVED_FLAGS = ("data", "features")
 EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow_t", "timestep_shift", "batch_size",
-               "grad_accum", "precision", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",
+               "grad_accum", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",
                "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "sp_size")
 
 
@@ -288,7 +289,9 @@ def check_resume_flags(args, world_size, log):
     new = json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
     changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags
                                       if k in old and old[k] != new[k])
-    if exact := changed(EXACT_FLAGS):
+    # precision: DDP keeps fp32 weights under fp32 and bf16 alike; fp16's loss scale and ZeRO-2's buffers are state
+    fixed = ("precision",) if args.zero or "fp16" in (old.get("precision"), new["precision"]) else ()
+    if exact := changed(EXACT_FLAGS + fixed):
         raise RunError(f"{checkpoint} was written with other flags ({exact}): resume with the flags it was written "
                        f"with (its meta.json), or start a new run from its weights with --init "
                        f"{os.path.join(checkpoint, 'model.safetensors')}")

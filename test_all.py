@@ -2458,12 +2458,13 @@ def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
 OLD_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "run_b23e2e1")
 
 
-def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(tmp_path, tiny_t5, capsys):
+def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(tmp_path, tiny_t5, capsys, monkeypatch):
     """testdata/run_b23e2e1: 2 steps of DiT-debug from precomputed features, written by train.py at b23e2e1 (before
     the run folder's code moved here). Resumed, every weight, EMA tensor, Adam moment, RNG state and the data
     position are its files' bit for bit; going on to step 4 in one go or through a step-3 folder of today's format
     gives the same bits, and the losses its uninterrupted run logged. sample.py samples it, and falls back to the
     previous step where the newest step's weights are truncated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU that wrote it: its floats are the CPU's
     run = tmp_path / "run"
     shutil.copytree(OLD_RUN, run)
     flags = ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4",
@@ -2518,7 +2519,7 @@ def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(t
 def old_run_flags(run, *extra):
     """train.py's flags for a copy of testdata/run_b23e2e1 at run."""
     return ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4", "--num-workers",
-            "0", "--no-sample", "--log-every", "1", "--outdir", str(run), *extra]
+            "0", "--no-sample", "--log-every", "1", "--precision", "fp32", "--outdir", str(run), *extra]
 
 
 @pytest.mark.parametrize("zero", [False, True], ids=["adamw", "zero2"])
@@ -2651,13 +2652,15 @@ def test_resume_takes_the_newest_checkpoint_that_reads_whole(tmp_path, tiny_t5, 
 
 def test_resume_refuses_changed_flags_before_anything_loads(tmp_path, tiny_t5, shapes_csv, capsys, monkeypatch):
     """A resume that changes what the run is (its model, seed, batch, ...) is refused in one sentence that names the
-    flags and the fix, before the encoders or the model load; --lr is honoured and said, a moved manifest is said.
+    flags and the fix, before the encoders or the model load; --lr and bf16 for fp32 are honoured and said, a moved
+    manifest is said.
     A model that differs where the flags agree (a meta.json's ModelConfig) is still refused when it loads."""
     run = tmp_path / "run"
     plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2")
     monkeypatch.setattr(train, "load_inputs", lambda *a: pytest.fail("the encoders loaded before the refusal"))
     for flags, said in ((["--model", "DiT-debug"], "--model 'STDiT-debug' -> 'DiT-debug'"),
-                        (["--seed", "7", "--batch-size", "2"], "--batch-size 4 -> 2, --seed 42 -> 7")):
+                        (["--seed", "7", "--batch-size", "2"], "--batch-size 4 -> 2, --seed 42 -> 7"),
+                        (["--precision", "fp16"], "--precision 'fp32' -> 'fp16'")):  # fp16: a loss scale to keep
         with pytest.raises(SystemExit, match=re.escape(f"step_0000002 was written with other flags ({said}): resume "
                                                        "with the flags it was written with (its meta.json), or start "
                                                        "a new run from its weights with --init ")):
@@ -2666,16 +2669,17 @@ def test_resume_refuses_changed_flags_before_anything_loads(tmp_path, tiny_t5, s
     moved = os.path.join(os.path.dirname(shapes_csv), "moved.csv")
     shutil.copy(shapes_csv, moved)
     capsys.readouterr()
-    plain_run(run, moved, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4")
-    out = capsys.readouterr().out
-    assert "with --lr 2e-05 -> 0.0001: from step 3 on" in out and f"with --data {str(shapes_csv)!r} -> {moved!r}: " \
+    plain_run(run, moved, tiny_t5, "--steps", "3", "--resume", "auto", "--lr", "1e-4", "--precision", "bf16")
+    out = capsys.readouterr().out  # bf16 autocast on fp32 weights, as a CPU demo resumed on a GPU
+    assert "with --lr 2e-05 -> 0.0001, --precision 'fp32' -> 'bf16': from step 3 on" in out and \
+        f"with --data {str(shapes_csv)!r} -> {moved!r}: " \
         "the data position counts rows, so they must be the same rows" in out, out[-2000:]
     meta_path = run / "checkpoints" / "step_0000003" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model_config"]["depth"] += 1
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="holds another model \\(STDiT-debug: depth 3 there, 2 here\\): resume with"):
-        plain_run(run, moved, tiny_t5, "--steps", "4", "--resume", "auto")
+        plain_run(run, moved, tiny_t5, "--steps", "4", "--resume", "auto", "--precision", "bf16")
 
 
 def test_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, tiny_t5, shapes_csv, monkeypatch):
