@@ -2907,10 +2907,11 @@ def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, sh
     """--objective rflow: rflow's sampler and timesteps by default, IDDPM's options refused (and the reverse); the
     objective is saved with the run, resumes exactly, and a resume that changes it is refused. The DiT-demo's
     eps_skip (IDDPM's noise guess) is off under rflow."""
-    for flags, said in ((["--objective", "rflow", "--min-snr", "5"], "--min-snr belong to IDDPM"),
-                        (["--objective", "rflow", "--sampler", "ddim"], "--sampler ddim belong to IDDPM"),
-                        (["--rflow-t", "uniform"], "--rflow-t belong to rectified flow: add --objective rflow"),
-                        (["--sampler", "rflow"], "--sampler rflow belong to rectified flow")):
+    for flags, said in ((["--objective", "rflow", "--min-snr", "5"], "--min-snr belongs to IDDPM: leave it out with"),
+                        (["--objective", "rflow", "--sampler", "ddim", "--mid-timesteps", "0.5"],
+                         "--mid-timesteps and --sampler ddim belong to IDDPM: leave them out with --objective rflow"),
+                        (["--rflow-t", "uniform"], "--rflow-t belongs to rectified flow: add --objective rflow"),
+                        (["--sampler", "rflow"], "--sampler rflow belongs to rectified flow")):
         with pytest.raises(SystemExit):
             train.get_args(["--demo", *flags])
         assert said in capsys.readouterr().err

@@ -751,17 +751,19 @@ def get_args(argv=None):
 
 
 def refuse_mixed_objectives(error, args):
-    """One sentence for an option or sampler of the other objective."""
+    """One sentence for options or a sampler of the other objective."""
     if args.objective == "rflow":
-        iddpm_only = [f"--{k.replace('_', '-')}" for k in ("min_snr", "mid_timesteps") if getattr(args, k)]
-        if iddpm_only or args.sampler != "rflow":
-            error(f"{' and '.join(iddpm_only) or '--sampler ' + args.sampler} belong to IDDPM: with --objective "
-                  "rflow leave them out (rectified flow samples with --sampler rflow)")
+        other = [f"--{k.replace('_', '-')}" for k in ("min_snr", "mid_timesteps") if getattr(args, k)]
+        other += [f"--sampler {args.sampler}"] if args.sampler != "rflow" else []
+        fix = "leave it out with --objective rflow (rectified flow samples with --sampler rflow)"
     else:
-        rflow_only = [f"--{k.replace('_', '-')}" for k in ("rflow_t", "timestep_shift") if getattr(args, k) is not None]
-        if rflow_only or args.sampler == "rflow":
-            error(f"{' and '.join(rflow_only) or '--sampler rflow'} belong to rectified flow: add --objective rflow, "
-                  "or leave them out")
+        other = [f"--{k.replace('_', '-')}" for k in ("rflow_t", "timestep_shift") if getattr(args, k) is not None]
+        other += ["--sampler rflow"] if args.sampler == "rflow" else []
+        fix = "add --objective rflow, or leave it out"
+    if other:
+        error(f"{' and '.join(other)} {'belongs' if len(other) == 1 else 'belong'} to "
+              f"{'IDDPM' if args.objective == 'rflow' else 'rectified flow'}: "
+              f"{fix if len(other) == 1 else fix.replace('leave it', 'leave them')}")
 
 
 def refuse_bad_values(error, args):
