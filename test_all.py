@@ -2903,6 +2903,26 @@ def test_a_tiny_model_learns_with_each_objective(objective):
     assert loss_now().item() < 0.9 * before, (objective, before, loss_now().item())
 
 
+def test_rectified_flow_trains_through_every_path(tmp_path, tiny_t5, monkeypatch):
+    """--objective rflow with precomputed features, fp8 linears and gradient checkpointing (STDiT), and with clips of
+    two sizes in their own buckets (DiT, in-context conditioning): each bucket's timesteps shift by its own size."""
+    shapes = []
+    for size in (16, 32):
+        data.make_demo_dataset(str(tmp_path / f"s{size}"), num_videos=4, num_frames=4, size=size)
+        shapes += [[f"s{size}/{row['path']}", row["caption"]] for row in data.read_manifest(str(tmp_path / f"s{size}" / "demo.csv"))]
+    mixed = _write_csv(tmp_path / "mixed.csv", shapes)
+    feats = precompute_tiny(tmp_path / "s16" / "demo.csv", tmp_path / "feats", tiny_t5, "--vae", "raw")
+    tiny_run(tmp_path / "a", feats, tiny_t5, "--steps", "2", "--objective", "rflow", "--fp8", "--grad-checkpoint", "1.0")
+    ratios, real = [], sample.shift_ratio
+    monkeypatch.setattr(sample, "shift_ratio", lambda *a: ratios.append(a) or real(*a))
+    tiny_run(tmp_path / "b", mixed, tiny_t5, "--steps", "4", "--objective", "rflow", "--image-size", "0", "0",
+             "--model", "DiT-debug", "--cond", "concat", "--batch-size", "2")
+    assert {(16, 16, 4), (32, 32, 4)} <= set(ratios), ratios  # (H, W, latent frames) of both buckets
+    for run in ("a", "b"):
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")]
+        assert losses and all(math.isfinite(x) for x in losses), (run, losses)
+
+
 def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, shapes_csv, capsys):
     """--objective rflow: rflow's sampler and timesteps by default, IDDPM's options refused (and the reverse); the
     objective is saved with the run, resumes exactly, and a resume that changes it is refused. The DiT-demo's
