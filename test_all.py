@@ -2909,7 +2909,8 @@ def test_rectified_flow_trains_through_every_path(tmp_path, tiny_t5, monkeypatch
     shapes = []
     for size in (16, 32):
         data.make_demo_dataset(str(tmp_path / f"s{size}"), num_videos=4, num_frames=4, size=size)
-        shapes += [[f"s{size}/{row['path']}", row["caption"]] for row in data.read_manifest(str(tmp_path / f"s{size}" / "demo.csv"))]
+        rows = data.read_manifest(str(tmp_path / f"s{size}" / "demo.csv"))
+        shapes += [[f"s{size}/{row['path']}", row["caption"]] for row in rows]
     mixed = _write_csv(tmp_path / "mixed.csv", shapes)
     feats = precompute_tiny(tmp_path / "s16" / "demo.csv", tmp_path / "feats", tiny_t5, "--vae", "raw")
     tiny_run(tmp_path / "a", feats, tiny_t5, "--steps", "2", "--objective", "rflow", "--fp8", "--grad-checkpoint", "1.0")
