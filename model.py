@@ -252,10 +252,14 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, y=None, y_mask=None, x_mask=None, recompute=False):  # x (B, N, D), c (B, D), y (B, L, D)
+    def forward(self, x, c, y=None, y_mask=None, x_mask=None, given=None, recompute=False):  # x (B, N, D), c (B, D)
         if recompute:
-            return checkpoint_block(self.forward, x, c, y, y_mask, x_mask)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+            return checkpoint_block(self.forward, x, c, y, y_mask, x_mask, given)
+        if given is None:
+            mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
+        else:  # c (B, 2, D), t's and t = 0's; the tokens of given frames (given, (B, N, 1)) take t = 0's: (B, N, 6D)
+            mod = torch.where(given, self.adaLN_modulation(c[:, 1])[:, None], self.adaLN_modulation(c[:, 0])[:, None])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = self.attn(norm_modulate(x, shift_msa, scale_msa), x_mask)
         if self.cross_attn is None:  # x + gate_msa * h, and the MLP's input from it
             x, h = add_norm_modulate(x, h, gate_msa, shift_mlp, scale_mlp)
@@ -283,8 +287,9 @@ class STDiTBlock(nn.Module):
         if recompute:
             return checkpoint_block(self.forward, x, t0, y, y_mask, tpe)
         B, T, S, D = x.shape
-        mod = self.scale_shift_table[None] + t0.reshape(B, 6, D)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None, None].unbind(1)  # (B, 1, 1, D)
+        # t0 (B, 6D), or with a frame mask (B, T, 6D): given frames carry t = 0's modulation (STDiT.forward)
+        mod = self.scale_shift_table + t0.reshape(B, -1, 6, D)  # (B, 1 or T, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, :, None].unbind(2)  # (B, 1 or T, 1, D)
         # 1. spatial self-attention inside each frame
         h = norm_modulate(x, shift_msa, scale_msa)
         h = self.attn(rearrange(h, "B T S D -> (B T) S D"))
@@ -313,11 +318,20 @@ class FinalLayer(nn.Module):
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, c):  # x (B, N, D), c (B, D)
+    def modulation(self, c):  # c (B, D) -> shift, scale (B, 1, D)
         if hasattr(self, "scale_shift_table"):
-            shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+            return (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)
+        return self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+
+    def forward(self, x, c, keep=None):
+        """x (B, N, D), c (B, D). With keep (B, T, 1, 1), the frames to generate: c (B, 2, D) is t's and t = 0's, x
+        is (B, T, S, D), and the given frames take t = 0's shift and scale."""
+        if keep is None:
+            shift, scale = self.modulation(c)
         else:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+            (shift, scale), (shift0, scale0) = self.modulation(c[:, 0]), self.modulation(c[:, 1])
+            shift = torch.where(keep, shift[:, None], shift0[:, None])  # (B, T, 1, D)
+            scale = torch.where(keep, scale[:, None], scale0[:, None])
         return self.linear(norm_modulate(x, shift, scale))
 
 
@@ -469,28 +483,42 @@ class DiT(DiffusionTransformer):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
 
-    def forward(self, x, t, y, mask=None, force_drop=None):
+    def forward(self, x, t, y, mask=None, force_drop=None, frame_mask=None):
         """x (B, C, T, H, W) latents, t (B,) steps, y labels (B,) or caption states (B, L, C_text),
-        mask (B, L) bool, force_drop (B,) bool: use the null condition. Returns (B, C_out, T, H, W)."""
+        mask (B, L) bool, force_drop (B,) bool: use the null condition. frame_mask (B, T) bool: the frames to
+        generate; the others are given (clean), and their tokens take the conditioning of t = 0. Returns (B, C_out,
+        T, H, W)."""
         grid, xt = self.grid(x), x  # xt for add_skip
         x = self.x_embedder(x)  # (B, T, S, D)
+        B, T, S, D = x.shape
         x = x + pos_embed_3d(self.cfg.hidden, grid, self.cfg.space_scale, self.cfg.time_scale, x.device).to(x.dtype)
         x = rearrange(x, "B T S D -> B (T S) D")
         c = self.t_embedder(t)  # (B, D)
         y, y_mask = self.embed_condition(y, mask, force_drop)  # (B, L, D), (B, L) or None
-        x_mask, L = None, y.shape[1]
+        x_mask, L, given = None, y.shape[1], None
+        if frame_mask is not None:  # c and c at t = 0 side by side, (B, 2, D); given: the tokens of given frames
+            check_frame_mask(frame_mask, B, T)
+            c = torch.stack([c, self.t_embedder(torch.zeros_like(t))], dim=1)
+            given = (~frame_mask).repeat_interleave(S, dim=1)[..., None]  # (B, N, 1)
         if self.cfg.cond == "adaln":  # pooled condition: the mean over the valid condition tokens
             w = torch.ones(y.shape[:2], device=y.device) if y_mask is None else y_mask.to(y.dtype)
-            c = c + (y * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+            pooled = (y * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+            c = c + (pooled if frame_mask is None else pooled[:, None])
         elif self.cfg.cond == "concat":  # in-context: condition tokens first, one self-attention over both
             x = torch.cat([y, x], dim=1)  # (B, L+N, D)
             if y_mask is not None:
                 x_mask = F.pad(y_mask, (0, x.shape[1] - L), value=True)
+            if given is not None:  # the condition tokens take t's conditioning
+                given = F.pad(given, (0, 0, L, 0), value=False)
         for i in range(len(self.blocks)):
-            x = self.run_block(i, x, c, y, y_mask, x_mask)
+            x = self.run_block(i, x, c, y, y_mask, x_mask, given)
         if self.cfg.cond == "concat":
             x = x[:, L:]  # drop the condition tokens before the final layer
-        return self.add_skip(self.unpatchify(self.final_layer(x, c), grid), xt, t)
+        if frame_mask is None:
+            x = self.final_layer(x, c)
+        else:  # the final layer's conditioning per frame, on x as (B, T, S, D)
+            x = self.final_layer(x.view(B, T, S, D), c, frame_mask[:, :, None, None]).flatten(1, 2)
+        return self.add_skip(self.unpatchify(x, grid), xt, t)
 
 
 class STDiT(DiffusionTransformer):
@@ -508,8 +536,10 @@ class STDiT(DiffusionTransformer):
             nn.init.zeros_(block.attn_temp.proj.weight)
             nn.init.zeros_(block.attn_temp.proj.bias)
 
-    def forward(self, x, t, y, mask=None, force_drop=None):
-        """x (B, C, T, H, W), t (B,), y caption states (B, L, C_text), mask (B, L) bool, force_drop (B,) bool."""
+    def forward(self, x, t, y, mask=None, force_drop=None, frame_mask=None):
+        """x (B, C, T, H, W), t (B,), y caption states (B, L, C_text), mask (B, L) bool, force_drop (B,) bool.
+        frame_mask (B, T) bool: the frames to generate; given frames take the modulation of t = 0 in every block
+        and the final layer (Open-Sora 1.2's STDiT3, t_mask_select), with no new parameters."""
         T, H, W = grid = self.grid(x)
         xt, steps = x, t  # for add_skip
         x = self.x_embedder(x)  # (B, T, S, D)
@@ -517,11 +547,27 @@ class STDiT(DiffusionTransformer):
         tpe = pos_embed_1d(self.cfg.hidden, T, self.cfg.time_scale, x.device).to(x.dtype)[None]  # (1, T, D)
         t = self.t_embedder(t)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
+        if frame_mask is not None:  # per frame: t's modulation, or t = 0's on given frames, (B, T, 6D)
+            check_frame_mask(frame_mask, x.shape[0], T, self.cfg.patch[0])
+            zero = self.t_embedder(torch.zeros_like(steps))
+            t0 = torch.where(frame_mask[..., None], t0[:, None], self.t_block(zero)[:, None])
+            t = torch.stack([t, zero], dim=1)  # (B, 2, D) for the final layer
         y, y_mask = self.embed_condition(y, mask, force_drop)
         for i in range(len(self.blocks)):
             x = self.run_block(i, x, t0, y, y_mask, tpe if i == 0 else None)
-        x = self.final_layer(rearrange(x, "B T S D -> B (T S) D"), t)  # the final layer takes t, not t0
+        if frame_mask is None:  # the final layer takes t, not t0
+            x = self.final_layer(rearrange(x, "B T S D -> B (T S) D"), t)
+        else:
+            x = rearrange(self.final_layer(x, t, frame_mask[:, :, None, None]), "B T S K -> B (T S) K")
         return self.add_skip(self.unpatchify(x, grid), xt, steps)
+
+
+def check_frame_mask(frame_mask, B, T, patch_t=1):
+    """A frame mask must be (B, T) bool over latent frames that are token frames (a time patch of 1)."""
+    if patch_t != 1:
+        raise ValueError(f"frame masks need a time patch of 1 (each latent frame its own tokens), not {patch_t}")
+    if frame_mask.dtype != torch.bool or tuple(frame_mask.shape) != (B, T):
+        raise ValueError(f"frame_mask must be bool (B, T) = ({B}, {T}), not {frame_mask.dtype} {tuple(frame_mask.shape)}")
 
 
 def pos_embed_1d(dim, n, scale=1.0, device=None):

@@ -269,14 +269,22 @@ def apply_sequence_parallel(model, group, kind="ulysses", overlap=True):
         # checkpoint these blocks whole, around their compiled forward (2 H200s; docs/LOG.md, "Selective checkpointing")
         block.selective_checkpoint = False
 
-    def split_inputs(block, args):  # DiT: (x (B, N, D), c, y, y_mask, x_mask); STDiT: (x (B, T, S, D), t0, y, y_mask, tpe)
+    def split_inputs(block, args):  # DiT: (x (B, N, D), c, y, y_mask, x_mask, given); STDiT: (x (B, T, S, D), t0, y, y_mask, tpe)
         args = list(args)
         args[0] = shards.split(args[0], dim=1)
         if model.cfg.arch == "stdit" and args[4] is not None:  # temporal position table (1, T, D)
             args[4] = shards.split(args[4], dim=1)
         return tuple(args)
 
+    def split_frame_mask(block, args):  # every block's: a frame mask's STDiT t0 per frame (B, T, 6D), DiT tokens (B, N, 1)
+        args, at = list(args), 1 if model.cfg.arch == "stdit" else 5
+        if len(args) > at and args[at] is not None and (model.cfg.arch == "dit" or args[at].dim() == 3):
+            args[at] = shards.split(args[at], dim=1)
+        return tuple(args)
+
     model.blocks[0].register_forward_pre_hook(split_inputs)
+    for block in model.blocks:
+        block.register_forward_pre_hook(split_frame_mask)
     model.blocks[-1].register_forward_hook(lambda block, args, out: shards.gather(out, dim=1))
     model.shards = shards
     return model

@@ -386,6 +386,35 @@ def test_eps_skip_adds_the_noise_guess_from_xt(arch):
     assert scale[0].item() < 0.1 < 0.99 < scale[1].item()  # nearly nothing at t = 3, nearly x_t at t = 950
 
 
+FRAME_MASK_MODELS = [("STDiT-debug", {}), ("DiT-debug", dict(cond="adaln")), ("DiT-debug", dict(cond="cross")),
+                     ("DiT-debug", dict(cond="concat"))]
+
+
+@pytest.mark.parametrize("name,kw", FRAME_MASK_MODELS, ids=["stdit", "dit-adaln", "dit-cross", "dit-concat"])
+def test_frame_mask_gives_given_frames_the_conditioning_of_t0(name, kw):
+    """frame_mask (B, T), True = generate: without one and with one of all True the outputs are the same bits. With
+    the attention between frames closed (so each frame's output depends on its own tokens only), every given frame
+    comes out as from the model run at t = 0 and every generated one as at t: the modulation of t = 0 reaches the
+    given frames in every block and the final layer, and nothing else changes. Same keys, no new parameters."""
+    model = randomize(build_model(name, **TEXT, **kw), std=0.05).eval()
+    plain = build_model(name, **TEXT, **kw)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x, t, y = torch.randn(2, 4, 4, 6, 6), torch.tensor([10, 700]), torch.randn(2, 8, 32)
+    frames = torch.tensor([[False, True, True, True], [False, False, True, False]])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, frame_mask=torch.ones(2, 4, dtype=torch.bool)), model(x, t, y))
+        for block in model.blocks:  # no attention between frames: the frames' outputs separate
+            mixing = block.attn_temp if name.startswith("STDiT") else block.attn
+            torch.nn.init.zeros_(mixing.proj.weight)
+            torch.nn.init.zeros_(mixing.proj.bias)
+        got = model(x, t, y, frame_mask=frames)
+        want = torch.where(frames[:, None, :, None, None], model(x, t, y), model(x, torch.zeros_like(t), y))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for bad, said in ((frames[:, :3], "frame_mask must be bool \\(B, T\\) = \\(2, 4\\)"), (frames.float(), "bool")):
+        with pytest.raises(ValueError, match=said):
+            model(x, t, y, frame_mask=bad)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, kernel_settings):
     """Checkpointed blocks give the same gradients. Selectively checkpointed ones (the default) keep the fused
     attention outputs over many keys: backward recomputes the rest of the block, attention over few keys
@@ -2090,9 +2119,13 @@ def _sp_worker(rank, world, port, backend="gloo"):
             y.requires_grad_(True)
         t, probe = torch.tensor([3, 700], device=dev), torch.randn(B, 8, T, H, W).to(dev)
         drop = torch.tensor([False, True], device=dev)
+        frames = None  # DiT cross and concat, and STDiT checkpointed: the first frame given, or the last
+        if case in (1, 2, 5):
+            frames = torch.ones(B, T, dtype=torch.bool, device=dev)
+            frames[0, 0] = frames[1, -1] = False
         torch.manual_seed(100)  # the same random caption dropout here and in every split run below
         with train.autocast(dev, precision):
-            out = reference(x, t, y, mask, force_drop=drop).float()
+            out = reference(x, t, y, mask, force_drop=drop, frame_mask=frames).float()
         (out * probe).sum().backward()
         want = _grads(reference, x, y)
         for kind, overlap in SP_KINDS:
@@ -2101,7 +2134,7 @@ def _sp_worker(rank, world, port, backend="gloo"):
             xs, ys = (i.detach().clone().requires_grad_(i.requires_grad) for i in (x, y))
             torch.manual_seed(100)
             with train.autocast(dev, precision):
-                got_out = model(xs, t, ys, mask, force_drop=drop).float()
+                got_out = model(xs, t, ys, mask, force_drop=drop, frame_mask=frames).float()
             (got_out * probe).sum().backward()
             label = f"{name} {kw} {kind} overlap={overlap} P={world}"
             _sp_close(got_out, out, f"{label} output", bf16)
@@ -2163,8 +2196,8 @@ def _spawn(worker, world, *args):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sequence_parallel_equals_single_process(world):
     """DiT (adaln, cross, concat; text and class) and STDiT, Ulysses and FastSeq (with and without
-    overlap), padded and unpadded lengths, batch 2, fp32 on gloo: outputs, input and parameter gradients,
-    one full training step, and (4 ranks) 2 x 2 hybrid data x sequence parallelism."""
+    overlap), padded and unpadded lengths, frame masks, batch 2, fp32 on gloo: outputs, input and parameter
+    gradients, one full training step, and (4 ranks) 2 x 2 hybrid data x sequence parallelism."""
     _spawn(_sp_worker, world)
 
 
