@@ -257,7 +257,7 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
 # global batch and RNG streams mean (batch, sizes, encoders, objective, seed, optimizer layout, sequence
 # parallelism; the precision to or from fp16, or under ZeRO-2). A resume that changes one of those is refused before
 # anything loads, since it would not continue this run; --init starts a new one from its weights.
-HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps", "precision")
+HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps", "mask_ratios", "precision")
 MOVED_FLAGS = ("data", "features")
 EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow_t", "timestep_shift", "batch_size",
                "grad_accum", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",

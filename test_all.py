@@ -2625,12 +2625,13 @@ def test_keep_last_deletes_old_checkpoints_but_latest_and_the_one_resumed_from(t
     assert "resumed from" in (out := capsys.readouterr().out) and "--steps 5 is done: nothing to train" in out
 
 
-@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"], ["--objective", "rflow"]],
-                         ids=["ddp", "zero2-accum2", "features", "fp8", "rflow"])
+@pytest.mark.parametrize("flags", [[], ["--zero", "2", "--grad-accum", "2"], ["features"], ["--fp8"],
+                                   ["--objective", "rflow", "--mask-ratios", "image_head=0.5", "random=0.3"]],
+                         ids=["ddp", "zero2-accum2", "features", "fp8", "rflow-masks"])
 def test_resume_continues_exactly(tmp_path, tiny_t5, flags):
     """Train 5 steps in one go; train 2, stop, resume to 5: every weight, EMA and Adam moment bit for bit
     (also with ZeRO-2 on a group of one and 2 micro-batches a step, from precomputed features, with fp8 linears, and
-    under rectified flow)."""
+    under rectified flow with frame masks)."""
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=12, num_frames=4, size=16)  # 3 batches an epoch
     if flags == ["features"]:
         csv_path, flags = precompute_tiny(csv_path, tmp_path / "feats", tiny_t5, "--vae", "raw", "--shard-size", "5"), []
@@ -2955,6 +2956,82 @@ def test_rectified_flow_trains_through_every_path(tmp_path, tiny_t5, monkeypatch
     for run in ("a", "b"):
         losses = [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")]
         assert losses and all(math.isfinite(x) for x in losses), (run, losses)
+
+
+def test_frame_mask_strategies_shapes_and_frequencies():
+    """Each of Open-Sora 1.2's strategies alone gives its pattern of given frames (False) over T = 8 latent frames
+    ("quarter" runs of 1 to T // 4 = 2); a mix gives each pattern at its share and the rest nothing given; every
+    sample keeps a frame to generate; v1.2's stage-1 mix is the published one."""
+    T, B = 8, 4000
+    torch.manual_seed(0)
+    given = lambda name: ~train.frame_masks(B, T, {name: 1.0}, "cpu")
+    head, tail = given("image_head"), given("image_tail")
+    assert head[:, 0].all() and not head[:, 1:].any() and tail[:, -1].all() and not tail[:, :-1].any()
+    both = given("image_head_tail")
+    assert both[:, [0, -1]].all() and not both[:, 1:-1].any()
+    one = given("image_random")
+    assert (one.sum(1) == 1).all() and (one.float().mean(0) - 1 / T).abs().max() < 0.02  # any frame alike
+    for name in ("quarter_head", "quarter_tail", "quarter_head_tail", "quarter_random"):
+        g = given(name)
+        k = g.sum(1) // (2 if name == "quarter_head_tail" else 1)
+        assert set(k.tolist()) == {1, 2} and abs((k == 1).float().mean().item() - 0.5) < 0.03, name
+        runs = [torch.nonzero(row).flatten() for row in g[:50]]
+        if name == "quarter_head":
+            assert all(r.tolist() == list(range(len(r))) for r in runs)
+        if name == "quarter_random":  # one run, anywhere
+            assert all(r.tolist() == list(range(int(r[0]), int(r[0]) + len(r))) for r in runs)
+            assert g[:, 0].any() and g[:, -1].any()
+    inter = given("intepolate")
+    assert all(row.tolist() in ([True, False] * 4, [False, True] * 4) for row in inter)
+    rand = given("random")
+    assert (~rand).any(1).all() and 0.4 < rand.float().mean().item() < 0.6 and (rand.sum(1) == 0).any()
+    mix = train.frame_masks(B, T, dict(image_head=0.3, quarter_tail=0.2), "cpu")
+    share = lambda pattern: pattern.float().mean().item()
+    assert abs(share(~mix[:, 0] & mix[:, 1:].all(1)) - 0.3) < 0.03
+    assert abs(share(mix[:, 0] & ~mix[:, -1]) - 0.2) < 0.03 and abs(share(mix.all(1)) - 0.5) < 0.03
+    assert train.frame_masks(5, 1, {"image_head": 1.0}, "cpu").all()  # an image: nothing to condition on
+    assert train.get_args(["--demo", "--mask-ratios", "v1.2"]).mask_ratios == dict(
+        random=0.05, intepolate=0.005, quarter_random=0.005, quarter_head=0.005, quarter_tail=0.005,
+        quarter_head_tail=0.005, image_random=0.025, image_head=0.05, image_tail=0.025, image_head_tail=0.025)
+
+
+@pytest.mark.parametrize("objective", ["iddpm", "rflow"])
+def test_given_frames_stay_clean_and_out_of_the_loss(objective):
+    """With a frame mask, x_t keeps the given frames clean, the model is told which they are, and the loss averages
+    over the generated frames alone: changing the model's output on given frames changes neither the loss nor its
+    gradient (IDDPM, whose variational bound reads x_t too, and rectified flow)."""
+    args = argparse.Namespace(objective=objective, rflow_t="uniform", timestep_shift=False, min_snr=0.0,
+                              mid_timesteps=0.0)
+    diffusion = train.objective(args, (1, 1, 1))
+    z, y = torch.randn(3, 4, 4, 6, 6), torch.randn(3, 8, 32)
+    frames = torch.tensor([[False, True, True, True], [True, True, False, False], [True] * 4])
+    seen = []
+
+    class Probe(torch.nn.Module):  # the model's inputs, and an output that depends on a weight
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y, mask=None, frame_mask=None):
+            seen.append((x, frame_mask))
+            return self.w * torch.cat([x, torch.zeros_like(x)], 1)
+    torch.manual_seed(0)
+    train.training_step(Probe(), diffusion, z, y, None, "fp32", frames)
+    xt, told = seen[0]
+    assert torch.equal(told, frames) and torch.equal(xt[0, :, 0], z[0, :, 0]) and torch.equal(xt[1, :, 2:], z[1, :, 2:])
+    assert not torch.equal(xt[2], z[2])
+    t = diffusion.timesteps(z)
+    noise = torch.randn(z.shape)
+    xt = torch.where(frames[:, None, :, None, None], diffusion.add_noise(z, t, noise), z)
+    out = torch.randn(3, 8, 4, 6, 6, requires_grad=True)
+    other = (out + 5 * (~frames)[:, None, :, None, None]).detach().requires_grad_(True)  # only given frames change
+    losses = [diffusion.loss(o, z, xt, t, noise, frames) for o in (out, other)]
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [torch.autograd.grad(loss.sum(), o)[0] for loss, o in zip(losses, (out, other))]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert (grads[0] * (~frames)[:, None, :, None, None]).abs().max() == 0 and grads[0].abs().max() > 0
+    assert torch.equal(diffusion.loss(out, z, xt, t, noise, torch.ones(3, 4, dtype=torch.bool)),
+                       diffusion.loss(out, z, xt, t, noise))  # all generated: the loss as without a mask
 
 
 def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, shapes_csv, capsys):

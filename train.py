@@ -98,13 +98,14 @@ class IDDPM:
         mean = self._at("coef_x0", t, xt) * x0 + self._at("coef_xt", t, xt) * xt
         return mean, self._at("min_log", t, xt).expand_as(xt)
 
-    def loss(self, out, x0, xt, t, noise):
-        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,).
+    def loss(self, out, x0, xt, t, noise, frames=None):
+        """out (B, 2C, ...) model output, the rest (B, C, ...). Returns the loss per sample (B,), over the generated
+        frames where frames (B, T) is given.
         min_snr > 0 weights the epsilon MSE by min(SNR, min_snr) / SNR (Hang et al., 2023): near t = 0 the
         noise is too faint to predict and its large, noisy errors would otherwise swamp the gradient."""
         out, x0, xt, noise = out.float(), x0.float(), xt.float(), noise.float()
         eps, v = out.chunk(2, dim=1)
-        mse = (noise - eps).pow(2).flatten(1).mean(1)
+        mse = mean_flat((noise - eps).pow(2), frames)
         if self.min_snr > 0:
             snr = self.table("snr", t.device)[t]
             mse = mse * snr.clamp(max=self.min_snr) / snr
@@ -115,10 +116,19 @@ class IDDPM:
         pred_x0 = self._at("sqrt_recip_ab", t, xt) * xt - self._at("sqrt_recipm1_ab", t, xt) * eps.detach()
         model_mean, _ = self.posterior(pred_x0, xt, t)
         true_mean, true_log = self.posterior(x0, xt, t)
-        kl = normal_kl(true_mean, true_log, model_mean, model_log).flatten(1).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_loglik(x0, model_mean, 0.5 * model_log).flatten(1).mean(1) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_log, model_mean, model_log), frames) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_loglik(x0, model_mean, 0.5 * model_log), frames) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)  # L_0 is the decoder NLL, L_{t>0} are KL terms (IDDPM eq. 4-6)
         return mse + vb
+
+
+def mean_flat(x, frames=None):
+    """Per-sample mean over (C, T, H, W); with frames (B, T), True = generated, over the generated frames only (given
+    frames are conditions, not predictions)."""
+    if frames is None:
+        return x.flatten(1).mean(1)
+    w = frames[:, None, :, None, None].to(x.dtype).expand_as(x)
+    return (x * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -162,10 +172,11 @@ class RectifiedFlow:
         s = (t / 1000).view(-1, *([1] * (x0.dim() - 1)))
         return (1 - s) * x0 + s * noise
 
-    def loss(self, out, x0, xt, t, noise):
-        """The velocity's squared error per sample (B,): out's first C channels against x0 - noise."""
+    def loss(self, out, x0, xt, t, noise, frames=None):
+        """The velocity's squared error per sample (B,): out's first C channels against x0 - noise (on the generated
+        frames where frames (B, T) is given)."""
         velocity = out.float()[:, :x0.shape[1]]
-        return (velocity - (x0.float() - noise.float())).pow(2).flatten(1).mean(1)
+        return mean_flat((velocity - (x0.float() - noise.float())).pow(2), frames)
 
 
 def objective(args, compression):
@@ -193,17 +204,57 @@ def batch_on_device(args, batch, inputs, device):
                   sample=args.vae_sample)
 
 
-def training_step(model, diffusion, z, y, mask, precision):
+def training_step(model, diffusion, z, y, mask, precision, frames=None):
     """One diffusion loss on latents z (B, C, T, H, W) and condition y, for IDDPM or RectifiedFlow: the step
-    bench.py times as well."""
+    bench.py times as well. frames (B, T), True = generate (frame_masks): the other frames stay clean in x_t,
+    the model is told which they are, and the loss leaves them out."""
     t = diffusion.timesteps(z)
     # not randn_like: it follows z's memory layout, so one seed would give other noise for a permuted z (the
     # SD-VAE's output) than for a contiguous one (precomputed features)
     noise = torch.randn(z.shape, device=z.device, dtype=z.dtype)
     xt = diffusion.add_noise(z, t, noise)
+    if frames is not None:
+        xt = torch.where(frames[:, None, :, None, None], xt, z)
     with autocast(z.device, precision):
-        out = model(xt, t, y, mask)
-    return diffusion.loss(out, z, xt, t, noise).mean()
+        out = model(xt, t, y, mask) if frames is None else model(xt, t, y, mask, frame_mask=frames)
+    return diffusion.loss(out, z, xt, t, noise, frames).mean()
+
+
+# Frame conditioning as Open-Sora 1.1 and 1.2 train it (v1.2 MaskGenerator): per sample one strategy, drawn by its
+# ratio (what is left of 1: every frame generated), gives some latent frames clean as conditions. "quarter" runs
+# are 1 to T // 4 frames long; "intepolate" keeps Open-Sora's spelling. --mask-ratios v1.2 is its stage-1 mix.
+MASK_STRATEGIES = ("random", "intepolate", "quarter_random", "quarter_head", "quarter_tail", "quarter_head_tail",
+                   "image_random", "image_head", "image_tail", "image_head_tail")
+V12_MASK_RATIOS = dict(random=0.05, intepolate=0.005, quarter_random=0.005, quarter_head=0.005, quarter_tail=0.005,
+                       quarter_head_tail=0.005, image_random=0.025, image_head=0.05, image_tail=0.025,
+                       image_head_tail=0.025)
+
+
+def frame_masks(B, T, ratios, device):
+    """(B, T) bool, True = generate, one strategy a sample drawn by ratios ({name: share}); at least one frame of
+    every sample is generated (an image, T = 1, always is). Drawn from the CPU generator: resumes restore it."""
+    names, shares = list(ratios), torch.tensor(list(ratios.values()), dtype=torch.float64)
+    frames = torch.ones(B, T, dtype=torch.bool)
+    most = max(1, T // 4)
+    for b in range(B):
+        pick = int(torch.searchsorted(shares.cumsum(0), torch.rand((), dtype=torch.float64), right=True))
+        name = names[pick] if pick < len(names) else "identity"
+        k = int(torch.randint(1, most + 1, ())) if name.startswith("quarter") else 1
+        if name == "random":  # each frame given with one probability from U(0.1, 0.9)
+            frames[b] = torch.rand(T) >= 0.1 + 0.8 * torch.rand(())
+        elif name == "intepolate":  # every other frame given, from the first or the second
+            frames[b, int(torch.randint(0, 2, ()))::2] = False
+        elif name.endswith("_random"):  # a run of k frames anywhere
+            start = int(torch.randint(0, T - k + 1, ()))
+            frames[b, start:start + k] = False
+        else:
+            if name.endswith(("_head", "_head_tail")):
+                frames[b, :k] = False
+            if name.endswith("_tail"):
+                frames[b, T - k:] = False
+        if not frames[b].any():
+            frames[b] = True
+    return frames.to(device)
 
 
 @torch.no_grad()
@@ -364,8 +415,9 @@ def train(args, world, interrupts):
             z, y, mask = batch_on_device(args, batch, inputs, device)
             # DDP all-reduces on the last micro-batch only; ZeRO-2 reduce-scatters each one into its slice
             last = micro == args.grad_accum - 1
+            frames = frame_masks(z.shape[0], z.shape[2], args.mask_ratios, device) if args.mask_ratios else None
             with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
-                loss = training_step(train_model, diffusion, z, y, mask, args.precision)
+                loss = training_step(train_model, diffusion, z, y, mask, args.precision, frames)
                 scaler.scale(loss / args.grad_accum).backward()
             seen += z.shape[0]
         grad_norm, bad = update_weights(model, ema, opt, scaler, loss, args)
@@ -491,6 +543,9 @@ def make_model(args, inputs, device):
             model.token_grid(vae.latent_shape(args.num_frames, H, W))
         except ValueError as e:
             raise RunError(f"{args.num_frames}x{H}x{W} with the {args.vae} VAE: {e}") from e
+    if args.mask_ratios and model.cfg.patch[0] != 1:
+        raise RunError(f"--mask-ratios gives latent frames as conditions, which {args.model}'s time patch of "
+                       f"{model.cfg.patch[0]} merges: train it without --mask-ratios")
     if args.init:
         try:
             load_checkpoint(model, args.init)
@@ -685,6 +740,9 @@ def get_args(argv=None):
                    "logit-normal, as Open-Sora 1.2's configs)")
     p.add_argument("--timestep-shift", action=argparse.BooleanOptionalAction, help="rflow: shift the timesteps by "
                    "the video's size and length, in training and sampling (default on, as Open-Sora 1.2)")
+    p.add_argument("--mask-ratios", nargs="+", metavar="NAME=SHARE", help="frame conditioning (image-to-video, "
+                   "extension): the share of samples that get each of Open-Sora 1.2's mask strategies "
+                   f"({', '.join(MASK_STRATEGIES)}), e.g. image_head=0.5; or v1.2, its stage-1 mix (default: none)")
     p.add_argument("--min-snr", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off, as published; the demo uses 5)")
     p.add_argument("--mid-timesteps", type=float, default=0.0, metavar="SHARE", help="draw this share of the timesteps "
                    "from 300-799, not 0-999 (0: uniform, as published; the demo: 0.5, where only the caption places the shape)")
@@ -744,10 +802,33 @@ def get_args(argv=None):
         p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
     refuse_bad_values(p.error, args)
     refuse_mixed_objectives(p.error, args)
+    args.mask_ratios = read_mask_ratios(p.error, args.mask_ratios)
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
     return args
+
+
+def read_mask_ratios(error, values):
+    """--mask-ratios NAME=SHARE ... (or v1.2) as {name: share}; one sentence for a name, share or sum that cannot be."""
+    if not values:
+        return None
+    if values == ["v1.2"]:
+        return dict(V12_MASK_RATIOS)
+    ratios = {}
+    for value in values:
+        name, _, share = value.partition("=")
+        try:
+            ratios[name] = float(share)
+        except ValueError:
+            error(f"--mask-ratios {value}: give NAME=SHARE, e.g. image_head=0.5 (or v1.2)")
+        if name not in MASK_STRATEGIES:
+            error(f"--mask-ratios: unknown strategy {name!r}; choose from {', '.join(MASK_STRATEGIES)}")
+        if not 0 <= ratios[name] <= 1:
+            error(f"--mask-ratios {value}: a share is a number from 0 to 1")
+    if sum(ratios.values()) > 1 + 1e-9:
+        error(f"--mask-ratios add up to {sum(ratios.values()):g}: at most 1 (the rest of the samples generate every frame)")
+    return ratios
 
 
 def refuse_mixed_objectives(error, args):
