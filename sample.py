@@ -225,12 +225,14 @@ def conditions(model, text_encoder, prompts, null_mask):
 
 @torch.no_grad()
 def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
-            seed=0, precision="fp32", noise="cpu", null_mask="all", shift=None):
+            seed=0, precision="fp32", noise="cpu", null_mask="all", shift=None, given=None):
     """Latents (B, C, T, H, W) for prompts, with classifier-free guidance on the first cfg_channels channels (all by
     default; DiT and Open-Sora v1.0 guide 3 of 4, and the prompts' half keeps its own other channels and variance).
     Every step runs one batch of 2B: the prompts, then the null condition. With noise "published" the first noise is
     drawn in the precision's dtype and each step draws noise for the whole batch of 2B, as those scripts do.
-    sampler "rflow" guides the velocity (the output's first C channels); shift is its timestep-shift ratio."""
+    sampler "rflow" guides the velocity (the output's first C channels); shift is its timestep-shift ratio.
+    given: (latents (B, C, T, H, W), frames (B, T) bool, True = generate): the other frames are conditions, kept at
+    their latents through every step, and the model is told which they are (Open-Sora 1.2's frame mask)."""
     model.eval()
     device = next(model.parameters()).device
     C, B = model.cfg.in_channels, len(prompts)
@@ -238,6 +240,12 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
     draw = noise_source(noise, seed, device)
     published = noise == "published"
     x = draw((B, C, *latent_shape), DTYPES[precision] if published else torch.float32)
+    frames = keep = None
+    if given is not None:  # given frames hold their latents; the model gets the frame mask of the doubled batch
+        ref, frames = given[0].to(device, x.dtype), given[1].to(device)
+        keep = frames[:, None, :, None, None]
+        x = torch.where(keep, x, ref)
+        frames = torch.cat([frames, frames])
     sched = make_scheduler(sampler, steps, model.cfg.learn_sigma, shift)
     ch = C if cfg_channels is None else cfg_channels
     timesteps = torch.tensor(sched.timesteps[::-1]) if sampler == "ddpm" else sched.timesteps
@@ -247,7 +255,7 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
     for i, (t, t_device) in enumerate(tqdm(steps_here, desc=f"{sampler} sampling", leave=False)):
         xin = torch.cat([x, x]) if own else sched.scale_model_input(torch.cat([x, x]).float(), t)
         with autocast(device, precision):
-            out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop).float()
+            out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop, **conditioned(frames)).float()
         cond, uncond = out.chunk(2)
         guided = cond[:, :C].clone()  # the noise (IDDPM) or the velocity (rectified flow)
         guided[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
@@ -261,17 +269,39 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
             x = sched.step(guided, i, x.float())
         else:  # DDIM (eta 0) and DPM-Solver++ draw no noise
             x = sched.step(guided, t, x.float()).prev_sample
+        if keep is not None:
+            x = torch.where(keep, x, ref.to(x.dtype))
     return x
 
 
+def conditioned(frames):
+    """The model's frame_mask argument where frames are given (older callers' models never see one)."""
+    return {} if frames is None else dict(frame_mask=frames)
+
+
 def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,
-             seed=0, precision="fp32", noise="cpu", null_mask="all", timestep_shift=False):
+             seed=0, precision="fp32", noise="cpu", null_mask="all", timestep_shift=False, condition=None):
     """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W); see denoise for the rest. timestep_shift:
-    "rflow" shifts its timesteps by this video's size and latent length, as the run trained."""
+    "rflow" shifts its timesteps by this video's size and latent length, as the run trained. condition: (pixels
+    (K, 3, H, W) in [-1, 1], the K frame numbers they take), the same for every prompt (read_condition)."""
     latent_shape = vae.latent_shape(*size)
     shift = shift_ratio(size[1], size[2], latent_shape[0]) if sampler == "rflow" and timestep_shift else None
+    given = None
+    if condition is not None:  # encoded once, the latents of the given frames, the rest generated
+        pixels, at = condition
+        if vae.compression[0] != 1:
+            raise ValueError(f"given frames need a VAE that keeps frames apart (raw, sd), not {type(vae).__name__}, "
+                             f"whose latent frames each cover {vae.compression[0]}")
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            latents = vae.encode(pixels.permute(1, 0, 2, 3)[None].to(device), sample=False).float()  # (1, C, K, h, w)
+        ref = torch.zeros(len(prompts), latents.shape[1], *latent_shape, device=device)
+        ref[:, :, at] = latents
+        frames = torch.ones(len(prompts), latent_shape[0], dtype=torch.bool)
+        frames[:, at] = False
+        given = (ref, frames)
     x = denoise(model, text_encoder, prompts, latent_shape, sampler, steps, cfg_scale, cfg_channels, seed, precision,
-                noise, null_mask, shift)
+                noise, null_mask, shift, given)
     with torch.no_grad():
         video = vae.decode(x).float()  # (B, 3, T, H, W) in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
@@ -392,6 +422,13 @@ def get_args(argv=None):
                    "video on any device; published: drawn on the device as DiT's and Open-Sora v1.0's scripts draw it")
     p.add_argument("--null-mask", choices=["all", "prompt"], help="the null caption's valid tokens: all (default, "
                    "how train.py drops captions) or the prompt's mask (Open-Sora v1.0, set by its presets)")
+    p.add_argument("--condition-image", metavar="FILE", help="image-to-video: this image is the first frame (resized "
+                   "and cropped to the video size) and the rest is generated; for runs trained with --mask-ratios")
+    p.add_argument("--condition-at", choices=["first", "last"], default="first", help="--condition-image: the first "
+                   "frame (default) or the last")
+    p.add_argument("--condition-video", metavar="FILE", help="video extension: the new clip starts with this video's "
+                   "last --condition-frames frames")
+    p.add_argument("--condition-frames", type=int, default=1, help="--condition-video: how many of its last frames")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="train.py folders: which weights")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
@@ -419,7 +456,8 @@ def get_args(argv=None):
 
 def refuse_bad_values(error, args):
     """One sentence (error) for a value that would sample nonsense or fail later, before anything loads."""
-    data.refuse_counts_below_one(error, args, ("num_samples", "num_frames", "steps", "fps", "text_len", "cfg_channels"))
+    data.refuse_counts_below_one(error, args, ("num_samples", "num_frames", "steps", "fps", "text_len", "cfg_channels",
+                                               "condition_frames"))
     positive = ("space_scale", "time_scale")
     for name in ("cfg_scale", *positive):  # NaN or infinity would write black videos
         value = getattr(args, name)
@@ -429,10 +467,37 @@ def refuse_bad_values(error, args):
         error(f"--image-size must be positive, not {args.image_size[0]} {args.image_size[1]}")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         error(f"--prompt-file {args.prompt_file}: no such file; give a text file with one prompt per line")
+    if args.condition_image and args.condition_video:
+        error("give --condition-image or --condition-video, not both")
+    for flag in ("condition_image", "condition_video"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
     if args.fp8 and args.precision != "bf16" and "precision" in args.given:
         error(f"--fp8 samples in bf16: leave out --precision {args.precision}")
     if why := checkpoint.unwritable(args.outdir):
         error(f"--outdir {why}")
+
+
+def read_condition(args, size, error):
+    """(pixels (K, 3, H, W) in [-1, 1], the K frame numbers they take) from --condition-image (the first or last
+    frame) or --condition-video (its last --condition-frames frames start the new clip), resized and centre-cropped
+    to the video's size (T, H, W); None without either."""
+    path = args.condition_image or args.condition_video
+    if path is None:
+        return None
+    try:
+        frames = data.read_video(path)  # (T, H, W, 3) uint8
+    except Exception as e:  # not an image or a video: the decoder's own error, in one sentence
+        error(f"{path} cannot be read as an image or video ({type(e).__name__}: {e})")
+    T, K = size[0], 1 if args.condition_image else args.condition_frames
+    if K >= T:
+        error(f"{K} given frames leave none of the {T} (--num-frames) to generate: give fewer, or more frames")
+    if frames.shape[0] < K:
+        error(f"--condition-video {path} has {frames.shape[0]} frames, fewer than --condition-frames {K}")
+    frames = frames[:1] if args.condition_image else frames[-K:]
+    at = [T - 1] if args.condition_image and args.condition_at == "last" else list(range(K))
+    pixels = frames.permute(0, 3, 1, 2).float() / 127.5 - 1  # (K, 3, H, W)
+    return data.resize_crop(pixels, size[1:]), at
 
 
 def read_prompts(args, error):
@@ -535,8 +600,15 @@ def sample_into(args, prompts, device, distributed, rank, error):
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= vae.out_channels:
         error(f"--cfg-channels {args.cfg_channels}: the latents have {vae.out_channels} channels; guide 1 to "
               f"{vae.out_channels} of them")
-    frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
-                      args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask, args.timestep_shift)
+    condition = read_condition(args, size, error)
+    if condition is not None and meta.get("args") and not meta["args"].get("mask_ratios"):
+        print(f"warning: {args.ckpt} was trained without --mask-ratios: it never learnt to follow given frames")
+    try:
+        frames = generate(model, vae, text_encoder, prompts, size, args.sampler, args.steps, args.cfg_scale,
+                          args.cfg_channels, args.seed, args.precision, args.noise, args.null_mask,
+                          args.timestep_shift, condition)
+    except ValueError as e:  # a VAE that merges frames cannot take given frames
+        error(str(e))
     if distributed:
         # free the group while the interpreter is whole: the attention layers hold it and compiled blocks hold
         # themselves (a cycle), and a gloo group first freed at exit can abort the process (CI once: rank 1, SIGABRT)

@@ -3537,6 +3537,52 @@ def test_sample_py_takes_the_objective_from_the_run(tmp_path, tiny_t5, shapes_cs
                      "--outdir", str(tmp_path / "s3")])
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "rflow"])
+def test_given_frames_stay_what_they_were_through_sampling(sampler):
+    """denoise with given frames: every step keeps them at their latents, the model is told which they are (the
+    doubled batch's frame mask), and the result holds them bit for bit; the other frames are sampled."""
+    model = randomize(build_model("DiT-debug", num_classes=10, cond="adaln"), std=0.05).eval()
+    ref = torch.randn(2, 4, 3, 4, 4)
+    frames = torch.tensor([[False, True, True], [True, True, False]])
+    masks = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: masks.append(kwargs.get("frame_mask")), with_kwargs=True)
+    out = sample.denoise(model, None, ["1", "2"], (3, 4, 4), sampler, 3, 4.0, None, 0, "fp32", "cpu", "all", None,
+                         (ref, frames))
+    assert torch.equal(out[0, :, 0], ref[0, :, 0]) and torch.equal(out[1, :, 2], ref[1, :, 2])
+    assert not torch.equal(out[0, :, 1], ref[0, :, 1]) and out.isfinite().all()
+    assert len(masks) == 3 and all(torch.equal(m, torch.cat([frames, frames])) for m in masks)
+
+
+def test_sample_py_continues_a_given_first_frame_and_refuses_what_it_cannot(tmp_path, tiny_t5, shapes_csv, capsys):
+    """--condition-image (resized and cropped to the video) comes back as the first frame, or the last with
+    --condition-at last, unchanged up to the raw VAE's uint8 round trip; --condition-video K gives its last K frames
+    as the new clip's first; too many frames, an unreadable file and both flags are one sentence each."""
+    plain_run(tmp_path / "run", shapes_csv, tiny_t5, "--steps", "1", "--mask-ratios", "image_head=0.5")
+    clip = data.make_demo_clip("red", "circle", "left", 4, 32, np.random.default_rng(0))  # (4, 32, 32, 3), twice the size
+    data.write_video(str(tmp_path / "clip.mp4"), torch.from_numpy(clip))
+    data.write_png(str(tmp_path / "first.png"), torch.from_numpy(clip[0]))
+    base = ["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle moving left", "--num-frames", "4",
+            "--sampler", "ddim", "--steps", "3"]
+    want = lambda frames: ((data.resize_crop(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1, (16, 16))
+                            .clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    written = lambda out: data.read_video(str(next((tmp_path / out).glob("*.mp4")))).float()
+    for flags, out, at in ((["--condition-image", str(tmp_path / "first.png")], "first", [0]),
+                           (["--condition-image", str(tmp_path / "first.png"), "--condition-at", "last"], "last", [3]),
+                           (["--condition-video", str(tmp_path / "clip.mp4"), "--condition-frames", "2"], "ext", [0, 1])):
+        sample.main([*base, *flags, "--outdir", str(tmp_path / out)])
+        got = written(out)[at]
+        source = clip[:1] if out != "ext" else data.read_video(str(tmp_path / "clip.mp4")).numpy()[-2:]
+        assert (got - want(source)).abs().mean() < 3, out  # the mp4's own compression on top of the round trip
+    for flags, said in ((["--condition-video", str(tmp_path / "clip.mp4"), "--condition-frames", "4"],
+                         "4 given frames leave none of the 4 (--num-frames) to generate"),
+                        (["--condition-image", str(tmp_path / "run" / "log.jsonl")], "cannot be read as an image or video"),
+                        (["--condition-image", str(tmp_path / "first.png"), "--condition-video", str(tmp_path / "clip.mp4")],
+                         "give --condition-image or --condition-video, not both")):
+        with pytest.raises(SystemExit):
+            sample.main([*base, *flags, "--outdir", str(tmp_path / "bad")])
+        assert said in capsys.readouterr().err
+
+
 def test_presets_are_the_published_inference_configs():
     get = lambda *flags: vars(sample.get_args(["--ckpt", "x", *flags])[0])
     want = dict(model="STDiT-XL/2", text_encoder="t5", text_len=120, text_dtype="fp32", vae="sd", vae_path="stabilityai/sd-vae-ft-ema",
