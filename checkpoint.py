@@ -582,7 +582,8 @@ def claim_outdir(args, log):
     log(f"{args.outdir} holds an earlier run: starting over, its checkpoints, log and samples deleted "
         "(--resume auto continues a run instead)")
     shutil.rmtree(folder)
-    shutil.rmtree(os.path.join(args.outdir, "samples"), ignore_errors=True)
+    for samples in ("samples", "samples_i2v", "samples_i2v_other_colour"):
+        shutil.rmtree(os.path.join(args.outdir, samples), ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(args.outdir, "log.jsonl"))
 

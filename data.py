@@ -586,6 +586,24 @@ def score_videos(pairs):
     return dict(colour_acc=float(acc[0]), direction_acc=float(acc[1]), both_acc=float(acc[2]), n=n)
 
 
+def demo_first_frames(csv_path, captions):
+    """(len(captions), 3, H, W) in [-1, 1]: the first frame of the first demo clip with each caption, the given
+    frame of image-to-video on the demo."""
+    first = {}
+    for row in read_manifest(csv_path):
+        first.setdefault(row["caption"], row["path"])
+    if missing := [c for c in captions if c not in first]:
+        raise ValueError(f"{csv_path} has no clip of {missing[0]!r}")
+    frames = [read_video(os.path.join(os.path.dirname(csv_path), first[c]), [0])[0] for c in captions]  # (H, W, 3)
+    return torch.stack(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def recoloured(caption):
+    """The caption with the next demo colour: the same shape and direction."""
+    colour, names = parse_caption(caption)[0], list(COLOURS)
+    return caption.replace(colour, names[(names.index(colour) + 1) % len(names)], 1)
+
+
 # Precomputed features (Open-Sora's "option 1"): run the frozen VAE and text encoder over a manifest once,
 # store their outputs, and train from them with no encoder loaded (train.py --features). Layout of OUT:
 #   settings.json              what the features were made with; a resumed run must match it

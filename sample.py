@@ -283,7 +283,8 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
              seed=0, precision="fp32", noise="cpu", null_mask="all", timestep_shift=False, condition=None):
     """Videos for prompts: uint8 (B, T, H, W, 3) at pixel size (T, H, W); see denoise for the rest. timestep_shift:
     "rflow" shifts its timesteps by this video's size and latent length, as the run trained. condition: (pixels
-    (K, 3, H, W) in [-1, 1], the K frame numbers they take), the same for every prompt (read_condition)."""
+    in [-1, 1], the K frame numbers they take): (K, 3, H, W) for every prompt (read_condition), or (B, K, 3, H, W),
+    a prompt's own."""
     latent_shape = vae.latent_shape(*size)
     shift = shift_ratio(size[1], size[2], latent_shape[0]) if sampler == "rflow" and timestep_shift else None
     given = None
@@ -294,7 +295,8 @@ def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100,
                              f"whose latent frames each cover {vae.compression[0]}")
         device = next(model.parameters()).device
         with torch.no_grad():
-            latents = vae.encode(pixels.permute(1, 0, 2, 3)[None].to(device), sample=False).float()  # (1, C, K, h, w)
+            video = pixels.permute(1, 0, 2, 3)[None] if pixels.dim() == 4 else pixels.transpose(1, 2)  # (1 or B, 3, K, H, W)
+            latents = vae.encode(video.to(device), sample=False).float()  # (1 or B, C, K, h, w)
         ref = torch.zeros(len(prompts), latents.shape[1], *latent_shape, device=device)
         ref[:, :, at] = latents
         frames = torch.ones(len(prompts), latent_shape[0], dtype=torch.bool)

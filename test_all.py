@@ -3034,6 +3034,25 @@ def test_given_frames_stay_clean_and_out_of_the_loss(objective):
                        diffusion.loss(out, z, xt, t, noise))  # all generated: the loss as without a mask
 
 
+def test_the_demo_with_image_masks_samples_from_first_frames(tmp_path, tiny_t5):
+    """--demo --mask-ratios: after the text-to-video samples, each prompt again from the first frame of a demo clip
+    of it, then of the next colour; each set scored against the given frame's colour and the prompt's direction.
+    The given frame is the samples' first frame."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=48, num_frames=4, size=16)  # every caption
+    train.main(["--demo", "--data", csv_path, "--outdir", str(tmp_path / "run"), "--model", "STDiT-debug",
+                "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4",
+                "--num-workers", "0", "--text-encoder", tiny_t5, "--steps", "1", "--sample-steps", "2",
+                "--mask-ratios", "image_head=0.5"])
+    for name in ("samples_i2v", "samples_i2v_other_colour"):
+        score = json.loads((tmp_path / "run" / name / "score.json").read_text())
+        assert score["n"] == 16 and len(list((tmp_path / "run" / name).glob("*.mp4"))) == 16
+    prompt = data.DEMO_PROMPTS[0]
+    video = data.read_video(str(next((tmp_path / "run" / "samples_i2v_other_colour").glob("000_*.mp4")))).float()
+    first = data.demo_first_frames(csv_path, [data.recoloured(prompt)])[0]  # (3, 16, 16), the video written 6x
+    given = ((first.permute(1, 2, 0) + 1) * 127.5).repeat_interleave(6, 0).repeat_interleave(6, 1)
+    assert (video[0] - given).abs().mean() < 4 and data.recoloured("a red circle moving left") == "a green circle moving left"
+
+
 def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, shapes_csv, capsys):
     """--objective rflow: rflow's sampler and timesteps by default, IDDPM's options refused (and the reverse); the
     objective is saved with the run, resumes exactly, and a resume that changes it is refused. The DiT-demo's

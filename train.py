@@ -688,6 +688,19 @@ def sample_at_end(args, model, ema, opt, inputs, world):
             f"both {score['both_acc']:.0%} of {score['n']} prompts")
         with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
             json.dump(score, f)
+    if args.demo and args.mask_ratios and args.data:  # image-to-video: each prompt from a demo clip's first frame,
+        # then from the first frame of a clip of the next colour, whose colour the samples should take instead
+        for name, captions in (("samples_i2v", prompts), ("samples_i2v_other_colour", [data.recoloured(p) for p in prompts])):
+            first = data.demo_first_frames(args.data, captions)[:, None]  # (B, 1, 3, H, W)
+            frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
+                                     sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                                     seed=args.seed, precision=args.precision,
+                                     timestep_shift=bool(args.timestep_shift), condition=(first, [0]))
+            sample.save_videos(frames, prompts, os.path.join(args.outdir, name), enlarge=True)
+            score = data.score_videos(list(zip(frames, captions)))  # the given frame's colour, the prompt's direction
+            log(f"{name}: colour of the given frame {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}")
+            with open(os.path.join(args.outdir, name, "score.json"), "w") as f:
+                json.dump(score, f)
 
 
 # The command line. Script defaults are Open-Sora v1.0's 16x256x256 config (the docstring).
