@@ -817,6 +817,29 @@ def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LayerNorm kernels are Triton kernels for CUDA (the GPU suite runs this)")
+@pytest.mark.parametrize("name,kw", FRAME_MASK_MODELS, ids=["stdit", "dit-adaln", "dit-cross", "dit-concat"])
+def test_masked_batches_on_a_gpu_take_the_plain_norms_and_equal_the_cpu(name, kw):
+    """With a frame mask the modulation differs per frame, which the fused norm kernels (one row a sample) do not
+    take: the masked model on a GPU runs model.py's plain norms, and in fp32 gives the CPU's output; unmasked
+    batches keep the fused kernels."""
+    model = randomize(build_model(name, **TEXT, **kw), std=0.05).eval()
+    x, t, y = torch.randn(2, 4, 4, 6, 6), torch.tensor([10, 700]), torch.randn(2, 8, 32)
+    frames = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    with torch.no_grad():
+        want = model(x, t, y, frame_mask=frames)
+        gpu = model.cuda()
+        calls = []
+        launch = gpu_kernels._launch_norm_fwd
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *a: calls.append(1) or launch(*a))
+            got = gpu(x.cuda(), t.cuda(), y.cuda(), frame_mask=frames.cuda()).cpu()
+            masked_calls = len(calls)
+            gpu(x.cuda(), t.cuda(), y.cuda())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert masked_calls == 0 < len(calls)
+
+
 def test_adaln_norms_run_model_pys_code_on_cpus(monkeypatch):
     """On a CPU the blocks' LayerNorm + modulate and residual add are model.py's plain code, gpu_kernels' fused
     kernels are never reached, and the result is the plain formula."""
