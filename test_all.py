@@ -833,6 +833,8 @@ def test_masked_batches_on_a_gpu_take_the_plain_norms_and_equal_the_cpu(name, kw
         launch = gpu_kernels._launch_norm_fwd
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(gpu_kernels, "_launch_norm_fwd", lambda *a: calls.append(1) or launch(*a))
+            patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # train.py's runs switch TF32 on
+            patch.setattr(torch.backends.cudnn, "allow_tf32", False)
             got = gpu(x.cuda(), t.cuda(), y.cuda(), frame_mask=frames.cuda()).cpu()
             masked_calls = len(calls)
             gpu(x.cuda(), t.cuda(), y.cuda())
