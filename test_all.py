@@ -3130,14 +3130,17 @@ def test_training_step_never_waits_for_the_gpu(eight):
     y, mask = (t.cuda() for t in condition(model, 2))
     z = torch.randn(2, 4, 2, 8, 8, device="cuda")
 
-    def step():
-        loss = train.training_step(model, diffusion, z, y, mask, "bf16")
+    def step(masks=None):
+        frames = None if masks is None else train.frame_masks(2, 2, masks, "cuda")
+        loss = train.training_step(model, diffusion, z, y, mask, "bf16", frames)
         loss.backward()
         train.update_weights(model, ema, opt, scaler, loss, args)
     step()  # the first step copies the noise schedule's tables to the GPU, once (and compiles the fp8 kernels)
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
+        diffusion = train.RectifiedFlow(compression=(1, 8, 8))  # and rectified flow with frame masks (drawn on the CPU)
+        step(dict(image_head=0.5, random=0.3))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
