@@ -3574,7 +3574,7 @@ def test_sample_py_takes_the_objective_from_the_run(tmp_path, tiny_t5, shapes_cs
     seen, real = [], sample.generate
     monkeypatch.setattr(sample, "generate", lambda *a: seen.append(a) or real(*a))
     sample.main(["--ckpt", str(tmp_path / "rf"), *base, "--outdir", str(tmp_path / "s1")])
-    assert seen[0][5:7] == ("rflow", 30) and seen[0][-1] is False  # sampler, steps; the run's shift: off
+    assert seen[0][5:7] == ("rflow", 30) and seen[0][13:] == (False, None)  # sampler, steps; the run's shift: off
     assert "wrote 1 videos" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="rf was trained with rectified flow \\(train.py --objective rflow\\): sample it "
                                          "with --sampler rflow, not ddim"):
