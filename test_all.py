@@ -2975,8 +2975,8 @@ def test_rectified_flow_trains_through_every_path(tmp_path, tiny_t5, monkeypatch
     tiny_run(tmp_path / "a", feats, tiny_t5, "--steps", "2", "--objective", "rflow", "--fp8", "--grad-checkpoint", "1.0")
     ratios, real = [], sample.shift_ratio
     monkeypatch.setattr(sample, "shift_ratio", lambda *a: ratios.append(a) or real(*a))
-    tiny_run(tmp_path / "b", mixed, tiny_t5, "--steps", "4", "--objective", "rflow", "--image-size", "0", "0",
-             "--model", "DiT-debug", "--cond", "concat", "--batch-size", "2")
+    tiny_run(tmp_path / "b", mixed, tiny_t5, "--steps", "4", "--objective", "rflow", "--timestep-shift", "--image-size",
+             "0", "0", "--model", "DiT-debug", "--cond", "concat", "--batch-size", "2")
     assert {(16, 16, 4), (32, 32, 4)} <= set(ratios), ratios  # (H, W, latent frames) of both buckets
     for run in ("a", "b"):
         losses = [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")]
@@ -3090,9 +3090,9 @@ def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, sh
         with pytest.raises(SystemExit):
             train.get_args(["--demo", *flags])
         assert said in capsys.readouterr().err
-    args = train.get_args(["--demo", "--objective", "rflow"])
+    args = train.get_args(["--demo", "--objective", "rflow"])  # the demo's tiny clips: no shift (docs/LOG.md)
     assert (args.sampler, args.sample_steps, args.rflow_t, args.timestep_shift, args.min_snr, args.mid_timesteps) == \
-        ("rflow", 30, "logit-normal", True, 0.0, 0.0)
+        ("rflow", 30, "logit-normal", False, 0.0, 0.0)
     run = tmp_path / "run"
     rflow = ["--objective", "rflow", "--rflow-t", "uniform"]
     plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2", *rflow)
