@@ -10,8 +10,9 @@ The run folder, written and read in one place: train.py, sample.py and train_vqv
                                         rng_rank{r}.pt (every rank's RNG states)
 
 Writing: save_checkpoint (atomic: a .tmp folder, flushed to disk, renamed, then `latest` replaced). Reading:
-check_resume_flags (before anything loads: a resume that changes what the run is, refused), resume_newest (training: every piece of state, from the newest step folder that reads whole), load_for_sampling
-(a folder's EMA weights and meta.json), load_weights_file (a bare or released .pt/.pth/.safetensors file,
+check_resume_flags (before anything loads: a resume that changes what the run is, refused), resume_newest
+(training: every piece of state, from the newest step folder that reads whole), load_for_sampling (a folder's EMA
+weights and meta.json), load_weights_file (a bare or released .pt/.pth/.safetensors file,
 downloaded into a cache where it is a released name). Run safety: RunFolder (RunLock, claim_outdir) and
 Interrupts. Weights are read through model.read_state_dict and states with weights_only=True: nothing read here
 runs pickled code.
@@ -582,8 +583,9 @@ def claim_outdir(args, log):
     log(f"{args.outdir} holds an earlier run: starting over, its checkpoints, log and samples deleted "
         "(--resume auto continues a run instead)")
     shutil.rmtree(folder)
-    for samples in ("samples", "samples_i2v", "samples_i2v_other_colour"):
-        shutil.rmtree(os.path.join(args.outdir, samples), ignore_errors=True)
+    for name in os.listdir(args.outdir):  # samples/ and train.py's other samples_* folders
+        if name.startswith("samples"):
+            shutil.rmtree(os.path.join(args.outdir, name), ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(args.outdir, "log.jsonl"))
 

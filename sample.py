@@ -255,7 +255,7 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
     for i, (t, t_device) in enumerate(tqdm(steps_here, desc=f"{sampler} sampling", leave=False)):
         xin = torch.cat([x, x]) if own else sched.scale_model_input(torch.cat([x, x]).float(), t)
         with autocast(device, precision):
-            out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop, **conditioned(frames)).float()
+            out = model(xin, t_device.expand(2 * B), y, mask, force_drop=drop, frame_mask=frames).float()
         cond, uncond = out.chunk(2)
         guided = cond[:, :C].clone()  # the noise (IDDPM) or the velocity (rectified flow)
         guided[:, :ch] = uncond[:, :ch] + cfg_scale * (cond[:, :ch] - uncond[:, :ch])  # classifier-free guidance
@@ -273,10 +273,6 @@ def denoise(model, text_encoder, prompts, latent_shape, sampler="ddpm", steps=10
             x = torch.where(keep, x, ref.to(x.dtype))
     return x
 
-
-def conditioned(frames):
-    """The model's frame_mask argument where frames are given (older callers' models never see one)."""
-    return {} if frames is None else dict(frame_mask=frames)
 
 
 def generate(model, vae, text_encoder, prompts, size, sampler="ddpm", steps=100, cfg_scale=7.0, cfg_channels=None,

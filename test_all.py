@@ -2885,7 +2885,7 @@ def test_mid_timesteps_draws_that_share_from_the_middle():
     seen = []
 
     class Record(torch.nn.Module):  # returns zeros of the right shape and keeps the timesteps it was given
-        def forward(self, x, t, y, mask=None):
+        def forward(self, x, t, y, mask=None, frame_mask=None):
             seen.append(t.clone())
             return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 

@@ -216,7 +216,7 @@ def training_step(model, diffusion, z, y, mask, precision, frames=None):
     if frames is not None:
         xt = torch.where(frames[:, None, :, None, None], xt, z)
     with autocast(z.device, precision):
-        out = model(xt, t, y, mask) if frames is None else model(xt, t, y, mask, frame_mask=frames)
+        out = model(xt, t, y, mask, frame_mask=frames)
     return diffusion.loss(out, z, xt, t, noise, frames).mean()
 
 
@@ -679,29 +679,23 @@ def sample_at_end(args, model, ema, opt, inputs, world):
             log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
             return
     prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
-    frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
-                             sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                             seed=args.seed, precision=args.precision, timestep_shift=bool(args.timestep_shift))
-    paths = sample.save_videos(frames, prompts, os.path.join(args.outdir, "samples"), enlarge=args.demo)
-    log(f"wrote {len(paths)} sample videos and a frame grid to {os.path.join(args.outdir, 'samples')}")
-    if args.demo:
-        score = data.score_videos(list(zip(frames, prompts)))
-        log(f"demo score: colour {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}, "
-            f"both {score['both_acc']:.0%} of {score['n']} prompts")
-        with open(os.path.join(args.outdir, "samples", "score.json"), "w") as f:
-            json.dump(score, f)
+    runs = [("samples", None, prompts)]  # (folder, given first frames, the captions that score them)
     if args.demo and args.mask_ratios and args.data:  # image-to-video: each prompt from a demo clip's first frame,
         # then from the first frame of a clip of the next colour, whose colour the samples should take instead
-        for name, captions in (("samples_i2v", prompts), ("samples_i2v_other_colour", [data.recoloured(p) for p in prompts])):
-            first = data.demo_first_frames(args.data, captions)[:, None]  # (B, 1, 3, H, W)
-            frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
-                                     sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                                     seed=args.seed, precision=args.precision,
-                                     timestep_shift=bool(args.timestep_shift), condition=(first, [0]))
-            sample.save_videos(frames, prompts, os.path.join(args.outdir, name), enlarge=True)
-            score = data.score_videos(list(zip(frames, captions)))  # the given frame's colour, the prompt's direction
-            log(f"{name}: colour of the given frame {score['colour_acc']:.0%}, direction {score['direction_acc']:.0%}")
-            with open(os.path.join(args.outdir, name, "score.json"), "w") as f:
+        for name, captions in (("samples_i2v", prompts), ("samples_i2v_other_colour", list(map(data.recoloured, prompts)))):
+            runs.append((name, (data.demo_first_frames(args.data, captions)[:, None], [0]), captions))  # (B, 1, 3, H, W)
+    for name, condition, captions in runs:
+        frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
+                                 sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                                 precision=args.precision, timestep_shift=bool(args.timestep_shift), condition=condition)
+        folder = os.path.join(args.outdir, name)
+        paths = sample.save_videos(frames, prompts, folder, enlarge=args.demo)
+        log(f"wrote {len(paths)} sample videos and a frame grid to {folder}")
+        if args.demo:  # the captions' colour: the prompt's, or the given frame's
+            score = data.score_videos(list(zip(frames, captions)))
+            log(f"{'demo' if condition is None else name} score: colour {score['colour_acc']:.0%}, direction "
+                f"{score['direction_acc']:.0%}, both {score['both_acc']:.0%} of {score['n']} prompts")
+            with open(os.path.join(folder, "score.json"), "w") as f:
                 json.dump(score, f)
 
 
