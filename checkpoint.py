@@ -265,41 +265,66 @@ EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow
                "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "sp_size")
 
 
-def check_resume_flags(args, world_size, log):
-    """Before any encoder, model or data loads: the checkpoint that --resume will read against this command line.
-    A change of world size or of an EXACT_FLAGS flag is refused (the same sentence on every rank, no collective);
-    HONOURED_FLAGS are taken from here and said."""
-    if args.resume == "auto":
+def newest_meta(args):
+    """(step folder, meta) of the checkpoint that --resume would read (auto: the newest readable one), or (None, None)."""
+    if args.resume in (None, "auto"):
         candidates = step_folders(os.path.join(args.outdir, "checkpoints"), log=lambda *a: None)  # resume_newest says
     else:
         candidates = [args.resume]
     for checkpoint in candidates:
         try:
-            meta = read_meta(checkpoint)
-            break
+            return checkpoint, read_meta(checkpoint)
         except Unreadable:  # resume_newest skips it and says why
             continue
-    else:
-        return
-    written_by = len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
-    if written_by != world_size:
-        raise RunError(f"{checkpoint} was written by {written_by} processes, this run has {world_size}: resume with "
-                       f"{written_by} (the data position and the global batch are theirs), or start a run from its "
-                       "weights with --init")
+    return None, None
+
+
+def changed_flags(meta, args, flags):
+    """'--flag old -> new, ...' for the flags among these that args changes from the checkpoint's (empty: none)."""
     old = {"objective": "iddpm", **meta["args"]}  # runs from before --objective trained IDDPM
     new = json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
-    changed = lambda flags: ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags
-                                      if k in old and old[k] != new[k])
-    # precision: DDP keeps fp32 weights under fp32 and bf16 alike; fp16's loss scale and ZeRO-2's buffers are state
-    fixed = ("precision",) if args.zero or "fp16" in (old.get("precision"), new["precision"]) else ()
-    if exact := changed(EXACT_FLAGS + fixed):
+    return ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags if k in old and old[k] != new[k])
+
+
+def exact_flags(meta, args):
+    """EXACT_FLAGS, and the precision where it is state: DDP keeps fp32 weights under fp32 and bf16 alike, fp16's
+    loss scale and ZeRO-2's buffers are not."""
+    fp16 = "fp16" in (meta["args"].get("precision"), args.precision)
+    return EXACT_FLAGS + (("precision",) if args.zero or fp16 else ())
+
+
+def written_by(checkpoint):
+    """How many processes wrote a step folder (one RNG file each)."""
+    return len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
+
+
+def check_resume_flags(args, world_size, log):
+    """Before any encoder, model or data loads: the checkpoint that --resume will read against this command line.
+    A change of world size or of an EXACT_FLAGS flag is refused (the same sentence on every rank, no collective);
+    HONOURED_FLAGS are taken from here and said."""
+    checkpoint, meta = newest_meta(args)
+    if checkpoint is None:
+        return
+    if (n := written_by(checkpoint)) != world_size:
+        raise RunError(f"{checkpoint} was written by {n} processes, this run has {world_size}: resume with "
+                       f"{n} (the data position and the global batch are theirs), or start a run from its "
+                       "weights with --init")
+    if exact := changed_flags(meta, args, exact_flags(meta, args)):
         raise RunError(f"{checkpoint} was written with other flags ({exact}): resume with the flags it was written "
                        f"with (its meta.json), or start a new run from its weights with --init "
                        f"{os.path.join(checkpoint, 'model.safetensors')}")
-    if honoured := changed(HONOURED_FLAGS):
+    if honoured := changed_flags(meta, args, HONOURED_FLAGS):
         log(f"resuming {checkpoint} with {honoured}: from step {meta['step'] + 1} on")
-    if moved := changed(MOVED_FLAGS):
+    if moved := changed_flags(meta, args, MOVED_FLAGS):
         log(f"resuming {checkpoint} with {moved}: the data position counts rows, so they must be the same rows")
+
+
+def interrupted(args, world_size):
+    """Whether OUTDIR's newest checkpoint is a run of these flags, on this many processes, stopped short of --steps:
+    the same demo command continues it (claim_outdir starts a finished or different demo over)."""
+    checkpoint, meta = newest_meta(args)
+    return checkpoint is not None and meta["step"] < args.steps and written_by(checkpoint) == world_size \
+        and not changed_flags(meta, args, exact_flags(meta, args))
 
 
 def check_same_model(checkpoint, meta, model):

@@ -455,21 +455,21 @@ def make_demo_clip(colour, shape, direction, num_frames=16, size=64, rng=None):
     return frames
 
 
-def demo_manifest(folder, num_videos, num_frames, size, write=True, log=print):
+def demo_manifest(folder, num_videos, num_frames, size, write=True, log=print, colour_in_caption=True):
     """folder/demo.csv, the demo set that train.py --demo and vae.py train --demo learn from; written first (by
     make_demo_dataset) where write is true and it is not there yet. Under torchrun only rank 0 writes."""
     path = os.path.join(folder, "demo.csv")
-    if write and not demo_set_is_complete(path, num_videos, num_frames, size):
+    if write and not demo_set_is_complete(path, num_videos, num_frames, size, colour_in_caption):
         if os.path.exists(path):
             log(f"the demo set in {folder} is incomplete or was made at other settings: rebuilding it")
         log(f"writing {num_videos} demo videos to {folder}")
-        make_demo_dataset(folder, num_videos=num_videos, num_frames=num_frames, size=size)
+        make_demo_dataset(folder, num_videos, num_frames, size, colour_in_caption=colour_in_caption)
     return path
 
 
-def demo_set_is_complete(path, num_videos, num_frames, size):
-    """Whether path is a demo manifest of num_videos clips of num_frames x size x size whose files are all there (a
-    build that was interrupted leaves no manifest, or one of another run's settings)."""
+def demo_set_is_complete(path, num_videos, num_frames, size, colour_in_caption=True):
+    """Whether path is a demo manifest of num_videos clips of num_frames x size x size, captions naming the colour or
+    not, whose files are all there (a build that was interrupted leaves no manifest, or one of other settings)."""
     try:
         rows = read_manifest(path)
     except (OSError, ValueError):
@@ -477,11 +477,13 @@ def demo_set_is_complete(path, num_videos, num_frames, size):
     folder = os.path.dirname(path)
     return len(rows) == num_videos and all(
         _number(r.get("num_frames")) == num_frames and _number(r.get("height")) == size
+        and (parse_caption(r["caption"])[0] is not None) == colour_in_caption
         and os.path.isfile(os.path.join(folder, r["path"])) for r in rows)
 
 
-def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, seed=0):
-    """Write num_videos mp4 clips and folder/demo.csv; returns the CSV path."""
+def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, seed=0, colour_in_caption=True):
+    """Write num_videos mp4 clips and folder/demo.csv; returns the CSV path. Without colour_in_caption the captions
+    name the shape and the motion only (train.py --demo-i2v: the given first frame tells the colour)."""
     os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     combos = list(product(COLOURS, SHAPES, DIRECTIONS))
@@ -498,7 +500,8 @@ def make_demo_dataset(folder, num_videos=256, num_frames=16, size=64, fps=8, see
             name = f"videos/{i:05d}.mp4"
             clip = make_demo_clip(colour, shape, direction, num_frames, size, rng)
             write_video(os.path.join(folder, name), clip, fps)
-            writer.writerow([name, f"a {colour} {shape} moving {direction}", num_frames, fps, size, size])
+            caption = f"a {colour} {shape} moving {direction}"
+            writer.writerow([name, caption if colour_in_caption else colourless(caption), num_frames, fps, size, size])
     os.replace(csv_path + ".tmp", csv_path)
     return csv_path
 
@@ -586,22 +589,29 @@ def score_videos(pairs):
     return dict(colour_acc=float(acc[0]), direction_acc=float(acc[1]), both_acc=float(acc[2]), n=n)
 
 
-def demo_first_frames(csv_path, captions):
-    """(len(captions), 3, H, W) in [-1, 1]: the first frame of the first demo clip with each caption, the given
-    frame of image-to-video on the demo."""
-    first = {}
-    for row in read_manifest(csv_path):
-        first.setdefault(row["caption"], row["path"])
-    if missing := [c for c in captions if c not in first]:
-        raise ValueError(f"{csv_path} has no clip of {missing[0]!r}")
-    frames = [read_video(os.path.join(os.path.dirname(csv_path), first[c]), [0])[0] for c in captions]  # (H, W, 3)
-    return torch.stack(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+def demo_first_frames(captions, size, seed=1):
+    """(len(captions), 3, size, size) in [-1, 1]: the first frame of a new demo clip of each caption (drawn here, with
+    another seed than the training set's), the given frame of image-to-video on the demo."""
+    rng = np.random.default_rng(seed)
+    frames = [make_demo_clip(*describe_caption(c), num_frames=1, size=size, rng=rng)[0] for c in captions]  # (H, W, 3)
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def describe_caption(caption):
+    """(colour, shape, direction) that a demo caption names."""
+    words = caption.split()
+    return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES), parse_caption(caption)[1]
 
 
 def recoloured(caption):
     """The caption with the next demo colour: the same shape and direction."""
     colour, names = parse_caption(caption)[0], list(COLOURS)
     return caption.replace(colour, names[(names.index(colour) + 1) % len(names)], 1)
+
+
+def colourless(caption):
+    """The caption without its colour: "a red circle moving left" -> "a circle moving left"."""
+    return " ".join(w for w in caption.split() if w not in COLOURS)
 
 
 # Precomputed features (Open-Sora's "option 1"): run the frozen VAE and text encoder over a manifest once,

@@ -1653,9 +1653,11 @@ def tiny_t5(tmp_path_factory):
 
 
 def tiny_run(outdir, csv_path, tiny_t5, *extra):
-    """A few steps of the CPU demo on a tiny STDiT; csv_path may also be a folder of precomputed features."""
+    """A few steps of the CPU demo on a tiny STDiT (IDDPM, unless extra names the objective); csv_path may also be a
+    folder of precomputed features."""
     source = ["--features" if os.path.isdir(csv_path) else "--data", str(csv_path)]
-    train.main(["--demo", *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
+    objective = [] if "--objective" in extra else ["--objective", "iddpm"]
+    train.main(["--demo", *objective, *source, "--outdir", str(outdir), "--model", "STDiT-debug", "--text-len", "8",
                 "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "4", "--num-workers", "0",
                 "--no-sample", "--log-every", "1", "--text-encoder", tiny_t5, *extra])
 
@@ -2525,8 +2527,7 @@ def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU that wrote it: its floats are the CPU's
     run = tmp_path / "run"
     shutil.copytree(OLD_RUN, run)
-    flags = ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4",
-             "--num-workers", "0", "--no-sample", "--log-every", "1", "--outdir", str(run), "--resume", "auto"]
+    flags = old_run_flags(run, "--resume", "auto")
     old = run / "checkpoints" / "step_0000002"
     # the state as read back, into a model and optimizer built as train.train builds them
     args = train.get_args(flags + ["--steps", "4"])
@@ -2575,9 +2576,10 @@ def test_a_run_folder_written_before_checkpoint_py_resumes_exactly_and_samples(t
 
 
 def old_run_flags(run, *extra):
-    """train.py's flags for a copy of testdata/run_b23e2e1 at run."""
-    return ["--demo", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size", "4", "--num-workers",
-            "0", "--no-sample", "--log-every", "1", "--precision", "fp32", "--outdir", str(run), *extra]
+    """train.py's flags for a copy of testdata/run_b23e2e1 at run (the demo trained IDDPM then)."""
+    return ["--demo", "--objective", "iddpm", "--features", str(run / "features"), "--model", "DiT-debug", "--batch-size",
+            "4", "--num-workers", "0", "--no-sample", "--log-every", "1", "--precision", "fp32", "--outdir", str(run),
+            *extra]
 
 
 @pytest.mark.parametrize("zero", [False, True], ids=["adamw", "zero2"])
@@ -3073,9 +3075,61 @@ def test_the_demo_with_image_masks_samples_from_first_frames(tmp_path, tiny_t5):
         assert score["n"] == 16 and len(list((tmp_path / "run" / name).glob("*.mp4"))) == 16
     prompt = data.DEMO_PROMPTS[0]
     video = data.read_video(str(next((tmp_path / "run" / "samples_i2v_other_colour").glob("000_*.mp4")))).float()
-    first = data.demo_first_frames(csv_path, [data.recoloured(prompt)])[0]  # (3, 16, 16), the video written 6x
+    first = data.demo_first_frames([data.recoloured(prompt)], 16)[0]  # (3, 16, 16), the video written 6x
     given = ((first.permute(1, 2, 0) + 1) * 127.5).repeat_interleave(6, 0).repeat_interleave(6, 1)
     assert (video[0] - given).abs().mean() < 4 and data.recoloured("a red circle moving left") == "a green circle moving left"
+
+
+def test_the_demo_i2v_variant_leaves_the_colour_to_the_first_frame(tmp_path, tiny_t5):
+    """--demo-i2v: captions without the colour, first frames given in training (image_head), and the samples drawn
+    from first frames only: each prompt (without its colour) from a frame of its colour, then of the next one."""
+    train.main(["--demo-i2v", "--outdir", str(tmp_path / "run"), "--model", "DiT-debug", "--text-len", "8",
+                "--num-frames", "4", "--image-size", "12", "12", "--batch-size", "4", "--num-workers", "0",
+                "--demo-videos", "8", "--text-encoder", tiny_t5, "--steps", "1", "--sample-steps", "2"])
+    rows = data.read_manifest(str(tmp_path / "run" / "demo_data" / "demo.csv"))
+    assert len(rows) == 8 and all(data.parse_caption(r["caption"])[0] is None for r in rows)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000001" / "meta.json").read_text())
+    assert meta["args"]["mask_ratios"] == {"image_head": 0.5} and meta["args"]["objective"] == "rflow"
+    assert not (tmp_path / "run" / "samples").exists()
+    for name in ("samples_i2v", "samples_i2v_other_colour"):
+        videos = sorted((tmp_path / "run" / name).glob("*.mp4"))
+        assert len(videos) == 16 and json.loads((tmp_path / "run" / name / "score.json").read_text())["n"] == 16
+        assert not any(colour in v.name for v in videos for colour in data.COLOURS)  # named by the colourless prompt
+    # the demo set at other caption settings is rebuilt, not reused
+    csv_path = str(tmp_path / "run" / "demo_data" / "demo.csv")
+    assert data.demo_set_is_complete(csv_path, 8, 4, 12, colour_in_caption=False)
+    assert not data.demo_set_is_complete(csv_path, 8, 4, 12)
+    assert data.colourless("a red circle moving left") == "a circle moving left"
+
+
+def test_the_demo_says_what_it_does_continues_when_interrupted_and_starts_a_finished_one_over(tmp_path, tiny_t5, capsys):
+    """The demo's own lines: what it will do, the time left from its first steps, and a summary with the score and
+    where the grid is. Stopped before its last step (here: the last checkpoint removed, as a kill leaves it), the same
+    command continues it; run again when it has finished, or with other flags, it starts over."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=12)
+    run = tmp_path / "run"
+    command = ["--demo", "--data", csv_path, "--outdir", str(run), "--model", "DiT-debug", "--text-len", "8",
+               "--num-frames", "4", "--image-size", "12", "12", "--batch-size", "4", "--num-workers", "0",
+               "--text-encoder", tiny_t5, "--steps", "3", "--ckpt-every", "1", "--sample-steps", "2"]
+    train.main(command)
+    out = capsys.readouterr().out
+    assert "the demo: DiT-debug learns 8 clips of coloured shapes for 3 steps of 4, then samples 16 prompts (rflow" in out
+    assert re.search(r"this machine trains \d+ samples/s: the demo ends in about \d+ min \d+ s", out)
+    assert re.search(r"the demo took \d+ min \d+ s: colour \d+%, direction \d+% of 16 prompts; see .*grid.png", out)
+    shutil.rmtree(run / "checkpoints" / "step_0000003")
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    assert train.get_args(command).resume == "auto"
+    train.main(command)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out and "starting over" not in out
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert train.get_args(command).resume is None  # finished: the same command starts over
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    shutil.rmtree(run / "checkpoints" / "step_0000003")
+    assert train.get_args([*command, "--seed", "1"]).resume is None  # another run's flags: starts over
+    train.main([*command, "--seed", "1", "--steps", "1"])
+    assert "starting over" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000001"]
 
 
 def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, shapes_csv, capsys):
@@ -3085,14 +3139,17 @@ def test_train_py_rectified_flow_flags_resume_and_refusals(tmp_path, tiny_t5, sh
     for flags, said in ((["--objective", "rflow", "--min-snr", "5"], "--min-snr belongs to IDDPM: leave it out with"),
                         (["--objective", "rflow", "--sampler", "ddim", "--mid-timesteps", "0.5"],
                          "--mid-timesteps and --sampler ddim belong to IDDPM: leave them out with --objective rflow"),
-                        (["--rflow-t", "uniform"], "--rflow-t belongs to rectified flow: add --objective rflow"),
-                        (["--sampler", "rflow"], "--sampler rflow belongs to rectified flow")):
+                        (["--objective", "iddpm", "--rflow-t", "uniform"], "--rflow-t belongs to rectified flow: add "
+                         "--objective rflow"),
+                        (["--objective", "iddpm", "--sampler", "rflow"], "--sampler rflow belongs to rectified flow")):
         with pytest.raises(SystemExit):
             train.get_args(["--demo", *flags])
         assert said in capsys.readouterr().err
-    args = train.get_args(["--demo", "--objective", "rflow"])  # the demo's tiny clips: no shift (docs/LOG.md)
-    assert (args.sampler, args.sample_steps, args.rflow_t, args.timestep_shift, args.min_snr, args.mid_timesteps) == \
-        ("rflow", 30, "logit-normal", False, 0.0, 0.0)
+    args = train.get_args(["--demo"])  # the demo trains rflow; its tiny clips: no shift (docs/LOG.md)
+    assert (args.objective, args.sampler, args.sample_steps, args.rflow_t, args.timestep_shift, args.min_snr,
+            args.mid_timesteps, args.model) == ("rflow", "rflow", 30, "logit-normal", False, 0.0, 0.0, "DiT-demo/3")
+    args = train.get_args(["--demo", "--objective", "iddpm"])  # the IDDPM demo's own settings
+    assert (args.sampler, args.sample_steps, args.min_snr, args.mid_timesteps) == ("ddim", 50, 5.0, 0.5)
     run = tmp_path / "run"
     rflow = ["--objective", "rflow", "--rflow-t", "uniform"]
     plain_run(run, shapes_csv, tiny_t5, "--steps", "2", "--ckpt-every", "2", *rflow)

