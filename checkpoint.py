@@ -94,7 +94,9 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
             save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
             if not args.zero:
                 torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-            meta = dict(step=step, epoch=position[0], batch=position[1], args=vars(args), model_config=M.config_dict(model))
+            # batch: the epoch's batches done by all data-parallel ranks together (before: by each rank, see resume)
+            meta = dict(step=step, epoch=position[0], batch=position[1], batch_of_all_ranks=True, args=vars(args),
+                        model_config=M.config_dict(model))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
         barrier()
@@ -213,21 +215,26 @@ def load_states(path, device):
 
 def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
     """Load a step folder that save_checkpoint wrote: weights, EMA, optimizer, loss scale and this rank's RNG states.
-    Returns (step, (epoch, batches done in it)): where the loop and the data go on."""
+    Returns (step, (epoch, batches done in it by all ranks)): where the loop and the data go on. Written by another
+    number of processes: ZeRO-2's slices are cut again for these ranks and the RNG starts anew (said by
+    check_resume_flags)."""
     meta = read_meta(checkpoint)
+    writers, world = written_by(checkpoint), dist.get_world_size() if dist.is_initialized() else 1
     check_same_model(checkpoint, meta, model)
     adamw = opt.adamw if args.zero else opt
     kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in adamw.param_groups]
     model.load_state_dict(read_weights(checkpoint, "model", device))
     written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
     if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
-        slices = os.path.join(checkpoint, f"zero_rank{rank}.pt")
-        if not os.path.exists(slices):
-            raise RunError(f"{checkpoint} has no ZeRO-2 slices for rank {rank} (written with {written_with} by other "
-                           "ranks): resume with the same flags and number of processes, or start from its weights "
-                           "with --init")
+        slices = [os.path.join(checkpoint, f"zero_rank{r}.pt") for r in range(writers)]
+        if not all(map(os.path.exists, slices)):
+            raise RunError(f"{checkpoint} has no ZeRO-2 slices (written with {written_with}): resume with the same "
+                           "flags, or start from its weights with --init")
         try:
-            opt.load_state_dict(load_states(slices, device))
+            if writers == world:
+                opt.load_state_dict(load_states(slices[rank], device))
+            else:  # every rank reads every slice and keeps its own cut
+                opt.load_state_dict(opt.recut([load_states(path, "cpu") for path in slices]))
         except ValueError as e:  # cut for another number of ranks or buckets: the message says how to go on
             raise RunError(f"{checkpoint}: {e}") from e
     else:
@@ -243,12 +250,23 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
     for group, kept in zip(adamw.param_groups, kernels):  # this command line's values and this machine's kernels
         group.update(kept, lr=args.lr, weight_decay=args.weight_decay)  # (a GPU's fused AdamW), not the checkpoint's
-    rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
-    return meta["step"], (meta["epoch"], meta["batch"])
+    if writers == world:
+        rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # other ranks: new streams, from the seed, the step and the data-parallel rank (a sequence-parallel group
+        seed = args.seed + rank // args.sp_size + 1_000_003 * meta["step"]  # draws the same; seeds the GPU's too)
+        torch.manual_seed(seed)
+        random.seed(seed)
+    done = meta["batch"] if meta.get("batch_of_all_ranks") else meta["batch"] * data_ranks(meta["args"], writers)
+    return meta["step"], (meta["epoch"], done)
+
+
+def data_ranks(flags, processes):
+    """The data-parallel ranks of a run: its processes over its sequence-parallel size."""
+    return processes // (flags.get("sp_size") or 1)
 
 
 # Flags read at every step, and the autocast precision between fp32 and bf16 under DDP (a CPU demo goes on on a
@@ -300,15 +318,17 @@ def written_by(checkpoint):
 
 def check_resume_flags(args, world_size, log):
     """Before any encoder, model or data loads: the checkpoint that --resume will read against this command line.
-    A change of world size or of an EXACT_FLAGS flag is refused (the same sentence on every rank, no collective);
-    HONOURED_FLAGS are taken from here and said."""
+    A change of an EXACT_FLAGS flag is refused (the same sentence on every rank, no collective); HONOURED_FLAGS and
+    another number of processes are taken and said."""
     checkpoint, meta = newest_meta(args)
     if checkpoint is None:
         return
-    if (n := written_by(checkpoint)) != world_size:
-        raise RunError(f"{checkpoint} was written by {n} processes, this run has {world_size}: resume with "
-                       f"{n} (the data position and the global batch are theirs), or start a run from its "
-                       "weights with --init")
+    if (n := written_by(checkpoint)) != world_size:  # weights, EMA and moments carry over; the RNG streams cannot
+        old, new = (data_ranks(vars(args), k) * args.batch_size * args.grad_accum for k in (n, world_size))
+        log(f"{checkpoint} was written by {n} processes, this run has {world_size}: the weights, EMA, optimizer state "
+            f"and data position carry over (the batches left of epoch {meta['epoch']} are dealt to these ranks in "
+            f"turn), the global batch is {new} clips (was {old}), and the random draws (noise, timesteps, dropout) "
+            "start anew from --seed and the step")
     if exact := changed_flags(meta, args, exact_flags(meta, args)):
         raise RunError(f"{checkpoint} was written with other flags ({exact}): resume with the flags it was written "
                        f"with (its meta.json), or start a new run from its weights with --init "
@@ -319,12 +339,11 @@ def check_resume_flags(args, world_size, log):
         log(f"resuming {checkpoint} with {moved}: the data position counts rows, so they must be the same rows")
 
 
-def interrupted(args, world_size):
-    """Whether OUTDIR's newest checkpoint is a run of these flags, on this many processes, stopped short of --steps:
-    the same demo command continues it (claim_outdir starts a finished or different demo over)."""
+def interrupted(args):
+    """Whether OUTDIR's newest checkpoint is a run of these flags stopped short of --steps: the same demo command
+    continues it (claim_outdir starts a finished or different demo over)."""
     checkpoint, meta = newest_meta(args)
-    return checkpoint is not None and meta["step"] < args.steps and written_by(checkpoint) == world_size \
-        and not changed_flags(meta, args, exact_flags(meta, args))
+    return checkpoint is not None and meta["step"] < args.steps and not changed_flags(meta, args, exact_flags(meta, args))
 
 
 def check_same_model(checkpoint, meta, model):

@@ -356,7 +356,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     dataset_sizes: a dataset with bucket_key(i), or a list of (T, H, W) keys. Each epoch (set_epoch)
     shuffles within buckets, cuts batches, shuffles the batch order, and deals batches to ranks in turn;
     every rank gets the same count (drop_last drops the extras, else a few batches repeat).
-    start_batch=k skips this rank's first k batches without loading them, to resume mid-epoch."""
+    To resume mid-epoch without loading what was trained: start_batch=k skips this rank's first k batches; done=n
+    skips the epoch's first n batches, dealt to any number of ranks before, and deals the rest to these ranks in
+    turn (the last few, fewer than the ranks, are dropped so that every rank gets as many)."""
 
     def __init__(self, dataset_sizes, batch_size, shuffle=True, seed=0, rank=0, world_size=1,
                  drop_last=True, start_batch=0):
@@ -373,10 +375,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             self.buckets.setdefault(key, []).append(index)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, start_batch
+        self.epoch, self.done = 0, start_batch * world_size
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start_batch=0, done=None):
+        self.epoch, self.done = epoch, start_batch * self.world_size if done is None else done
 
     def batches_per_rank(self):
         sizes = [len(indices) for indices in self.buckets.values()]
@@ -385,7 +387,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return math.ceil(sum(math.ceil(n / self.batch_size) for n in sizes) / self.world_size)
 
     def __len__(self):
-        return max(self.batches_per_rank() - self.start_batch, 0)
+        return max(self.batches_per_rank() * self.world_size - self.done, 0) // self.world_size
 
     def __iter__(self):
         # Every rank builds the same global list from (seed, epoch), then takes its own share.
@@ -404,8 +406,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         # collective for a batch that never comes; with drop_last the surplus is cut instead.
         needed = self.batches_per_rank() * self.world_size
         batches += [batches[j % len(batches)] for j in range(max(needed - len(batches), 0))]
-        # Dealing in turn keeps each rank's order a fixed subsequence, so start_batch resumes exactly.
-        yield from batches[self.rank: needed: self.world_size][self.start_batch:]
+        # Dealing in turn keeps each rank's order a fixed subsequence, so a resume on as many ranks is exact
+        yield from batches[self.done + self.rank: needed: self.world_size][: len(self)]
 
 
 # Demo set: coloured shapes moving on a dark background, a task a small model learns on a CPU.

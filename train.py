@@ -636,16 +636,17 @@ def make_loader(args, inputs, model, world):
 
 
 def batches(loader, epoch, start):
-    """Endless (epoch, batches done in that epoch, batch); starts mid-epoch when resuming. A batch whose every clip
-    was unreadable has nothing to learn from: it is passed over, its unreadable rows added to the next batch's."""
+    """Endless (epoch, batches done in that epoch by all data-parallel ranks, batch); starts mid-epoch when resuming.
+    A batch whose every clip was unreadable has nothing to learn from: it is passed over, its unreadable rows added to
+    the next batch's."""
     dataset, sampler, carried, read = loader.dataset, loader.batch_sampler, [], False
     while True:
         dataset.set_epoch(epoch)  # reseeds frame sampling; workers copy the dataset at each epoch's start
-        sampler.set_epoch(epoch, start_batch=start)
-        for i, batch in enumerate(loader, start=start + 1):
+        sampler.set_epoch(epoch, done=start)
+        for n, batch in enumerate(loader, start=1):
             carried += batch.get("unreadable", [])
             if batch.get("latent", batch.get("video")) is not None:  # one sample at least was read
-                yield epoch, i, dict(batch, unreadable=carried)
+                yield epoch, start + n * sampler.world_size, dict(batch, unreadable=carried)
                 carried, read = [], True
         if not read and start == 0:  # a whole epoch and not one clip: nothing to learn from, ever
             fix = "write them again with data.py precompute" if isinstance(dataset, data.FeatureDataset) else \
@@ -859,7 +860,7 @@ def get_args(argv=None):
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
     # the same command continues an interrupted demo (claim_outdir starts a finished or different one over)
-    if args.demo and not (args.resume or args.overwrite) and checkpoint.interrupted(args, int(os.environ.get("WORLD_SIZE", 1))):
+    if args.demo and not (args.resume or args.overwrite) and checkpoint.interrupted(args):
         args.resume = "auto"
     return args
 

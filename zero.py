@@ -264,6 +264,29 @@ class ZeRO2:
                     ema=None if self.ema is None else self.ema.cpu(),
                     scaler=dict(loss_scale=self.loss_scale, good_steps=self.good_steps, skipped_steps=self.skipped_steps))
 
+    def recut(self, states):
+        """This rank's state_dict from the slices another number of ranks wrote (states: every rank's, in rank order):
+        each bucket of master weights, EMA and Adam moments is joined from their chunks and cut for this world."""
+        old = states[0]["layout"]
+        if old["buckets"] != self.layout()["buckets"]:
+            raise ValueError(f"these optimizer slices hold {len(old['buckets'])} buckets, this run {len(self.buckets)}: "
+                             "resume with the --zero-bucket-mb they were written with")
+        sizes = [sum(p.numel() for p in b) for b in self.buckets]
+        chunks = [math.ceil(n / old["world"]) for n in sizes]  # the writers' share of each bucket
+
+        def bucket(i, pieces):  # the writers' chunks of bucket i -> this rank's
+            full = torch.nn.functional.pad(torch.cat(pieces)[:sizes[i]], (0, self.padded[i] - sizes[i]))
+            return full[self.rank * self.chunk[i]: (self.rank + 1) * self.chunk[i]].clone()
+
+        def flat(tensors):  # one slice-layout tensor (every bucket's chunk, end to end) per writer -> this rank's
+            return torch.cat([bucket(i, pieces) for i, pieces in enumerate(zip(*(t.split(chunks) for t in tensors)))])
+        adam = [s["adamw"]["state"] for s in states]  # one AdamW parameter per bucket: its moments are chunks too
+        moments = {i: dict(adam[0][i], **{k: bucket(i, [a[i][k] for a in adam]) for k in ("exp_avg", "exp_avg_sq")})
+                   for i in adam[0]}
+        return dict(layout=self.layout(), master=flat([s["master"] for s in states]),
+                    ema=None if states[0]["ema"] is None else flat([s["ema"] for s in states]),
+                    adamw=dict(states[0]["adamw"], state=moments), scaler=states[0]["scaler"])
+
     @torch.no_grad()
     def load_state_dict(self, state):
         if state["layout"] != self.layout():
