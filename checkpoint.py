@@ -33,6 +33,8 @@ import urllib.request
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -77,6 +79,9 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
     tmp = final + ".tmp"
     if args.zero:  # collectives: every rank takes part
         weights, ema_weights = opt.full_state("master"), opt.full_state("ema")
+    elif args.fsdp2:
+        weights, ema_weights = full_state(model), full_state(ema)
+        optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         weights, ema_weights = model.state_dict(), ema.state_dict()
     bad = M.nonfinite_keys(weights) + M.nonfinite_keys(ema_weights)  # the same on every rank
@@ -92,8 +97,9 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
             os.makedirs(tmp)
             save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
             save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
-            if not args.zero:
-                torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+            if not args.zero:  # FSDP2: the whole state, keyed by parameter names, so any number of ranks reads it
+                torch.save({"optimizer": optimizer if args.fsdp2 else opt.state_dict(), "scaler": scaler.state_dict()},
+                           os.path.join(tmp, "optimizer.pt"))
             # batch: the epoch's batches done by all data-parallel ranks together (before: by each rank, see resume)
             meta = dict(step=step, epoch=position[0], batch=position[1], batch_of_all_ranks=True, args=vars(args),
                         model_config=M.config_dict(model))
@@ -116,6 +122,12 @@ def save_checkpoint(folder, step, position, model, ema, opt, scaler, args, rank)
         sync_files(folder, only="latest")
     barrier()
     return final
+
+
+def full_state(model):
+    """An FSDP2 model's whole state dict on every rank, on the CPU (a collective)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def prune_checkpoints(folder, keep_last, keep=()):
@@ -223,7 +235,11 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
     check_same_model(checkpoint, meta, model)
     adamw = opt.adamw if args.zero else opt
     kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in adamw.param_groups]
-    model.load_state_dict(read_weights(checkpoint, "model", device))
+    weights = read_weights(checkpoint, "model", device)
+    if args.fsdp2:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(weights)
     written_with = "--zero 2" if meta["args"].get("zero") else "DDP"
     if args.zero:  # this rank's slices: master weights, Adam moments, EMA, loss scale
         slices = [os.path.join(checkpoint, f"zero_rank{r}.pt") for r in range(writers)]
@@ -241,10 +257,15 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
         if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
             raise RunError(f"{checkpoint} was written with --zero 2: resume with --zero 2 and the same number of "
                            "processes, or start from its weights with --init")
-        ema.load_state_dict(read_weights(checkpoint, "ema", device))
         states = load_states(os.path.join(checkpoint, "optimizer.pt"), device)
         try:
-            opt.load_state_dict(states["optimizer"])
+            if args.fsdp2:  # each rank keeps its shards of the whole state
+                whole = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(ema, read_weights(checkpoint, "ema", device), options=whole)
+                set_optimizer_state_dict(model, opt, states["optimizer"], options=whole)
+            else:
+                ema.load_state_dict(read_weights(checkpoint, "ema", device))
+                opt.load_state_dict(states["optimizer"])
             scaler.load_state_dict(states["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
@@ -280,7 +301,7 @@ HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mi
 MOVED_FLAGS = ("data", "features")
 EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow_t", "timestep_shift", "batch_size",
                "grad_accum", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",
-               "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "sp_size")
+               "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "fsdp2", "sp_size")
 
 
 def newest_meta(args):
@@ -299,7 +320,7 @@ def newest_meta(args):
 
 def changed_flags(meta, args, flags):
     """'--flag old -> new, ...' for the flags among these that args changes from the checkpoint's (empty: none)."""
-    old = {"objective": "iddpm", **meta["args"]}  # runs from before --objective trained IDDPM
+    old = {"objective": "iddpm", "fsdp2": False, **meta["args"]}  # runs from before these flags: IDDPM, no FSDP2
     new = json.loads(json.dumps(vars(args)))  # as meta.json holds them: lists, not tuples
     return ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in flags if k in old and old[k] != new[k])
 

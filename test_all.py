@@ -2331,7 +2331,7 @@ def test_local_device_refuses_more_ranks_than_gpus(monkeypatch):
 
 
 def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, monkeypatch):
-    """`torchrun --nproc_per_node=2 train.py --sp-size 2`, with DDP and with ZeRO-2: two ranks share every
+    """`torchrun --nproc_per_node=2 train.py --sp-size 2`, with DDP, ZeRO-2 and FSDP2: two ranks share every
     sample and end with the weights of a plain one-process run on the same batches (one data-parallel
     rank, the same seed). A ZeRO-2 checkpoint refuses, with a clear message, to resume on another sequence-parallel
     size or without --zero."""
@@ -2348,10 +2348,13 @@ def test_torchrun_sequence_parallel_trains_like_one_process(tmp_path, tiny_t5, m
     done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "zero"), "--zero", "2", "--sp-kind", "ulysses", *rflow],
                           cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*cmd[:-2], "--outdir", str(tmp_path / "fsdp2"), "--fsdp2", "--sp-kind", "ulysses"], cwd=here,
+                          env=CPU_ENV, capture_output=True, text=True, timeout=300)  # torch's FSDP2 + Ulysses too
+    assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks above
     train.main([*flags, "--outdir", str(tmp_path / "one")])
     train.main([*flags, "--outdir", str(tmp_path / "one_rflow"), *rflow])
-    for run, one in (("sp", "one"), ("zero", "one_rflow")):
+    for run, one in (("sp", "one"), ("zero", "one_rflow"), ("fsdp2", "one")):
         want = load_file(tmp_path / one / "checkpoints" / "step_0000002" / "model.safetensors")
         got = load_file(tmp_path / run / "checkpoints" / "step_0000002" / "model.safetensors")
         for k in want:
@@ -3476,6 +3479,39 @@ def test_torchrun_two_nodes_train_as_one_node_of_two(tmp_path, tiny_t5):
     assert said.count("wrote 16 sample videos") == 1 and len(list((tmp_path / "nodes" / "samples").glob("*.mp4"))) == 16
     files = sorted(p.name for p in (tmp_path / "nodes" / "checkpoints" / "step_0000003").iterdir())
     assert files == ["ema.safetensors", "meta.json", "model.safetensors", "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_torchrun_fsdp2_trains_like_ddp_and_resumes_on_other_ranks(tmp_path, tiny_t5, monkeypatch):
+    """--fsdp2 (torch's fully_shard over the blocks and the model) on 2 gloo ranks: the losses, weights and EMA of DDP
+    on the same ranks and batches, within float rounding. Its checkpoint (whole weights, EMA and optimizer state)
+    resumes on 1 process, and a 1-process run resumes on 2 ranks and samples from the gathered EMA."""
+    csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
+    flags = ["--demo", "--objective", "iddpm", "--data", csv_path, "--model", "STDiT-debug", "--text-encoder", tiny_t5,
+             "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers",
+             "0", "--log-every", "1", "--precision", "fp32", "--ema-decay", "0.5"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *flags]
+    for name, extra in (("ddp", []), ("fsdp2", ["--fsdp2"])):
+        done = subprocess.run([*two, "--outdir", str(tmp_path / name), "--steps", "3", "--no-sample", *extra], cwd=here,
+                              env=CPU_ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")] for name in ("ddp", "fsdp2")]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for weights in ("model", "ema"):
+        want, got = (load_file(tmp_path / name / "checkpoints" / "step_0000003" / f"{weights}.safetensors")
+                     for name in ("ddp", "fsdp2"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{weights} {k}: {m}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a gloo group of one, as the ranks above
+    train.main([*flags, "--fsdp2", "--outdir", str(tmp_path / "fsdp2"), "--steps", "4", "--resume", "auto", "--no-sample"])
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step_0000004" / "optimizer.pt").exists()
+    train.main([*flags, "--fsdp2", "--outdir", str(tmp_path / "one"), "--steps", "1", "--no-sample"])
+    done = subprocess.run([*two, "--fsdp2", "--outdir", str(tmp_path / "one"), "--steps", "2", "--resume", "auto",
+                           "--sample-steps", "2"], cwd=here, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "written by 1 processes, this run has 2" in done.stdout, done.stderr[-3000:]
+    assert len(list((tmp_path / "one" / "samples").glob("*.mp4"))) == 16
+    with pytest.raises(SystemExit):
+        train.get_args([*flags, "--fsdp2", "--zero", "2"])
 
 
 def test_torchrun_sigterm_stops_every_rank_within_a_step_whatever_log_every(tmp_path, tiny_t5):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from diffusers import DDPMScheduler
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -306,6 +308,8 @@ def update_weights(model, ema, opt, scaler, loss, args):
     else:
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         bad = nonfinite(loss, grad_norm, args.precision)
         optimizer_step(opt, scaler, bad)
         update_ema(ema, model, args.ema_decay, skip=bad)
@@ -390,6 +394,8 @@ def train(args, world, interrupts):
     ema = None if args.zero else deepcopy(model).requires_grad_(False).eval()
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world.size} x {device.type}")
     train_model, opt, scaler = parallelize(args, model, world, (inputs.vae, inputs.text_encoder))
+    if args.fsdp2:
+        shard_fsdp2(ema, args)
     diffusion = objective(args, inputs.compression)
     loader = make_loader(args, inputs, model, world)
 
@@ -472,7 +478,7 @@ def setup_distributed(args):
     device = seqparallel.local_device()
     if distributed:
         seqparallel.init_process_group(device)
-    elif args.zero:  # ZeRO-2 on one process: a group of one (bf16 compute weights, fp32 master weights)
+    elif args.zero or args.fsdp2:  # ZeRO-2 or FSDP2 on one process: a group of one
         seqparallel.init_process_group(device, alone=True)
     rank, size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     world = World(distributed, device, rank, size, dp_rank=rank, dp_size=size)
@@ -603,14 +609,30 @@ def parallelize(args, model, world, encoders):
         for encoder in encoders:  # the frozen encoders too, where they run here
             if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
                 encoder.compile_for_speed()
-    if not args.zero:
+    if args.fsdp2:
+        train_model = shard_fsdp2(model, args)
+    elif not args.zero:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    if not args.zero:
         # build the optimizer after parallelism, on the parameters as they end up: AdamW, constant learning rate
         # as in Open-Sora v1.0
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
     return train_model, opt, scaler
+
+
+def shard_fsdp2(module, args):
+    """torch's FSDP2 (--fsdp2): each block, then the rest, sharded over all ranks: weights, gradients and the AdamW
+    state made on them. A block's weights are gathered for its forward in the compute dtype and kept for its backward
+    (ZeRO-2's memory, like zero.py); gradients are averaged in fp32. The EMA is sharded alike, without a forward."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                                  reduce_dtype=torch.float32)
+    for tensor in module.state_dict().values():  # one starting point: rank 0's (DDP does the same)
+        dist.broadcast(tensor, src=0)
+    for block in module.blocks:
+        fully_shard(block, reshard_after_forward=False, mp_policy=policy)
+    return fully_shard(module, reshard_after_forward=False, mp_policy=policy)
 
 
 def make_loader(args, inputs, model, world):
@@ -694,9 +716,10 @@ def sample_at_end(args, model, ema, opt, inputs, world):
     if args.no_sample:
         return None, None
     device, log, text_encoder, vae = world.device, world.log, inputs.text_encoder, inputs.vae
-    if args.zero:  # gather the sharded EMA into a full fp32 model (every rank takes part)
+    if args.zero or args.fsdp2:  # gather the sharded EMA into a full fp32 model (every rank takes part)
+        full = opt.full_state("ema") if args.zero else checkpoint.full_state(ema)
         ema = model_from_config(config_dict(model)).to(device)
-        ema.load_state_dict(opt.full_state("ema"))
+        ema.load_state_dict(full)
     if world.rank != 0:
         return None, None
     if vae is None:  # trained from features: load the encoders only now
@@ -806,6 +829,8 @@ def get_args(argv=None):
     p.add_argument("--sp-kind", default="ulysses", choices=["ulysses", "fastseq"], help="sequence-parallel scheme")
     p.add_argument("--zero", type=int, default=0, choices=[0, 2], help="2: ZeRO-2 (zero.py) instead of DDP")
     p.add_argument("--zero-bucket-mb", type=float, default=64, help="ZeRO-2 gradient bucket size")
+    p.add_argument("--fsdp2", action="store_true", help="torch's FSDP2 (fully_shard over each block and the model: "
+                   "weights, gradients and AdamW state sharded over the ranks) instead of DDP; not with --zero 2")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
@@ -859,6 +884,9 @@ def get_args(argv=None):
     if args.fp8 and args.precision == "fp16":
         p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
                 "--precision fp16 (--fp8 runs under bf16, the default)")
+    if args.fsdp2 and (args.zero or args.precision == "fp16"):
+        p.error(f"--fsdp2 shards the optimizer itself and scales no fp16 loss: drop "
+                f"{'--zero 2' if args.zero else '--precision fp16'} (bf16 or fp32 with --fsdp2)")
     # the same command continues an interrupted demo (claim_outdir starts a finished or different one over)
     if args.demo and not (args.resume or args.overwrite) and checkpoint.interrupted(args):
         args.resume = "auto"
