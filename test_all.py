@@ -3483,25 +3483,28 @@ def test_torchrun_two_nodes_train_as_one_node_of_two(tmp_path, tiny_t5):
 
 def test_torchrun_fsdp2_trains_like_ddp_and_resumes_on_other_ranks(tmp_path, tiny_t5, monkeypatch):
     """--fsdp2 (torch's fully_shard over the blocks and the model) on 2 gloo ranks: the losses, weights and EMA of DDP
-    on the same ranks and batches, within float rounding. Its checkpoint (whole weights, EMA and optimizer state)
-    resumes on 1 process, and a 1-process run resumes on 2 ranks and samples from the gathered EMA."""
+    on the same ranks and batches, within float rounding, also with fp8 linears and gradient checkpointing. Its
+    checkpoint (whole weights, EMA and optimizer state) resumes on 1 process, and a 1-process run resumes on 2 ranks
+    and samples from the gathered EMA."""
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     flags = ["--demo", "--objective", "iddpm", "--data", csv_path, "--model", "STDiT-debug", "--text-encoder", tiny_t5,
              "--text-len", "8", "--num-frames", "4", "--image-size", "16", "16", "--batch-size", "2", "--num-workers",
              "0", "--log-every", "1", "--precision", "fp32", "--ema-decay", "0.5"]
     here = os.path.dirname(os.path.abspath(__file__))
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *flags]
-    for name, extra in (("ddp", []), ("fsdp2", ["--fsdp2"])):
+    fp8 = ["--fp8", "--grad-checkpoint"]  # fp8 linears (the CPU multiplies their fp8 values) and recomputed blocks
+    for name, extra in (("ddp", []), ("fsdp2", ["--fsdp2"]), ("ddp_fp8", fp8), ("fsdp2_fp8", ["--fsdp2", *fp8])):
         done = subprocess.run([*two, "--outdir", str(tmp_path / name), "--steps", "3", "--no-sample", *extra], cwd=here,
                               env=CPU_ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    losses = [[json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")] for name in ("ddp", "fsdp2")]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for weights in ("model", "ema"):
-        want, got = (load_file(tmp_path / name / "checkpoints" / "step_0000003" / f"{weights}.safetensors")
-                     for name in ("ddp", "fsdp2"))
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{weights} {k}: {m}")
+    for ddp, fsdp2 in (("ddp", "fsdp2"), ("ddp_fp8", "fsdp2_fp8")):
+        losses = [[json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")] for name in (ddp, fsdp2)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for weights in ("model", "ema"):
+            want, got = (load_file(tmp_path / name / "checkpoints" / "step_0000003" / f"{weights}.safetensors")
+                         for name in (ddp, fsdp2))
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{fsdp2} {k}: {m}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a gloo group of one, as the ranks above
     train.main([*flags, "--fsdp2", "--outdir", str(tmp_path / "fsdp2"), "--steps", "4", "--resume", "auto", "--no-sample"])
     assert (tmp_path / "fsdp2" / "checkpoints" / "step_0000004" / "optimizer.pt").exists()
