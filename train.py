@@ -574,8 +574,8 @@ def make_model(args, inputs, device):
 
 
 def parallelize(args, model, world, encoders):
-    """fp8 linears, sequence parallelism, compiled blocks, DDP or ZeRO-2, and the optimizer, in the order they need.
-    Returns (the model to train, the optimizer, the loss scaler); under ZeRO-2 the last two are one object. bench.py
+    """fp8 linears, sequence parallelism, compiled blocks, DDP, ZeRO-2 or FSDP2, and the optimizer, in the order they
+    need. Returns (the model to train, the optimizer, the loss scaler); under ZeRO-2 the last two are one object. bench.py
     builds its rows in this order too."""
     device, log, sp_group = world.device, world.log, world.sp_group
     # fp8 after the EMA copy (train makes it), which samples at the end with the plain linears
