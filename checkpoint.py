@@ -271,7 +271,7 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
     for group, kept in zip(adamw.param_groups, kernels):  # this command line's values and this machine's kernels
         group.update(kept, lr=args.lr, weight_decay=args.weight_decay)  # (a GPU's fused AdamW), not the checkpoint's
-    if writers == world:
+    if (writers, meta["args"].get("sp_size") or 1) == (world, args.sp_size):
         rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -294,14 +294,15 @@ def data_ranks(flags, processes):
 # GPU): a resume takes them from the command line and says so (a lower --lr after a loss spike is the usual
 # recovery). A data set or features folder may have moved: its new path is taken and said (the data position counts
 # rows, so it must hold the same ones). The other flags fix what the run is: the model, and what its data position,
-# global batch and RNG streams mean (batch, sizes, encoders, objective, seed, optimizer layout, sequence
-# parallelism; the precision to or from fp16, or under ZeRO-2). A resume that changes one of those is refused before
+# global batch and RNG streams mean (batch, sizes, encoders, objective, seed, optimizer layout; the precision to or
+# from fp16, or under ZeRO-2). Another number of processes or --sp-size is a new layout of the same run (said, and
+# the RNG starts anew: check_resume_flags, resume). A resume that changes an exact flag is refused before
 # anything loads, since it would not continue this run; --init starts a new one from its weights.
 HONOURED_FLAGS = ("lr", "weight_decay", "grad_clip", "ema_decay", "min_snr", "mid_timesteps", "mask_ratios", "precision")
 MOVED_FLAGS = ("data", "features")
 EXACT_FLAGS = ("model", "cond", "space_scale", "time_scale", "objective", "rflow_t", "timestep_shift", "batch_size",
                "grad_accum", "seed", "num_frames", "frame_interval", "image_size", "text_encoder",
-               "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "fsdp2", "sp_size")
+               "text_len", "vae", "vae_path", "pixel_norm", "vae_sample", "zero", "fsdp2")
 
 
 def newest_meta(args):
@@ -344,12 +345,15 @@ def check_resume_flags(args, world_size, log):
     checkpoint, meta = newest_meta(args)
     if checkpoint is None:
         return
-    if (n := written_by(checkpoint)) != world_size:  # weights, EMA and moments carry over; the RNG streams cannot
-        old, new = (data_ranks(vars(args), k) * args.batch_size * args.grad_accum for k in (n, world_size))
-        log(f"{checkpoint} was written by {n} processes, this run has {world_size}: the weights, EMA, optimizer state "
-            f"and data position carry over (the batches left of epoch {meta['epoch']} are dealt to these ranks in "
-            f"turn), the global batch is {new} clips (was {old}), and the random draws (noise, timesteps, dropout) "
-            "start anew from --seed and the step")
+    n, sp = written_by(checkpoint), meta["args"].get("sp_size") or 1
+    if (n, sp) != (world_size, args.sp_size):  # weights, EMA and moments carry over; the RNG streams cannot
+        old, new = (data_ranks(flags, k) * args.batch_size * args.grad_accum for flags, k in ((meta["args"], n),
+                                                                                             (vars(args), world_size)))
+        groups = lambda k: f" in sequence-parallel groups of {k}" if k > 1 else ""
+        log(f"{checkpoint} was written by {n} processes{groups(sp)}, this run has {world_size}{groups(args.sp_size)}: "
+            f"the weights, EMA, optimizer state and data position carry over (the batches left of epoch "
+            f"{meta['epoch']} are dealt to these ranks in turn), the global batch is {new} clips (was {old}), and the "
+            "random draws (noise, timesteps, dropout) start anew from --seed and the step")
     if exact := changed_flags(meta, args, exact_flags(meta, args)):
         raise RunError(f"{checkpoint} was written with other flags ({exact}): resume with the flags it was written "
                        f"with (its meta.json), or start a new run from its weights with --init "
