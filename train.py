@@ -263,11 +263,13 @@ def frame_masks(B, T, ratios, device):
 
 @torch.no_grad()
 def update_ema(ema, model, decay, skip=None):
-    """ema += (1 - decay) (model - ema); not at all where skip (a 0-d tensor) is 1."""
-    ema_params = list(ema.parameters())
+    """ema += (1 - decay) (model - ema); not at all where skip (a 0-d tensor) is 1. Under FSDP2 on this rank's shards
+    (the EMA is sharded as the model; torch 2.11's DTensor has no foreach lerp)."""
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p
+    ema_params = [local(p) for p in ema.parameters()]
     weight = 1 - decay if skip is None else (1 - decay) * (1 - skip)
     weights = weight if skip is None else [weight] * len(ema_params)
-    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], weights)
+    torch._foreach_lerp_(ema_params, [local(p).detach().float() for p in model.parameters()], weights)
 
 
 # Divergence: a step whose loss or gradients are not finite is skipped (weights, Adam moments and EMA stay) and
