@@ -52,6 +52,7 @@ import threading
 import time
 import tokenize
 from functools import partial
+from types import SimpleNamespace
 
 import av
 import huggingface_hub
@@ -2641,6 +2642,26 @@ def test_resume_keeps_this_machines_adamw_kernels(tmp_path):
     train.main(old_run_flags(run, "--steps", "3", "--ckpt-every", "3", "--resume", "auto"))
     groups = torch.load(run / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["fused"], g["foreach"]) for g in groups] == [(here, None)] * len(groups)
+
+
+def test_a_run_that_cannot_fit_its_gpus_is_refused_before_anything_loads(monkeypatch):
+    """STDiT-XL/2's weights, gradients, AdamW moments and EMA: 20 bytes a parameter under DDP (13 GiB), more than a
+    GPU of 8 GiB holds, so refused in one sentence naming the fix; ZeRO-2 or FSDP2 over 8 such GPUs keep 1/8 of that
+    plus bf16 weights and gradients, which fits. CPUs are not checked."""
+    gpu = SimpleNamespace(total_memory=8 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    for flags, size, fits in (([], 1, False), ([], 8, False), (["--zero", "2"], 8, True), (["--fsdp2"], 8, True),
+                              (["--zero", "2"], 1, False)):
+        args = SimpleNamespace(model="STDiT-XL/2", cond="cross", zero=2 if "--zero" in flags else 0,
+                               fsdp2="--fsdp2" in flags)
+        world = train.World(size > 1, torch.device("cuda", 0), size=size)
+        if fits:
+            train.refuse_what_cannot_fit(args, world)
+        else:
+            with pytest.raises(checkpoint.RunError, match="STDiT-XL/2 \\(\\d+M parameters\\) keeps .* GiB a GPU on .*more "
+                                                          "than this GPU's 8 GiB before any activation: use "):
+                train.refuse_what_cannot_fit(args, world)
+    train.refuse_what_cannot_fit(args, train.World(False, torch.device("cpu")))  # a CPU: nothing to check
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, capsys, monkeypatch):

@@ -390,6 +390,7 @@ def train(args, world, interrupts):
     features = settle_data(args, world)
     if args.resume:  # a changed flag that the run cannot honour is refused before the encoders and the model load
         checkpoint.check_resume_flags(args, world.size, log)
+    refuse_what_cannot_fit(args, world)
     inputs = load_inputs(args, world, features)
     model = make_model(args, inputs, device)
     # fp32 EMA of the weights, the one to sample from (ZeRO-2 keeps it sharded instead); copied before fp8
@@ -501,6 +502,25 @@ def setup_distributed(args):
     torch.manual_seed(args.seed + world.dp_rank)
     random.seed(args.seed + world.dp_rank)
     return world
+
+
+def refuse_what_cannot_fit(args, world):
+    """On GPUs, before anything loads (a run resumed on fewer GPUs, say): the state each rank keeps for the whole run
+    against its GPU's memory. Per parameter: DDP keeps fp32 weights, gradients, two AdamW moments and the EMA (20
+    bytes); ZeRO-2 and FSDP2 shard those over the ranks and keep bf16 weights and gradients whole (4 bytes).
+    Activations come on top and are not counted: what this refuses cannot fit at any batch size."""
+    if world.device.type != "cuda":
+        return
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        params = sum(p.numel() for p in build_model(args.model, cond=args.cond).parameters())
+    sharded = bool(args.zero or args.fsdp2)
+    need = params * (20 / world.size + 4 if sharded else 20)
+    have = torch.cuda.get_device_properties(world.device).total_memory
+    if need > have:
+        fix = "more GPUs" if sharded else "--zero 2 or --fsdp2 over more GPUs"
+        raise RunError(f"{args.model} ({params / 1e6:.0f}M parameters) keeps {need / 2**30:.1f} GiB a GPU on {world.size} "
+                       f"{'sharded' if sharded else 'DDP'} (weights, gradients, AdamW moments, EMA), more than this "
+                       f"GPU's {have / 2**30:.0f} GiB before any activation: use {fix}")
 
 
 def settle_data(args, world):
