@@ -232,6 +232,7 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
     check_resume_flags)."""
     meta = read_meta(checkpoint)
     writers, world = written_by(checkpoint), dist.get_world_size() if dist.is_initialized() else 1
+    new_layout = layout_changed(checkpoint, meta, args, world)
     check_same_model(checkpoint, meta, model)
     adamw = opt.adamw if args.zero else opt
     kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in adamw.param_groups]
@@ -247,7 +248,7 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
             raise RunError(f"{checkpoint} has no ZeRO-2 slices (written with {written_with}): resume with the same "
                            "flags, or start from its weights with --init")
         try:
-            if writers == world:
+            if writers == world:  # ZeRO-2's group is every process: --sp-size does not cut its slices
                 opt.load_state_dict(load_states(slices[rank], device))
             else:  # every rank reads every slice and keeps its own cut
                 opt.load_state_dict(opt.recut([load_states(path, "cpu") for path in slices]))
@@ -271,7 +272,7 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
             raise Unreadable(f"its optimizer.pt does not hold this run's optimizer ({e})") from e
     for group, kept in zip(adamw.param_groups, kernels):  # this command line's values and this machine's kernels
         group.update(kept, lr=args.lr, weight_decay=args.weight_decay)  # (a GPU's fused AdamW), not the checkpoint's
-    if (writers, meta["args"].get("sp_size") or 1) == (world, args.sp_size):
+    if not new_layout:
         rng = load_states(os.path.join(checkpoint, f"rng_rank{rank}.pt"), "cpu")
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -283,6 +284,11 @@ def resume(checkpoint, args, model, ema, opt, scaler, device, rank):
         random.seed(seed)
     done = meta["batch"] if meta.get("batch_of_all_ranks") else meta["batch"] * data_ranks(meta["args"], writers)
     return meta["step"], (meta["epoch"], done)
+
+
+def layout_changed(checkpoint, meta, args, world_size):
+    """Whether this run lays the checkpoint's run out anew: another number of processes or another --sp-size."""
+    return (written_by(checkpoint), meta["args"].get("sp_size") or 1) != (world_size, args.sp_size)
 
 
 def data_ranks(flags, processes):
@@ -345,8 +351,8 @@ def check_resume_flags(args, world_size, log):
     checkpoint, meta = newest_meta(args)
     if checkpoint is None:
         return
-    n, sp = written_by(checkpoint), meta["args"].get("sp_size") or 1
-    if (n, sp) != (world_size, args.sp_size):  # weights, EMA and moments carry over; the RNG streams cannot
+    if layout_changed(checkpoint, meta, args, world_size):  # weights, EMA and moments carry over; the RNG cannot
+        n, sp = written_by(checkpoint), meta["args"].get("sp_size") or 1
         old, new = (data_ranks(flags, k) * args.batch_size * args.grad_accum for flags, k in ((meta["args"], n),
                                                                                              (vars(args), world_size)))
         groups = lambda k: f" in sequence-parallel groups of {k}" if k > 1 else ""

@@ -601,8 +601,8 @@ def demo_first_frames(captions, size, seed=1):
 
 def describe_caption(caption):
     """(colour, shape, direction) that a demo caption names."""
-    words = caption.split()
-    return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES), parse_caption(caption)[1]
+    colour, direction = parse_caption(caption)
+    return colour, next(w for w in caption.split() if w in SHAPES), direction
 
 
 def recoloured(caption):

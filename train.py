@@ -528,7 +528,8 @@ def settle_data(args, world):
     run trains on, as its checkpoints save them. Returns the FeatureDataset, or None where the encoders will run."""
     if args.demo and args.data is None and args.features is None:
         args.data = data.demo_manifest(os.path.join(args.outdir, "demo_data"), args.demo_videos, args.num_frames,
-                                       max(args.image_size), world.rank == 0, world.log, not args.demo_i2v)
+                                       max(args.image_size), write=world.rank == 0, log=world.log,
+                                       colour_in_caption=not args.demo_i2v)
         checkpoint.barrier()
     if not args.features:
         return None
