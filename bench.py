@@ -215,17 +215,13 @@ def bench_training(args, s, device, rank, world, log):
     if s["sp"] > 1:
         sp_group, _, _ = seqparallel.init_groups(s["sp"])
         seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind, overlap=not args.no_overlap)
-    # train.parallelize's order (its comments say why): fp8, sequence parallelism, ZeRO-2's cast, compiled blocks,
-    # then DDP. FSDP2, a comparison train.py does not run, shards the blocks before they compile.
+    # train.parallelize's order (its comments say why): fp8, sequence parallelism, ZeRO-2's cast or FSDP2's sharding,
+    # compiled blocks, then DDP.
     fused = device.type == "cuda" and not args.baseline
     if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
         net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
-    elif s["optimizer"] == "fsdp2":  # torch's own ZeRO-2, for comparison
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-        for block in model.blocks:
-            fully_shard(block, reshard_after_forward=False, mp_policy=policy)
-        net = fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+    elif s["optimizer"] == "fsdp2":  # train.py --fsdp2: torch's fully_shard, bf16 gathers, fp32 reductions
+        net = train.shard_fsdp2(model, argparse.Namespace(precision="bf16"))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     if s["compile"]:
         for block in model.blocks:
@@ -598,7 +594,7 @@ def main(argv=None):
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
-                        "torch's FSDP2 fully_shard(reshard_after_forward=False): the library's ZeRO-2")
+                        "torch's FSDP2 fully_shard(reshard_after_forward=False) as train.py --fsdp2 shards: the library's ZeRO-2")
     p.add_argument("--vae-micro-batch", type=int, default=32, help="frames per SD-VAE call")
     p.add_argument("--vae-path", default=None, help="SD-VAE folder or hub id (default stabilityai/sd-vae-ft-ema)")
     p.add_argument("--text-encoder", default="t5", help="text encoder folder or hub id (default T5-v1.1-XXL)")

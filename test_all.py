@@ -4097,12 +4097,14 @@ def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
 
 
 def test_bench_trains_in_fp8(capsys):
-    """--fp8 without --sample times training as train.py --fp8 runs it: the blocks' linears in fp8."""
+    """--fp8 without --sample times training as train.py --fp8 runs it: the blocks' linears in fp8, also under FSDP2."""
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--precomputed",
             "--steps", "1", "--warmup", "1", "--no-compile"]
     plain, = run_bench(argv, capsys)
     fp8, = run_bench(argv + ["--fp8"], capsys)
     assert plain["fp8_linears"] == 0 and fp8["fp8_linears"] == 7 * 2 and fp8["step_s"] > 0  # 2 blocks, cross-attention
+    fsdp2, = run_bench(argv + ["--fp8", "--optimizer", "fsdp2"], capsys)  # train.py --fsdp2's sharding, fp8 linears
+    assert fsdp2["optimizer"] == "fsdp2" and fsdp2["fp8_linears"] == 7 * 2 and fsdp2["step_s"] > 0
     with pytest.raises(SystemExit, match="drop --precision fp16"):
         bench.main(argv + ["--fp8", "--precision", "fp16"])
 
