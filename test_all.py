@@ -2694,10 +2694,25 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, capsys, monkeypa
     assert meta["batch_of_all_ranks"] and (meta["epoch"], meta["batch"]) == (1, 1)  # epoch 0 was done: the next one
 
 
+RESUME_AND_DUMP = """
+import sys, torch, checkpoint, train
+args = train.get_args(sys.argv[1:])
+world = train.setup_distributed(args)
+model = train.make_model(args, train.load_inputs(args, world, None), world.device)
+_, opt, scaler = train.parallelize(args, model, world, (None, None))
+checkpoint.resume_newest(args, model, None, opt, scaler, world.device, 0, lambda *a: None)
+full = {which: opt.full_state(which) for which in ("master", "ema")}  # every rank gathers
+state = opt.state_dict()
+torch.save(dict(adamw=state["adamw"], full=full), f"{args.outdir}/resumed_rank{torch.distributed.get_rank()}.pt")
+torch.distributed.destroy_process_group()
+"""  # torchrun this with train.py's flags: resumes ZeRO-2 as train.py does, then saves this rank's slices
+
+
 def test_zero2_slices_are_cut_again_for_another_number_of_ranks(tmp_path, tiny_t5, monkeypatch):
     """ZeRO-2's slices written by 2 ranks (a gloo torchrun), resumed by one process: each bucket of master weights,
     EMA and Adam moments is the 2 ranks' chunks joined; the weights equal the checkpoint's full files; and the one
-    process trains on. Then a one-process ZeRO-2 run resumes on 2 ranks."""
+    process trains on. Resumed by 4 ranks, their quarters join to the same moments and weights. Then a one-process
+    ZeRO-2 run resumes on 2 ranks."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a gloo group, as the torchrun ranks use
     csv_path = data.make_demo_dataset(str(tmp_path / "demo"), num_videos=8, num_frames=4, size=16)
     flags = ["--demo", "--objective", "iddpm", "--data", csv_path, "--model", "STDiT-debug", "--text-encoder", tiny_t5,
@@ -2727,6 +2742,22 @@ def test_zero2_slices_are_cut_again_for_another_number_of_ranks(tmp_path, tiny_t
                 assert torch.equal(opt.adamw.state[part][key][:n], joined)
     finally:
         torch.distributed.destroy_process_group()
+    # the same slices resumed by 4 ranks: each keeps its quarter of every bucket
+    script = tmp_path / "resume_on_four.py"
+    script.write_text(RESUME_AND_DUMP)
+    four = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(script), *flags,
+            "--outdir", str(tmp_path / "two"), "--steps", "3", "--resume", "auto"]
+    done = subprocess.run(four, cwd=here, env=dict(CPU_ENV, PYTHONPATH=here), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cut = [torch.load(tmp_path / "two" / f"resumed_rank{r}.pt", weights_only=True) for r in range(4)]
+    for which, name in (("master", "model"), ("ema", "ema")):
+        want = load_file(step2 / f"{name}.safetensors")
+        assert all(torch.equal(v, want[k]) for k, v in cut[0]["full"][which].items())
+    for i, n in enumerate(sum(p.numel() for p in b) for b in opt.buckets):
+        for key in ("exp_avg", "exp_avg_sq"):
+            joined = [torch.cat([w["adamw"]["state"][i][key] for w in states])[:n] for states in (written, cut)]
+            assert torch.equal(joined[1], joined[0]) and all(c["adamw"]["state"][i][key].numel() * 4 >= n for c in cut)
     train.main([*flags, "--outdir", str(tmp_path / "two"), "--steps", "3", "--resume", "auto"])
     assert (tmp_path / "two" / "checkpoints" / "step_0000003" / "zero_rank0.pt").exists()
     train.main([*flags, "--outdir", str(tmp_path / "one"), "--steps", "1"])
