@@ -886,34 +886,40 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.pixel_norm is None:  # the demo's pixel standardisation is for raw pixels, not for latents
         args.pixel_norm = DEMO["pixel_norm"] if args.vae == "raw" else [0.0, 1.0]
-    if args.data is None and args.features is None and not args.demo:
-        p.error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
-    if args.data and args.features:
-        p.error("pass --data or --features, not both: features already hold the encoded manifest")
-    if args.data and data.missing_manifest(args.data):
-        p.error(data.missing_manifest(args.data))
-    if args.data:  # its header and rows now, not after minutes of loading T5-XXL
-        try:
-            data.read_manifest(args.data)
-        except ValueError as e:
-            p.error(str(e))
-    if args.model not in PRESETS:
-        p.error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
-    if args.init and not os.path.isfile(args.init):
-        p.error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
-    refuse_bad_values(p.error, args)
-    refuse_mixed_objectives(p.error, args)
+    refuse_what_cannot_run(p.error, args)
     args.mask_ratios = read_mask_ratios(p.error, args.mask_ratios)
-    if args.fp8 and args.precision == "fp16":
-        p.error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
-                "--precision fp16 (--fp8 runs under bf16, the default)")
-    if args.fsdp2 and (args.zero or args.precision == "fp16"):
-        p.error(f"--fsdp2 shards the optimizer itself and scales no fp16 loss: drop "
-                f"{'--zero 2' if args.zero else '--precision fp16'} (bf16 or fp32 with --fsdp2)")
     # the same command continues an interrupted demo (claim_outdir starts a finished or different one over)
     if args.demo and not (args.resume or args.overwrite) and checkpoint.interrupted(args):
         args.resume = "auto"
     return args
+
+
+def refuse_what_cannot_run(error, args):
+    """One sentence (error) for inputs that are missing or cannot be read, a flag that does not fit the others, or a
+    value out of range: before anything loads."""
+    if args.data is None and args.features is None and not args.demo:
+        error("pass --data CSV (see `python data.py manifest --help`), --features FOLDER or --demo for the built-in demo")
+    if args.data and args.features:
+        error("pass --data or --features, not both: features already hold the encoded manifest")
+    if args.data and data.missing_manifest(args.data):
+        error(data.missing_manifest(args.data))
+    if args.data:  # its header and rows now, not after minutes of loading T5-XXL
+        try:
+            data.read_manifest(args.data)
+        except ValueError as e:
+            error(str(e))
+    if args.model not in PRESETS:
+        error(f"--model {args.model} is not a preset: choose one of {', '.join(PRESETS)}")
+    if args.init and not os.path.isfile(args.init):
+        error(f"--init {args.init}: no such file; pass a .pt, .pth or .safetensors checkpoint")
+    refuse_bad_values(error, args)
+    refuse_mixed_objectives(error, args)
+    if args.fp8 and args.precision == "fp16":
+        error("--fp8 writes bf16 activations and gradients, which fp16's loss scaling was not made for: drop "
+              "--precision fp16 (--fp8 runs under bf16, the default)")
+    if args.fsdp2 and (args.zero or args.precision == "fp16"):
+        error(f"--fsdp2 shards the optimizer itself and scales no fp16 loss: drop "
+              f"{'--zero 2' if args.zero else '--precision fp16'} (bf16 or fp32 with --fsdp2)")
 
 
 def read_mask_ratios(error, values):
