@@ -215,18 +215,18 @@ def bench_training(args, s, device, rank, world, log):
     if s["sp"] > 1:
         sp_group, _, _ = seqparallel.init_groups(s["sp"])
         seqparallel.apply_sequence_parallel(model, sp_group, args.sp_kind, overlap=not args.no_overlap)
-    # train.parallelize's order (its comments say why): fp8, sequence parallelism, ZeRO-2's cast or FSDP2's sharding,
-    # compiled blocks, then DDP.
+    # train.parallelize's order (its comments say why): fp8, sequence parallelism, ZeRO-2's cast, compiled blocks,
+    # then DDP or FSDP2's sharding, and the optimizer on the parameters as they end up
     fused = device.type == "cuda" and not args.baseline
     if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
         net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
-    elif s["optimizer"] == "fsdp2":  # train.py --fsdp2: torch's fully_shard, bf16 gathers, fp32 reductions
-        net = train.shard_fsdp2(model, argparse.Namespace(precision="bf16"))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     if s["compile"]:
         for block in model.blocks:
             block.compile()
-    if s["optimizer"] == "ddp":  # train.py's default: fp32 weights under autocast
+    if s["optimizer"] == "fsdp2":  # train.py --fsdp2: torch's fully_shard, bf16 gathers, fp32 reductions
+        net = train.shard_fsdp2(model, argparse.Namespace(precision="bf16"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    elif s["optimizer"] == "ddp":  # train.py's default: fp32 weights under autocast
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if world > 1 else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if args.baseline else None)
