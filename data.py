@@ -255,11 +255,14 @@ class VideoDataset(torch.utils.data.Dataset):
     image_size=(h, w) resizes every clip to cover (h, w) and centre-crops. image_size=None keeps the
     native size (dynamic resolution), only cropping H and W down to a multiple of size_multiple
     (16 = VAE x8 times patch 2). Items are {"video": (C, T, H, W) in [-1, 1], "caption", "index"};
-    an unreadable file gives {"unreadable": index}, is counted in self.skipped, and collate() drops it."""
+    an unreadable file gives {"unreadable": index}, is counted in self.skipped, and collate() drops it.
+    cache_mb keeps decoded frames in memory up to that size, so an epoch after the first decodes nothing: for a small
+    data set read by the main process (the demo's); loader workers start each epoch from a fresh copy."""
 
     def __init__(self, csv_path, num_frames=16, frame_interval=3, image_size=(256, 256),
-                 transform=None, size_multiple=16, seed=0):
+                 transform=None, size_multiple=16, seed=0, cache_mb=0):
         self.rows, self.csv_path = read_manifest(csv_path), csv_path
+        self.cache, self.cache_left = {}, cache_mb * 2**20
         if isinstance(image_size, int):
             image_size = (image_size, image_size)  # --image-size 256 means 256x256
         self.root = os.path.dirname(os.path.abspath(csv_path))  # relative paths start here
@@ -312,24 +315,34 @@ class VideoDataset(torch.utils.data.Dataset):
             return {"unreadable": index}
         return {"video": video, "caption": self.rows[index]["caption"], "index": index}
 
+    def read(self, index, indices):
+        """read_video of these frames of clip index, from the cache where it holds them (uint8, as decoded)."""
+        key = (index, tuple(int(i) for i in indices))
+        frames = self.cache.get(key)
+        if frames is None:
+            frames = read_video(self.path(index), indices)
+            if frames.numel() <= self.cache_left:
+                self.cache[key], self.cache_left = frames, self.cache_left - frames.numel()
+        return frames
+
     def load(self, index):
         T, h, w = self.bucket_key(index)
         if h == 0 or w == 0:
             raise ValueError(f"size unknown or under {self.size_multiple} pixels")
         if is_image(self.rows[index]["path"]):
-            frames = read_video(self.path(index), [0])
+            frames = self.read(index, [0])
         else:
             # The CSV's frame count saves opening the file twice; without it, read the header.
             total = _number(self.rows[index].get("num_frames")) or probe_video(self.path(index))["num_frames"]
             # The generator depends on (seed, epoch, index) only: same clip window in any worker layout.
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
             try:
-                frames = read_video(self.path(index), sample_frame_indices(total, T, self.frame_interval, generator))
+                frames = self.read(index, sample_frame_indices(total, T, self.frame_interval, generator))
             except ShortVideo as short:  # the row's num_frames overstates the file: the file's count from now on
                 log.warning("%s: its row in %s says %d frames, the file has %d; sampling from those", self.path(index),
                             self.csv_path, total, short.frames)
                 self.rows[index]["num_frames"] = short.frames
-                frames = read_video(self.path(index), sample_frame_indices(short.frames, T, self.frame_interval, generator))
+                frames = self.read(index, sample_frame_indices(short.frames, T, self.frame_interval, generator))
         video = rearrange(frames, "T H W C -> T C H W").float()  # F.interpolate wants channels first
         if self.image_size is None:
             video = center_crop(video, (min(h, video.shape[-2]), min(w, video.shape[-1])))

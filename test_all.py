@@ -1762,6 +1762,29 @@ def test_demo_generator_and_scorer(tmp_path):
     assert len({data.parse_caption(p) for p in data.DEMO_PROMPTS}) == 16
 
 
+def test_dataset_cache_decodes_each_clip_once_within_its_size(tmp_path, monkeypatch):
+    """cache_mb: a clip read again (its frames) comes from memory, equal to a fresh decode; past the budget clips are
+    decoded each time; the frame windows of another epoch are other keys."""
+    csv_path = data.make_demo_dataset(str(tmp_path), num_videos=4, num_frames=12, size=16)
+    decoded = []
+    real = data.read_video
+    monkeypatch.setattr(data, "read_video", lambda path, indices=None: decoded.append(path) or real(path, indices))
+    plain = data.VideoDataset(csv_path, num_frames=4, frame_interval=2, image_size=(16, 16), seed=1)
+    cached = data.VideoDataset(csv_path, num_frames=4, frame_interval=2, image_size=(16, 16), seed=1, cache_mb=1)
+    for epoch in (0, 0, 1):
+        plain.set_epoch(epoch), cached.set_epoch(epoch)
+        for i in range(4):
+            assert torch.equal(cached[i]["video"], plain[i]["video"])
+    # plain: every read; cached: each (clip, frame window) once, epoch 1 drawing new windows for some clips
+    assert len(decoded) == 12 + len(cached.cache) and 4 <= len(cached.cache) <= 8
+    small = data.VideoDataset(csv_path, num_frames=4, frame_interval=2, image_size=(16, 16), seed=1,
+                              cache_mb=2 * 4 * 16 * 16 * 3 / 2**20)  # room for two clips' frames
+    decoded.clear()
+    for _ in range(2):
+        [small[i] for i in range(4)]
+    assert len(decoded) == 4 + 2 and len(small.cache) == 2
+
+
 def test_dataset_skips_corrupt_files_through_dataloader(tmp_path, caplog):
     data.make_demo_dataset(str(tmp_path), num_videos=10, num_frames=12, size=32)
     rows = list(csv.reader(open(tmp_path / "demo.csv")))

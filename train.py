@@ -665,7 +665,8 @@ def make_loader(args, inputs, model, world):
         dataset = data.VideoDataset(args.data, num_frames=args.num_frames, frame_interval=args.frame_interval,
                                     image_size=None if args.image_size == [0, 0] else tuple(args.image_size),
                                     # native sizes are cropped to a multiple the VAE and the patch both divide
-                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed)
+                                    size_multiple=vae.compression[1] * model.cfg.patch[1], seed=args.seed,
+                                    cache_mb=args.cache_mb if args.num_workers == 0 else 0)
     sampler = data.BucketBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed, rank=world.dp_rank,
                                       world_size=world.dp_size)
     if len(sampler) == 0:
@@ -785,7 +786,7 @@ def sample_at_end(args, model, ema, opt, inputs, world):
 DEMO = dict(outdir="outputs/demo", model="DiT-demo/3", objective="rflow", text_encoder="minilm", text_len=16,
             vae="raw", pixel_norm=[-0.83, 0.25], num_frames=8, frame_interval=1, image_size=[12, 12], space_scale=1.0,
             batch_size=16, lr=2e-3, steps=1200, grad_checkpoint=0.0, ema_decay=0.99, ckpt_every=400, log_every=10,
-            num_workers=0, demo_videos=256, cfg_scale=4.0)
+            num_workers=0, cache_mb=64, demo_videos=256, cfg_scale=4.0)
 # --demo --objective iddpm: the IDDPM demo (docs/LOG.md, "The CPU demo, fourth day"): min-SNR 5, half the timesteps
 # from the middle of the schedule, the demo preset's eps_skip (the network adds to the noise's best guess), DDIM
 DEMO_IDDPM = dict(min_snr=5.0, mid_timesteps=0.5, sampler="ddim", sample_steps=50)
@@ -865,6 +866,8 @@ def get_args(argv=None):
                    "checkpoints (they are deleted); without it such a folder is continued only with --resume")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--cache-mb", type=float, default=0, help="with --num-workers 0: keep up to this many MB of decoded "
+                   "frames in memory, so later epochs of a small data set decode nothing (the demo: 64)")
     p.add_argument("--demo-videos", type=int, default=256, help="size of the generated demo data set")
     p.add_argument("--sample-steps", type=int, default=100, help="sampling steps for the samples written at the end "
                    "(rflow: 30)")
@@ -974,7 +977,7 @@ def refuse_bad_values(error, args):
         error(f"--grad-clip {args.grad_clip:g}: give the largest gradient norm (Open-Sora v1.0: 1.0), or 0 for no clipping")
     if not 0 <= args.ema_decay <= 1:
         error(f"--ema-decay {args.ema_decay:g}: give a number from 0 to 1 (Open-Sora v1.0: 0.9999; 0 keeps no average)")
-    for name in ("weight_decay", "min_snr", "num_workers", "keep_last"):
+    for name in ("weight_decay", "min_snr", "num_workers", "keep_last", "cache_mb"):
         if not getattr(args, name) >= 0:
             error(f"--{name.replace('_', '-')} {getattr(args, name):g}: give 0 or more")
     if not 0 <= args.mid_timesteps <= 1:
