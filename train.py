@@ -421,7 +421,9 @@ def train(args, world, interrupts):
         log(f"the demo: {args.model} learns {len(loader.dataset)} clips of coloured shapes for {args.steps - step} steps "
             f"of {args.batch_size}, then samples {len(data.DEMO_PROMPTS)} prompts{' from first frames' * args.demo_i2v} "
             f"({args.sampler}, {args.sample_steps} steps) and scores them; stopped (Ctrl-C), the same command continues it")
-    first, first_tick = step, time.time()
+    # the demo's time left, from 30 steps after its first epoch (whose clips are decoded, later ones cached)
+    first = step + len(loader) if step + len(loader) + 30 <= args.steps else step
+    first_tick = time.time()
     train_model.train()
     while step < args.steps:
         for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
@@ -448,7 +450,9 @@ def train(args, world, interrupts):
             log_step(bar, logfile, record, world.distributed)
             seen, tick = 0, time.time()
             stop_if_diverged(streak, step, args)
-        if args.demo and step == min(first + 30, args.steps):  # how long the rest takes, from the first steps here
+        if step == first:
+            first_tick = time.time()
+        if args.demo and step == min(first + 30, args.steps):
             bar.write(demo_eta(args, step, (time.time() - first_tick) / (step - first)))
         stop = interrupts.requested()
         if step % args.ckpt_every == 0 or step == args.steps or stop:
@@ -723,7 +727,7 @@ def log_step(bar, logfile, record, distributed):
 def demo_eta(args, step, seconds_per_step):
     """The demo's time left, from its first steps here; a sampling step (a guided batch of twice the prompts, no
     backward) costs about 0.8 of a training step on a CPU."""
-    runs = 2 if args.demo_i2v else 3 if args.mask_ratios else 1  # text-to-video, then two image-to-video sets
+    runs = 0 if args.no_sample else 2 if args.demo_i2v else 3 if args.mask_ratios else 1  # t2v, two i2v sets
     sampling = runs * args.sample_steps * 0.8 * seconds_per_step
     left = (args.steps - step) * seconds_per_step + sampling
     return (f"this machine trains {args.batch_size / seconds_per_step:.0f} samples/s: the demo ends in about "
