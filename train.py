@@ -995,7 +995,7 @@ def refuse_bad_values(error, args):
         error(f"--image-size {args.image_size[0]} {args.image_size[1]}: give a positive height and width, or 0 0 to "
               "keep each clip's own size")
     positive = ("space_scale", "time_scale", "zero_bucket_mb")
-    for name in ("weight_decay", "min_snr", "cfg_scale", *positive):  # NaN or infinity: nonsense without a word
+    for name in ("weight_decay", "min_snr", "cfg_scale", "cache_mb", *positive):  # NaN or infinity: nonsense, silent
         value = getattr(args, name)
         if not math.isfinite(value) or (name in positive and not value > 0):
             error(f"--{name.replace('_', '-')} {value:g}: give a finite number" + (" above 0" if name in positive else ""))
