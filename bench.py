@@ -224,7 +224,7 @@ def bench_training(args, s, device, rank, world, log):
         for block in model.blocks:
             block.compile()
     if s["optimizer"] == "fsdp2":  # train.py --fsdp2: torch's fully_shard, bf16 gathers, fp32 reductions
-        net = train.shard_fsdp2(model, argparse.Namespace(precision="bf16"))
+        net = train.shard_fsdp2(model, "bf16")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     elif s["optimizer"] == "ddp":  # train.py's default: fp32 weights under autocast
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -398,7 +398,7 @@ def train(args, world, interrupts):
     log(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {world.size} x {device.type}")
     train_model, opt, scaler = parallelize(args, model, world, (inputs.vae, inputs.text_encoder))
     if args.fsdp2:
-        shard_fsdp2(ema, args)
+        shard_fsdp2(ema, args.precision)
     diffusion = objective(args, inputs.compression)
     loader = make_loader(args, inputs, model, world)
 
@@ -421,9 +421,9 @@ def train(args, world, interrupts):
         log(f"the demo: {args.model} learns {len(loader.dataset)} clips of coloured shapes for {args.steps - step} steps "
             f"of {args.batch_size}, then samples {len(data.DEMO_PROMPTS)} prompts{' from first frames' * args.demo_i2v} "
             f"({args.sampler}, {args.sample_steps} steps) and scores them; stopped (Ctrl-C), the same command continues it")
-    # the demo's time left, from 30 steps after its first epoch (whose clips are decoded, later ones cached)
-    first = step + len(loader) if step + len(loader) + 30 <= args.steps else step
-    first_tick = time.time()
+    # the demo's time left, timed from the end of its first epoch (whose clips are decoded, later ones cached)
+    eta_from = step + len(loader) if step + len(loader) + 30 <= args.steps else step
+    eta_tick = time.time()
     train_model.train()
     while step < args.steps:
         for micro in range(args.grad_accum):  # gradients of grad_accum micro-batches add up before one step
@@ -450,10 +450,10 @@ def train(args, world, interrupts):
             log_step(bar, logfile, record, world.distributed)
             seen, tick = 0, time.time()
             stop_if_diverged(streak, step, args)
-        if step == first:
-            first_tick = time.time()
-        if args.demo and step == min(first + 30, args.steps):
-            bar.write(demo_eta(args, step, (time.time() - first_tick) / (step - first)))
+        if step == eta_from:
+            eta_tick = time.time()
+        if args.demo and step == min(eta_from + 30, args.steps):
+            bar.write(demo_eta(args, step, (time.time() - eta_tick) / (step - eta_from)))
         stop = interrupts.requested()
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             stop_if_diverged(streak, step, args)
@@ -637,7 +637,7 @@ def parallelize(args, model, world, encoders):
             if hasattr(encoder, "compile_for_speed") and device.type == "cuda":
                 encoder.compile_for_speed()
     if args.fsdp2:
-        train_model = shard_fsdp2(model, args)
+        train_model = shard_fsdp2(model, args.precision)
     elif not args.zero:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
     if not args.zero:
@@ -649,11 +649,11 @@ def parallelize(args, model, world, encoders):
     return train_model, opt, scaler
 
 
-def shard_fsdp2(module, args):
+def shard_fsdp2(module, precision):
     """torch's FSDP2 (--fsdp2): each block, then the rest, sharded over all ranks: weights, gradients and the AdamW
     state made on them. A block's weights are gathered for its forward in the compute dtype and kept for its backward
     (ZeRO-2's memory, like zero.py); gradients are averaged in fp32. The EMA is sharded alike, without a forward."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                                   reduce_dtype=torch.float32)
     for tensor in module.state_dict().values():  # one starting point: rank 0's (DDP does the same)
         dist.broadcast(tensor, src=0)
@@ -725,8 +725,8 @@ def log_step(bar, logfile, record, distributed):
 
 
 def demo_eta(args, step, seconds_per_step):
-    """The demo's time left, from its first steps here; a sampling step (a guided batch of twice the prompts, no
-    backward) costs about 0.8 of a training step on a CPU."""
+    """The demo's time left, from the seconds a timed training step took; a sampling step (a guided batch of twice
+    the prompts, no backward) costs about 0.8 of a training step on a CPU."""
     runs = 0 if args.no_sample else 2 if args.demo_i2v else 3 if args.mask_ratios else 1  # t2v, two i2v sets
     sampling = runs * args.sample_steps * 0.8 * seconds_per_step
     left = (args.steps - step) * seconds_per_step + sampling
