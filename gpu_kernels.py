@@ -20,6 +20,9 @@ LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path
   adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward:
                  `norm_modulate`, `add_norm_modulate`, called by model.py's seams of the same names; twins that
                  write e4m3 rows for fp8 sampling
+  MLP          - `gelu_mlp`: in training, fc1's matmul with the bias and GELU in its epilogue, and fc2's input
+                 gradient with GELU's derivative and fc1's bias gradient in its own (Triton matmuls); called by
+                 model.py's seam of the same name
   checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (model.checkpoint_block)
 
 It exports its ops for fp8.py, which imports it: fp8's sampling compiler pass takes the norm ops it rewrites,
@@ -57,6 +60,7 @@ except ImportError:
 # The auto policy's settings (change them only through override()).
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
 FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
+FUSED_MLP = True  # False: the MLP as model.py writes it (cuBLAS matmuls and the compiler's GELU)
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
 # flash-attn 4 from this many keys on, where it pays: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys,
 # no shorter at 1,024 or fewer (H200; docs/LOG.md, "flash-attn 4")
@@ -68,10 +72,10 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 @contextmanager
 def override(**settings):
     """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), fused_norm
-    (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
+    (bool), fused_mlp (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
     bench.py --no-flash-attn; the one way to change this module's behaviour from outside."""
     names = {name: name.upper() for name in settings}
-    known = ("FLASH_ATTN", "FUSED_NORM", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
+    known = ("FLASH_ATTN", "FUSED_NORM", "FUSED_MLP", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
     unknown = [name for name, upper in names.items() if upper not in known]
     if unknown:
         raise ValueError(f"gpu_kernels.override takes {', '.join(k.lower() for k in known)}, not {', '.join(unknown)}")
@@ -646,6 +650,145 @@ def add_norm_modulate(x, a, gate, shift, scale, eps, reference):
         return reference(x, a, gate, shift, scale, eps)
     x, h, _ = add_norm_modulate_op(x, a, gate, shift, scale, eps, _output_dtype(x))
     return x, h
+
+
+# The MLP's GELU inside the matmuls beside it, in training: fc1 as a Triton matmul whose epilogue adds the bias and
+# writes both the pre-activation (which GELU's backward reads) and GELU of it (fc2's input); in the backward, fc2's
+# input gradient as a Triton matmul whose epilogue multiplies by GELU's derivative and sums fc1's bias gradient. The
+# compiler's elementwise GELU kernels, each a read and a write of the wide hidden rows, go; fc2's forward and the
+# weight gradients stay cuBLAS matmuls.
+
+def mlp_kernel_fits(x, w1, b1, w2, b2):
+    """Whether gelu_mlp runs the Triton matmuls: CUDA, FUSED_MLP, training (gradients on), half precision (autocast's
+    or x's), both biases, sides multiples of 16 (the tensor cores' tiles)."""
+    return (triton is not None and FUSED_MLP and x.is_cuda and torch.is_grad_enabled() and b1 is not None
+            and b2 is not None and _output_dtype(x) in (torch.bfloat16, torch.float16)
+            and all(n % 16 == 0 for n in (*w1.shape, *w2.shape)))
+
+
+def _mm_configs():
+    """Tiles (rows, columns, depth), warps and pipeline stages that the autotuner tries, first call per shape."""
+    tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+             (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4)]
+    return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=st) for m, n, k, w, st in tiles]
+
+
+MM_ROWS_MIN = 64  # the smallest BM above: the bias gradient's partial sums get a row per this many rows
+
+
+if triton is not None:
+    @triton.jit
+    def _tanh_approx(x):
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "DGELU"])
+    @triton.heuristics(dict(EVEN_K=lambda args: args["K"] % args["BK"] == 0))
+    @triton.jit
+    def _mm_gelu_kernel(a, b, bias, pre, out, partial, M, N, K: tl.constexpr, sa_m, sa_k, sb_k, sb_n, DGELU: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, ROWS_MIN: tl.constexpr,
+                        GROUP: tl.constexpr = 8):
+        """A (M, K) @ B (K, N) (any strides) into a BM x BN tile, then the epilogue. Forward (DGELU False): + bias,
+        the sum stored to pre (rounded as stored), GELU of it to out. Backward (DGELU True): times GELU's derivative at
+        pre, stored to out, and the tile's column sums to partial's row for it (fc1's bias gradient, in fp32).
+        Programs go down GROUP row tiles before the next column tile, so the B tiles they share stay in L2."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        first = pid // (GROUP * tiles_n) * GROUP
+        rows_in_group = tl.minimum(tiles_m - first, GROUP)
+        tile_m = first + (pid % (GROUP * tiles_n)) % rows_in_group
+        tile_n = (pid % (GROUP * tiles_n)) // rows_in_group
+        rm = tile_m * BM + tl.arange(0, BM)
+        rn = tile_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + rk
+            a_at, b_at = a + rm[:, None].to(tl.int64) * sa_m + ks[None, :] * sa_k, b + ks[:, None] * sb_k + rn[None, :] * sb_n
+            if EVEN_K:  # no depth mask: the loads pipeline better
+                x = tl.load(a_at, mask=rm[:, None] < M, other=0.0)
+                w = tl.load(b_at, mask=rn[None, :] < N, other=0.0)
+            else:
+                x = tl.load(a_at, mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
+                w = tl.load(b_at, mask=(ks[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(x, w, acc)
+        at = rm[:, None].to(tl.int64) * N + rn[None, :]
+        keep = (rm[:, None] < M) & (rn[None, :] < N)
+        if DGELU:  # d/dh of 0.5 h (1 + tanh(k (h + c h^3))), k = sqrt(2 / pi), c = 0.044715
+            h = tl.load(pre + at, mask=keep, other=0.0).to(tl.float32)
+            t = _tanh_approx(0.7978845608028654 * (h + 0.044715 * h * h * h))
+            acc *= 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+            tl.store(out + at, acc.to(out.dtype.element_ty), mask=keep)
+            # partial has a row per ROWS_MIN rows of A: this tile's sums go to its first row, zeros to the others it
+            # covers (every row written by each launch, whatever tile the autotuner picked)
+            first_row = tile_m * (BM // ROWS_MIN)
+            tl.store(partial + first_row.to(tl.int64) * N + rn, tl.sum(acc, axis=0), mask=rn < N)
+            for j in tl.static_range(1, BM // ROWS_MIN):
+                tl.store(partial + (first_row + j).to(tl.int64) * N + rn, tl.zeros([BN], tl.float32),
+                         mask=(rn < N) & (first_row + j < tl.cdiv(M, ROWS_MIN)))
+        else:
+            acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            h = acc.to(pre.dtype.element_ty)
+            tl.store(pre + at, h, mask=keep)
+            h = h.to(tl.float32)
+            t = _tanh_approx(0.7978845608028654 * (h + 0.044715 * h * h * h))
+            tl.store(out + at, (0.5 * h * (1.0 + t)).to(out.dtype.element_ty), mask=keep)
+
+
+def _launch_mm_gelu(a, b, sb_k, sb_n, bias, pre, out, partial, dgelu):
+    M, K = a.shape
+    N = out.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+    _mm_gelu_kernel[grid](a, b, bias, pre, out, partial, M, N, K, a.stride(0), a.stride(1), sb_k, sb_n, DGELU=dgelu,
+                          ROWS_MIN=MM_ROWS_MIN)
+
+
+@torch.library.custom_op("opensora::gelu_mlp", mutates_args=())
+def gelu_mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, D) rows, w1 (H, D), w2 (D, H), one dtype -> (fc2(GELU(fc1(x))) (M, D), fc1(x) (M, H), GELU of it)."""
+    x = x.contiguous()
+    pre, act = x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+    _launch_mm_gelu(x, w1, w1.stride(1), w1.stride(0), b1, pre, act, act, dgelu=False)  # B = w1 transposed
+    return torch.addmm(b2, act, w2.t()), pre, act
+
+
+@gelu_mlp_op.register_fake
+def _(x, w1, b1, w2, b2):
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("opensora::gelu_mlp_backward", mutates_args=())
+def gelu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, act: torch.Tensor, w1: torch.Tensor,
+                      w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, w1, b1, w2, b2 from the output's gradient grad (M, D) and what the forward kept."""
+    grad = grad.contiguous().to(x.dtype)
+    dpre = torch.empty_like(pre)
+    partial = grad.new_empty(triton.cdiv(grad.shape[0], MM_ROWS_MIN), pre.shape[1], dtype=torch.float32)
+    w2 = w2.contiguous()
+    _launch_mm_gelu(grad, w2, w2.stride(0), w2.stride(1), grad, pre, dpre, partial, dgelu=True)
+    return (dpre @ w1, dpre.t() @ x, partial.sum(0).to(w1.dtype), grad.t() @ act, grad.sum(0, dtype=torch.float32).to(w2.dtype))
+
+
+@gelu_mlp_backward.register_fake
+def _(grad, x, pre, act, w1, w2):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
+            w2.new_empty(w2.shape[0]))
+
+
+def _gelu_mlp_setup(ctx, inputs, output):  # inputs: x, w1, b1, w2, b2; output: (out, pre, act)
+    ctx.save_for_backward(inputs[0], output[1], output[2], inputs[1], inputs[3])
+
+
+gelu_mlp_op.register_autograd(lambda ctx, grad, *_: gelu_mlp_backward(grad, *ctx.saved_tensors), setup_context=_gelu_mlp_setup)
+
+
+def gelu_mlp(x, w1, b1, w2, b2, reference):
+    """fc2(GELU(fc1(x))) (tanh GELU) for x (..., D): the Triton matmuls where they fit, else reference (model.py)."""
+    if not mlp_kernel_fits(x, w1, b1, w2, b2):
+        return reference(x, w1, b1, w2, b2)
+    dtype = _output_dtype(x)
+    out = gelu_mlp_op(x.reshape(-1, x.shape[-1]).to(dtype), *(t.to(dtype) for t in (w1, b1, w2, b2)))[0]
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long

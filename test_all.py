@@ -819,6 +819,71 @@ def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused MLP's matmuls are Triton kernels for CUDA (the GPU suite runs this)")
+def test_fused_mlp_equals_the_reference():
+    """gpu_kernels.gelu_mlp (fc1 + bias + GELU in one Triton matmul, fc2's input gradient times GELU's derivative and
+    fc1's bias gradient in another) against model.py's reference under bf16 autocast with fp32 weights, as training
+    runs it: the output and the gradients of x and all four parameters are as close to float64 as the reference's
+    own, eagerly and compiled, for row counts that fill no tile; whole models (DiT and STDiT, compiled) give the loss
+    and gradients of override(fused_mlp=False) and run the op in every block; without gradients it stands aside."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    for rows, D, H in ((300, 64, 256), (2 * 129, 1152, 4608)):
+        x = torch.randn(2, rows // 2, D, device="cuda", generator=gen, requires_grad=True)
+        params = [(torch.randn(H, D, device="cuda", generator=gen) * D ** -0.5).requires_grad_(),
+                  (torch.randn(H, device="cuda", generator=gen) * 0.5).requires_grad_(),
+                  (torch.randn(D, H, device="cuda", generator=gen) * H ** -0.5).requires_grad_(),
+                  (torch.randn(D, device="cuda", generator=gen) * 0.5).requires_grad_()]
+        grad = torch.randn(2, rows // 2, D, device="cuda", generator=gen)
+
+        def run(fn, cast=None, autocast=True):
+            inputs = [x, *params] if cast is None else [t.to(cast) for t in (x, *params)]
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                out = fn(*inputs)
+            return [out, *torch.autograd.grad(out, [x, *params], grad.to(out.dtype))]
+        exact = run(M.gelu_mlp_reference, torch.float64, autocast=False)
+        ref = run(M.gelu_mlp_reference)
+        assert gpu_kernels.mlp_kernel_fits(x.bfloat16(), *params)
+        torch._dynamo.reset()
+        for name, fn in (("eager", M.gelu_mlp), ("compiled", torch.compile(M.gelu_mlp))):
+            got = run(fn)
+            for what, g, r, e in zip(("out", "x", "w1", "b1", "w2", "b2"), got, ref, exact):
+                size = e.abs().max().item()
+                err, ref_err = ((t.double() - e).abs().max().item() for t in (g, r))
+                assert g.dtype == r.dtype and err <= 2 * ref_err + 1e-3 * size, (name, rows, what, err, ref_err, size)
+    with torch.autocast("cuda", torch.bfloat16):
+        _, code = run_and_get_code(torch.compile(lambda *t: M.gelu_mlp(*t).float().sum()), x, *params)
+    assert "gelu_mlp" in "\n".join(code)
+    half = x.detach().bfloat16()
+    with torch.no_grad():
+        assert not gpu_kernels.mlp_kernel_fits(half, *params)
+    with gpu_kernels.override(fused_mlp=False):
+        assert not gpu_kernels.mlp_kernel_fits(half, *params)
+    for name, kw in (("DiT-debug", dict(num_classes=10, cond="adaln")), ("STDiT-debug", TEXT)):
+        model = randomize(build_model(name, **kw), std=0.05).cuda().eval()
+        y, mask = condition(model, 3)
+        y, mask = y.cuda(), None if mask is None else mask.cuda()
+        x = torch.randn(3, 4, 4, 8, 8, device="cuda")
+        t = torch.tensor([10, 500, 900], device="cuda")
+
+        def loss_and_grads():
+            torch._dynamo.reset()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = torch.compile(model)(x, t, y, mask).float().square().mean()
+            return loss, torch.autograd.grad(loss, list(model.parameters()))
+        launches, launch = [], gpu_kernels._launch_mm_gelu
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gpu_kernels, "_launch_mm_gelu", lambda *args: launches.append(args[-1]) or launch(*args))
+            loss, grads = loss_and_grads()
+            assert launches.count(False) == launches.count(True) == model.cfg.depth, (name, launches)  # forward, backward
+            launches.clear()
+            with gpu_kernels.override(fused_mlp=False):
+                ref_loss, ref_grads = loss_and_grads()
+            assert not launches
+        torch.testing.assert_close(loss, ref_loss, atol=0, rtol=2e-2)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=5e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LayerNorm kernels are Triton kernels for CUDA (the GPU suite runs this)")
 @pytest.mark.parametrize("name,kw", FRAME_MASK_MODELS, ids=["stdit", "dit-adaln", "dit-cross", "dit-concat"])
 def test_masked_batches_on_a_gpu_take_the_plain_norms_and_equal_the_cpu(name, kw):
