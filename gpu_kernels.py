@@ -60,7 +60,9 @@ except ImportError:
 # The auto policy's settings (change them only through override()).
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
 FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
-FUSED_MLP = True  # False: the MLP as model.py writes it (cuBLAS matmuls and the compiler's GELU)
+# True: the MLP's GELU inside the Triton matmuls beside it (gelu_mlp). Off until a GPU's before/after says it pays:
+# written and checked in Triton's interpreter without a GPU lent (docs/LOG.md, 2026-12-07); bench.py --fused-mlp
+FUSED_MLP = False
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
 # flash-attn 4 from this many keys on, where it pays: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys,
 # no shorter at 1,024 or fewer (H200; docs/LOG.md, "flash-attn 4")

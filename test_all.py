@@ -826,6 +826,11 @@ def test_fused_mlp_equals_the_reference():
     runs it: the output and the gradients of x and all four parameters are as close to float64 as the reference's
     own, eagerly and compiled, for row counts that fill no tile; whole models (DiT and STDiT, compiled) give the loss
     and gradients of override(fused_mlp=False) and run the op in every block; without gradients it stands aside."""
+    with gpu_kernels.override(fused_mlp=True):  # off by default until measured (bench.py --fused-mlp)
+        check_fused_mlp()
+
+
+def check_fused_mlp():
     gen = torch.Generator("cuda").manual_seed(0)
     for rows, D, H in ((300, 64, 256), (2 * 129, 1152, 4608)):
         x = torch.randn(2, rows // 2, D, device="cuda", generator=gen, requires_grad=True)
@@ -4194,7 +4199,7 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
 
 def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
-    machine then times auto with and without it."""
+    machine then times auto with and without it. So do --no-fused-norm and --fused-mlp for their kernels."""
     monkeypatch.setattr(gpu_kernels, "FLASH4", True)  # as where flash-attn 4 is installed
     monkeypatch.setattr(gpu_kernels, "half_on_gpu", lambda q: False)  # ... but never run here
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
@@ -4202,6 +4207,8 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
     assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None
     assert gpu_kernels.flash_version() == "4"  # only inside that run: the override ends with it
+    toggled, = run_bench(argv + ["--fused-mlp", "--no-fused-norm"], capsys)
+    assert toggled["fused_mlp"] and not toggled["fused_norm"] and not gpu_kernels.FUSED_MLP and gpu_kernels.FUSED_NORM
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
