@@ -272,7 +272,7 @@ def bench_training(args, s, device, rank, world, log):
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
                   attn=s["attn"], fp8_linears=fp8_linears, flash_attn=gpu_kernels.flash_version(),
-                  fused_norm=gpu_kernels.FUSED_NORM, fused_mlp=gpu_kernels.FUSED_MLP, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  fused_norm=gpu_kernels.FUSED_NORM, short_attention=gpu_kernels.SHORT_ATTENTION, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -591,9 +591,9 @@ def main(argv=None):
     p.add_argument("--no-fused-norm", action="store_true",
                    help="adaLN's LayerNorm + modulate and residual add as Inductor compiles model.py's code, not gpu_kernels' "
                         "fused kernels (for before/after)")
-    p.add_argument("--fused-mlp", action="store_true",
-                   help="the MLP's GELU inside the Triton matmuls beside it (gpu_kernels.gelu_mlp, training only): off "
-                        "by default until a GPU's before/after says it pays (docs/LOG.md)")
+    p.add_argument("--short-attn", action="store_true",
+                   help="self-attention over up to 256 tokens in gpu_kernels' Triton kernels (training only): off by "
+                        "default until whole rows are timed with and without it (docs/LOG.md)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
@@ -627,7 +627,7 @@ def main(argv=None):
 
     # off: as if not installed (the result says null)
     with gpu_kernels.override(flash_attn=not args.no_flash_attn, fused_norm=not (args.no_fused_norm or args.baseline),
-                              fused_mlp=args.fused_mlp and not args.baseline):
+                              short_attention=args.short_attn and not args.baseline):
         return run(args, argv)
 
 

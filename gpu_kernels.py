@@ -17,12 +17,13 @@ LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path
   frame kernel - STDiT's temporal attention as one Triton kernel that reads q, k, v where the projection
                  wrote them: model.TemporalAttention calls `frame_kernel_fits` and `frame_attention` itself,
                  beside the attention seam (the kernel takes the qkv projection's (B, T, S, 3D) output whole)
+  short kernels - self-attention over few tokens (DiT images, STDiT's spatial attention at 256 tokens) in
+                 training as Triton kernels that read q, k, v where the projection wrote them and write dqkv
+                 there, head size 72 as 64 + 16 columns: model.Attention calls `short_kernel_fits` and
+                 `short_attention` itself, beside the seam (off until whole rows are timed: SHORT_ATTENTION)
   adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward:
                  `norm_modulate`, `add_norm_modulate`, called by model.py's seams of the same names; twins that
                  write e4m3 rows for fp8 sampling
-  MLP          - `gelu_mlp`: in training, fc1's matmul with the bias and GELU in its epilogue, and fc2's input
-                 gradient with GELU's derivative and fc1's bias gradient in its own (Triton matmuls); called by
-                 model.py's seam of the same name
   checkpoint   - `keep_attention`: the ops whose outputs a checkpointed block keeps (model.checkpoint_block)
 
 It exports its ops for fp8.py, which imports it: fp8's sampling compiler pass takes the norm ops it rewrites,
@@ -60,9 +61,11 @@ except ImportError:
 # The auto policy's settings (change them only through override()).
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
 FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
-# True: the MLP's GELU inside the Triton matmuls beside it (gelu_mlp). Off until a GPU's before/after says it pays:
-# written and checked in Triton's interpreter without a GPU lent (docs/LOG.md, 2026-12-07); bench.py --fused-mlp
-FUSED_MLP = False
+# True: self-attention over up to SHORT_SELF_KEYS tokens in training runs the Triton kernels below (short_attention).
+# Off until whole rows are timed: the ops alone were (docs/LOG.md, 2026-12-07); bench.py --short-attn
+SHORT_ATTENTION = False
+# up to this many keys: fwd + bwd 18% under cuDNN's at 256 tokens (H100), 11% over it at 1,024
+SHORT_SELF_KEYS = 256
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
 # flash-attn 4 from this many keys on, where it pays: DiT-XL/2's steps were 9-23% shorter with it at 4,096+ keys,
 # no shorter at 1,024 or fewer (H200; docs/LOG.md, "flash-attn 4")
@@ -74,10 +77,10 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 @contextmanager
 def override(**settings):
     """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), fused_norm
-    (bool), fused_mlp (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
+    (bool), short_attention (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
     bench.py --no-flash-attn; the one way to change this module's behaviour from outside."""
     names = {name: name.upper() for name in settings}
-    known = ("FLASH_ATTN", "FUSED_NORM", "FUSED_MLP", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
+    known = ("FLASH_ATTN", "FUSED_NORM", "SHORT_ATTENTION", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
     unknown = [name for name, upper in names.items() if upper not in known]
     if unknown:
         raise ValueError(f"gpu_kernels.override takes {', '.join(k.lower() for k in known)}, not {', '.join(unknown)}")
@@ -349,6 +352,208 @@ def _frame_attention_setup(ctx, inputs, output):
 frame_attention.register_autograd(
     lambda ctx, grad: (frame_attention_backward(grad, ctx.saved_tensors[0], ctx.heads), None),
     setup_context=_frame_attention_setup)
+
+
+def short_kernel_fits(qkv, heads, impl):
+    """Whether Attention runs the short kernels on qkv (B, N, 3D): CUDA, impl auto, SHORT_ATTENTION, training
+    (their forward alone is slower than cuDNN's: sampling keeps SDPA), half precision, N <= SHORT_SELF_KEYS, head
+    sizes 65 to 80 (XL's 72: a 64-column and a 16-column tile)."""
+    d = qkv.shape[-1] // 3 // heads
+    return (triton is not None and SHORT_ATTENTION and impl == "auto" and qkv.is_cuda and torch.is_grad_enabled()
+            and qkv.dim() == 3 and qkv.dtype in (torch.bfloat16, torch.float16) and qkv.shape[1] <= SHORT_SELF_KEYS
+            and 64 < d <= 80)
+
+
+if triton is not None:
+    @triton.jit
+    def _short_load(ptr, tok, valid, col0, HEAD_DIM: tl.constexpr):
+        """One head's columns col0 .. col0 + HEAD_DIM of the rows at offsets tok, as a (rows, 64) and a (rows, 16) tile."""
+        lo = tl.arange(0, 64)[None, :]
+        hi = 64 + tl.arange(0, 16)[None, :]
+        a = tl.load(ptr + tok[:, None] + col0 + lo, mask=valid[:, None], other=0.0)
+        b = tl.load(ptr + tok[:, None] + col0 + hi, mask=valid[:, None] & (hi < HEAD_DIM), other=0.0)
+        return a, b
+
+    @triton.jit
+    def _short_store(ptr, tok, valid, col0, a, b, HEAD_DIM: tl.constexpr):
+        lo = tl.arange(0, 64)[None, :]
+        hi = 64 + tl.arange(0, 16)[None, :]
+        tl.store(ptr + tok[:, None] + col0 + lo, a.to(ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(ptr + tok[:, None] + col0 + hi, b.to(ptr.dtype.element_ty), mask=valid[:, None] & (hi < HEAD_DIM))
+
+    @triton.jit
+    def _short_scores(qa, qb, ka, kb, scale):  # q k^T in log2 units (exp2 below), (BM, BN) fp32
+        return (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))) * (scale * 1.4426950408889634)
+
+    @triton.jit
+    def _short_fwd(qkv, out, lse, N: tl.constexpr, heads, scale, HEAD_DIM: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr):
+        """BM queries of one (b, head) against all N keys, BN at a time (online softmax); out (B, N, D), and each
+        query's log-sum-exp (log2 units) in lse (B h, N)."""
+        m_tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        D = heads * HEAD_DIM
+        rows = m_tile * BM + tl.arange(0, BM)
+        qa, qb = _short_load(qkv, (b * N + rows).to(tl.int64) * 3 * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+        top = tl.full([BM], float("-inf"), tl.float32)
+        total = tl.zeros([BM], tl.float32)
+        acc_a = tl.zeros([BM, 64], tl.float32)
+        acc_b = tl.zeros([BM, 16], tl.float32)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            tok = (b * N + cols).to(tl.int64) * 3 * D
+            ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
+            va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+            s = tl.where((cols < N)[None, :], _short_scores(qa, qb, ka, kb, scale), float("-inf"))
+            new_top = tl.maximum(top, tl.max(s, 1))
+            p = tl.exp2(s - new_top[:, None])
+            shrink = tl.exp2(top - new_top)
+            total = total * shrink + tl.sum(p, 1)
+            p = p.to(va.dtype)
+            acc_a = acc_a * shrink[:, None] + tl.dot(p, va)
+            acc_b = acc_b * shrink[:, None] + tl.dot(p, vb)
+            top = new_top
+        _short_store(out, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, acc_a / total[:, None],
+                     acc_b / total[:, None], HEAD_DIM)
+        tl.store(lse + bh * N + rows, top + tl.log2(total), mask=rows < N)
+
+    @triton.jit
+    def _short_bwd_rowsums(out, grad, rowsum, N: tl.constexpr, heads, HEAD_DIM: tl.constexpr, BM: tl.constexpr):
+        """sum(grad * out) over each query's head columns, which the softmax's backward subtracts."""
+        m_tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = m_tile * BM + tl.arange(0, BM)
+        tok = (b * N + rows).to(tl.int64) * heads * HEAD_DIM
+        oa, ob = _short_load(out, tok, rows < N, h * HEAD_DIM, HEAD_DIM)
+        ga, gb = _short_load(grad, tok, rows < N, h * HEAD_DIM, HEAD_DIM)
+        total = tl.sum(oa.to(tl.float32) * ga.to(tl.float32), 1) + tl.sum(ob.to(tl.float32) * gb.to(tl.float32), 1)
+        tl.store(rowsum + bh * N + rows, total, mask=rows < N)
+
+    @triton.jit
+    def _short_bwd_dkdv(qkv, grad, lse, rowsum, dqkv, N: tl.constexpr, heads, scale, HEAD_DIM: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr):
+        """dk and dv of BN keys of one (b, head), over all N queries BM at a time."""
+        n_tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        D = heads * HEAD_DIM
+        cols = n_tile * BN + tl.arange(0, BN)
+        tok = (b * N + cols).to(tl.int64) * 3 * D
+        ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
+        va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+        dka, dkb = tl.zeros([BN, 64], tl.float32), tl.zeros([BN, 16], tl.float32)
+        dva, dvb = tl.zeros([BN, 64], tl.float32), tl.zeros([BN, 16], tl.float32)
+        for m0 in range(0, N, BM):
+            rows = m0 + tl.arange(0, BM)
+            qa, qb = _short_load(qkv, (b * N + rows).to(tl.int64) * 3 * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+            ga, gb = _short_load(grad, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+            row_lse = tl.load(lse + bh * N + rows, mask=rows < N, other=0.0)
+            row_sum = tl.load(rowsum + bh * N + rows, mask=rows < N, other=0.0)
+            p = tl.exp2(_short_scores(qa, qb, ka, kb, scale) - row_lse[:, None])
+            p = tl.where((cols < N)[None, :] & (rows < N)[:, None], p, 0.0)
+            pt = tl.trans(p.to(ga.dtype))
+            dva += tl.dot(pt, ga)
+            dvb += tl.dot(pt, gb)
+            dp = tl.dot(ga, tl.trans(va)) + tl.dot(gb, tl.trans(vb))
+            dst = tl.trans((p * (dp - row_sum[:, None])).to(qa.dtype))
+            dka += tl.dot(dst, qa)
+            dkb += tl.dot(dst, qb)
+        _short_store(dqkv, tok, cols < N, D + h * HEAD_DIM, dka * scale, dkb * scale, HEAD_DIM)
+        _short_store(dqkv, tok, cols < N, 2 * D + h * HEAD_DIM, dva, dvb, HEAD_DIM)
+
+    @triton.jit
+    def _short_bwd_dq(qkv, grad, lse, rowsum, dqkv, N: tl.constexpr, heads, scale, HEAD_DIM: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+        """dq of BM queries of one (b, head), over all N keys BN at a time."""
+        m_tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        D = heads * HEAD_DIM
+        rows = m_tile * BM + tl.arange(0, BM)
+        tq = (b * N + rows).to(tl.int64) * 3 * D
+        qa, qb = _short_load(qkv, tq, rows < N, h * HEAD_DIM, HEAD_DIM)
+        ga, gb = _short_load(grad, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+        row_lse = tl.load(lse + bh * N + rows, mask=rows < N, other=0.0)
+        row_sum = tl.load(rowsum + bh * N + rows, mask=rows < N, other=0.0)
+        dqa, dqb = tl.zeros([BM, 64], tl.float32), tl.zeros([BM, 16], tl.float32)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            tok = (b * N + cols).to(tl.int64) * 3 * D
+            ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
+            va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+            p = tl.where((cols < N)[None, :], tl.exp2(_short_scores(qa, qb, ka, kb, scale) - row_lse[:, None]), 0.0)
+            dp = tl.dot(ga, tl.trans(va)) + tl.dot(gb, tl.trans(vb))
+            ds = (p * (dp - row_sum[:, None])).to(qa.dtype)
+            dqa += tl.dot(ds, ka)
+            dqb += tl.dot(ds, kb)
+        _short_store(dqkv, tq, rows < N, h * HEAD_DIM, dqa * scale, dqb * scale, HEAD_DIM)
+
+
+# Tiles of the short kernels: 64 queries x 64 keys, 4 warps, 3 stages, the fastest of five settings (docs/LOG.md,
+# 2026-12-07)
+SHORT_TILE, SHORT_WARPS, SHORT_STAGES = 64, 4, 3
+
+
+def _short_grid(qkv, heads):
+    B, N, _ = qkv.shape
+    return triton.cdiv(N, SHORT_TILE), B * heads
+
+
+def _short_args(qkv, heads):
+    d = qkv.shape[-1] // 3 // heads
+    return dict(HEAD_DIM=d, num_warps=SHORT_WARPS, num_stages=SHORT_STAGES), d ** -0.5
+
+
+@torch.library.custom_op("opensora::short_attention", mutates_args=())
+def short_attention_op(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3D), the qkv projection's rows -> attention over the N tokens (B, N, D), and each query's
+    log-sum-exp (B h, N) in log2 units (the backward's)."""
+    qkv = qkv.contiguous()
+    B, N, D3 = qkv.shape
+    out = qkv.new_empty(B, N, D3 // 3)
+    lse = qkv.new_empty(B * heads, N, dtype=torch.float32)
+    meta, scale = _short_args(qkv, heads)
+    _short_fwd[_short_grid(qkv, heads)](qkv, out, lse, N, heads, scale, BM=SHORT_TILE, BN=SHORT_TILE, **meta)
+    return out, lse
+
+
+@short_attention_op.register_fake
+def _(qkv, heads):
+    B, N, D3 = qkv.shape
+    return qkv.new_empty(B, N, D3 // 3), qkv.new_empty(B * heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora::short_attention_backward", mutates_args=())
+def short_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             heads: int) -> torch.Tensor:
+    qkv, grad = qkv.contiguous(), grad.contiguous()
+    meta, scale = _short_args(qkv, heads)
+    grid = _short_grid(qkv, heads)
+    N = qkv.shape[1]
+    rowsum = torch.empty_like(lse)
+    _short_bwd_rowsums[grid](out, grad, rowsum, N, heads, BM=SHORT_TILE, HEAD_DIM=meta["HEAD_DIM"])
+    dqkv = torch.empty_like(qkv)
+    for kernel in (_short_bwd_dkdv, _short_bwd_dq):  # each writes its own columns of dqkv
+        kernel[grid](qkv, grad, lse, rowsum, dqkv, N, heads, scale, BM=SHORT_TILE, BN=SHORT_TILE, **meta)
+    return dqkv
+
+
+@short_attention_backward.register_fake
+def _(grad, qkv, out, lse, heads):
+    return torch.empty_like(qkv)
+
+
+def _short_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *output)
+    ctx.heads = inputs[1]
+
+
+short_attention_op.register_autograd(
+    lambda ctx, grad, _: (short_attention_backward(grad, *ctx.saved_tensors, ctx.heads), None),
+    setup_context=_short_attention_setup)
+
+
+def short_attention(qkv, heads):
+    """qkv (B, N, 3D) -> self-attention over the N tokens, (B, N, D) (where short_kernel_fits)."""
+    return short_attention_op(qkv, heads)[0]
 
 
 # adaLN's elementwise work as two Triton kernels: each block's LayerNorm + modulate (norm_modulate), and the
@@ -654,145 +859,6 @@ def add_norm_modulate(x, a, gate, shift, scale, eps, reference):
     return x, h
 
 
-# The MLP's GELU inside the matmuls beside it, in training: fc1 as a Triton matmul whose epilogue adds the bias and
-# writes both the pre-activation (which GELU's backward reads) and GELU of it (fc2's input); in the backward, fc2's
-# input gradient as a Triton matmul whose epilogue multiplies by GELU's derivative and sums fc1's bias gradient. The
-# compiler's elementwise GELU kernels, each a read and a write of the wide hidden rows, go; fc2's forward and the
-# weight gradients stay cuBLAS matmuls.
-
-def mlp_kernel_fits(x, w1, b1, w2, b2):
-    """Whether gelu_mlp runs the Triton matmuls: CUDA, FUSED_MLP, training (gradients on), half precision (autocast's
-    or x's), both biases, sides multiples of 16 (the tensor cores' tiles)."""
-    return (triton is not None and FUSED_MLP and x.is_cuda and torch.is_grad_enabled() and b1 is not None
-            and b2 is not None and _output_dtype(x) in (torch.bfloat16, torch.float16)
-            and all(n % 16 == 0 for n in (*w1.shape, *w2.shape)))
-
-
-def _mm_configs():
-    """Tiles (rows, columns, depth), warps and pipeline stages that the autotuner tries, first call per shape."""
-    tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
-             (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4)]
-    return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=st) for m, n, k, w, st in tiles]
-
-
-MM_ROWS_MIN = 64  # the smallest BM above: the bias gradient's partial sums get a row per this many rows
-
-
-if triton is not None:
-    @triton.jit
-    def _tanh_approx(x):
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "DGELU"])
-    @triton.heuristics(dict(EVEN_K=lambda args: args["K"] % args["BK"] == 0))
-    @triton.jit
-    def _mm_gelu_kernel(a, b, bias, pre, out, partial, M, N, K: tl.constexpr, sa_m, sa_k, sb_k, sb_n, DGELU: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, ROWS_MIN: tl.constexpr,
-                        GROUP: tl.constexpr = 8):
-        """A (M, K) @ B (K, N) (any strides) into a BM x BN tile, then the epilogue. Forward (DGELU False): + bias,
-        the sum stored to pre (rounded as stored), GELU of it to out. Backward (DGELU True): times GELU's derivative at
-        pre, stored to out, and the tile's column sums to partial's row for it (fc1's bias gradient, in fp32).
-        Programs go down GROUP row tiles before the next column tile, so the B tiles they share stay in L2."""
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        first = pid // (GROUP * tiles_n) * GROUP
-        rows_in_group = tl.minimum(tiles_m - first, GROUP)
-        tile_m = first + (pid % (GROUP * tiles_n)) % rows_in_group
-        tile_n = (pid % (GROUP * tiles_n)) // rows_in_group
-        rm = tile_m * BM + tl.arange(0, BM)
-        rn = tile_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + rk
-            a_at, b_at = a + rm[:, None].to(tl.int64) * sa_m + ks[None, :] * sa_k, b + ks[:, None] * sb_k + rn[None, :] * sb_n
-            if EVEN_K:  # no depth mask: the loads pipeline better
-                x = tl.load(a_at, mask=rm[:, None] < M, other=0.0)
-                w = tl.load(b_at, mask=rn[None, :] < N, other=0.0)
-            else:
-                x = tl.load(a_at, mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-                w = tl.load(b_at, mask=(ks[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(x, w, acc)
-        at = rm[:, None].to(tl.int64) * N + rn[None, :]
-        keep = (rm[:, None] < M) & (rn[None, :] < N)
-        if DGELU:  # d/dh of 0.5 h (1 + tanh(k (h + c h^3))), k = sqrt(2 / pi), c = 0.044715
-            h = tl.load(pre + at, mask=keep, other=0.0).to(tl.float32)
-            t = _tanh_approx(0.7978845608028654 * (h + 0.044715 * h * h * h))
-            acc *= 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
-            tl.store(out + at, acc.to(out.dtype.element_ty), mask=keep)
-            # partial has a row per ROWS_MIN rows of A: this tile's sums go to its first row, zeros to the others it
-            # covers (every row written by each launch, whatever tile the autotuner picked)
-            first_row = tile_m * (BM // ROWS_MIN)
-            tl.store(partial + first_row.to(tl.int64) * N + rn, tl.sum(acc, axis=0), mask=rn < N)
-            for j in tl.static_range(1, BM // ROWS_MIN):
-                tl.store(partial + (first_row + j).to(tl.int64) * N + rn, tl.zeros([BN], tl.float32),
-                         mask=(rn < N) & (first_row + j < tl.cdiv(M, ROWS_MIN)))
-        else:
-            acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            h = acc.to(pre.dtype.element_ty)
-            tl.store(pre + at, h, mask=keep)
-            h = h.to(tl.float32)
-            t = _tanh_approx(0.7978845608028654 * (h + 0.044715 * h * h * h))
-            tl.store(out + at, (0.5 * h * (1.0 + t)).to(out.dtype.element_ty), mask=keep)
-
-
-def _launch_mm_gelu(a, b, sb_k, sb_n, bias, pre, out, partial, dgelu):
-    M, K = a.shape
-    N = out.shape[1]
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-    _mm_gelu_kernel[grid](a, b, bias, pre, out, partial, M, N, K, a.stride(0), a.stride(1), sb_k, sb_n, DGELU=dgelu,
-                          ROWS_MIN=MM_ROWS_MIN)
-
-
-@torch.library.custom_op("opensora::gelu_mlp", mutates_args=())
-def gelu_mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, D) rows, w1 (H, D), w2 (D, H), one dtype -> (fc2(GELU(fc1(x))) (M, D), fc1(x) (M, H), GELU of it)."""
-    x = x.contiguous()
-    pre, act = x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
-    _launch_mm_gelu(x, w1, w1.stride(1), w1.stride(0), b1, pre, act, act, dgelu=False)  # B = w1 transposed
-    return torch.addmm(b2, act, w2.t()), pre, act
-
-
-@gelu_mlp_op.register_fake
-def _(x, w1, b1, w2, b2):
-    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
-
-
-@torch.library.custom_op("opensora::gelu_mlp_backward", mutates_args=())
-def gelu_mlp_backward(grad: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, act: torch.Tensor, w1: torch.Tensor,
-                      w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of x, w1, b1, w2, b2 from the output's gradient grad (M, D) and what the forward kept."""
-    grad = grad.contiguous().to(x.dtype)
-    dpre = torch.empty_like(pre)
-    partial = grad.new_empty(triton.cdiv(grad.shape[0], MM_ROWS_MIN), pre.shape[1], dtype=torch.float32)
-    w2 = w2.contiguous()
-    _launch_mm_gelu(grad, w2, w2.stride(0), w2.stride(1), grad, pre, dpre, partial, dgelu=True)
-    return (dpre @ w1, dpre.t() @ x, partial.sum(0).to(w1.dtype), grad.t() @ act, grad.sum(0, dtype=torch.float32).to(w2.dtype))
-
-
-@gelu_mlp_backward.register_fake
-def _(grad, x, pre, act, w1, w2):
-    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
-            w2.new_empty(w2.shape[0]))
-
-
-def _gelu_mlp_setup(ctx, inputs, output):  # inputs: x, w1, b1, w2, b2; output: (out, pre, act)
-    ctx.save_for_backward(inputs[0], output[1], output[2], inputs[1], inputs[3])
-
-
-gelu_mlp_op.register_autograd(lambda ctx, grad, *_: gelu_mlp_backward(grad, *ctx.saved_tensors), setup_context=_gelu_mlp_setup)
-
-
-def gelu_mlp(x, w1, b1, w2, b2, reference):
-    """fc2(GELU(fc1(x))) (tanh GELU) for x (..., D): the Triton matmuls where they fit, else reference (model.py)."""
-    if not mlp_kernel_fits(x, w1, b1, w2, b2):
-        return reference(x, w1, b1, w2, b2)
-    dtype = _output_dtype(x)
-    out = gelu_mlp_op(x.reshape(-1, x.shape[-1]).to(dtype), *(t.to(dtype) for t in (w1, b1, w2, b2)))[0]
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
 # The fused attention kernels' ops. A checkpointed block keeps their outputs (selective checkpointing): at long
 # sequences attention is most of a block's forward, yet its output is one row of D values a token (plus a
 # log-sum-exp a head), where all of a block's activations are 25-30 rows
@@ -801,13 +867,17 @@ ATEN_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (  # q, 
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")}
 FUSED_ATTENTION_OPS = set(ATEN_ATTENTION_OPS)
 FUSED_ATTENTION_OPS.add(torch.ops.opensora.flash4_attention.default)
+FUSED_ATTENTION_OPS.add(torch.ops.opensora.short_attention.default)  # qkv (B, N, 3D)
 if hasattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_forward"):  # flash-attn >= 2.6 registers its op
     FUSED_ATTENTION_OPS.add(torch.ops.flash_attn._flash_attn_forward.default)
 
 
 def keep_attention(ctx, op, *args, **kwargs):
     if op in FUSED_ATTENTION_OPS:
-        keys = args[1].shape[2] if op in ATEN_ATTENTION_OPS else args[1].shape[1]  # flash-attn: (B, M, h, d)
+        if op is torch.ops.opensora.short_attention.default:
+            keys = args[0].shape[1]
+        else:
+            keys = args[1].shape[2] if op in ATEN_ATTENTION_OPS else args[1].shape[1]  # flash-attn: (B, M, h, d)
         if keys > SHORT_KEYS:  # attention over few keys (to caption tokens) is cheap to redo: recompute it
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE

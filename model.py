@@ -19,11 +19,12 @@ Sizes are read from tensor shapes, never stored at construction: one model train
 and long clips of any resolution, and a sequence-parallel wrapper (seqparallel.py) can feed blocks shards.
 
 The GPU kernels live in gpu_kernels.py, dispatched by name from inside this file's seams, as nanochat's model
-calls its flash_attention module: `attention` (impl auto and flash), `norm_modulate`, `add_norm_modulate` and
-`gelu_mlp` (on CUDA) call the gpu_kernels functions of the same names and hand over their own plain code as the
-reference, which CPUs run. Three calls sit beside the seams: TemporalAttention runs gpu_kernels.frame_attention itself where
+calls its flash_attention module: `attention` (impl auto and flash), `norm_modulate` and `add_norm_modulate` (on
+CUDA) call the gpu_kernels functions of the same names and hand over their own plain code as the reference, which
+CPUs run. Four calls sit beside the seams: TemporalAttention runs gpu_kernels.frame_attention itself where
 gpu_kernels.frame_kernel_fits (CUDA, up to 64 frames; the kernel reads the qkv projection's (B, T, S, 3D) output
-in place), `attention` elsewhere; checkpoint_block takes gpu_kernels.keep_attention as its policy; ModelConfig
+in place), `attention` elsewhere; Attention runs gpu_kernels.short_attention where gpu_kernels.short_kernel_fits
+(training over few tokens on CUDA, when turned on); checkpoint_block takes gpu_kernels.keep_attention as its policy; ModelConfig
 asks gpu_kernels.flash_version() whether attn="flash" can run.
 """
 import math
@@ -112,7 +113,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):  # x (B, N, D)
-        q, k, v = rearrange(self.qkv(x), "B N (three h d) -> three B N h d", three=3, h=self.heads)
+        qkv = self.qkv(x)
+        if mask is None and gpu_kernels.short_kernel_fits(qkv, self.heads, self.impl):  # few tokens, training, CUDA
+            return self.proj(gpu_kernels.short_attention(qkv, self.heads))
+        q, k, v = rearrange(qkv, "B N (three h d) -> three B N h d", three=3, h=self.heads)
         x = attention(q, k, v, mask, self.impl)
         return self.proj(rearrange(x, "B N h d -> B N (h d)"))
 
@@ -149,20 +153,8 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(x, "B N h d -> B N (h d)"))
 
 
-def gelu_mlp(x, w1, b1, w2, b2):
-    """Linear, GELU (tanh approximation, as DiT and PixArt use), Linear. In training on GPUs gpu_kernels.gelu_mlp runs
-    the GELU inside the two matmuls beside it; this is the reference it falls back to."""
-    if x.is_cuda:
-        return gpu_kernels.gelu_mlp(x, w1, b1, w2, b2, reference=gelu_mlp_reference)
-    return gelu_mlp_reference(x, w1, b1, w2, b2)
-
-
-def gelu_mlp_reference(x, w1, b1, w2, b2):
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
-
-
 class Mlp(nn.Module):
-    """Linear, GELU, Linear (gelu_mlp). fp8.py swaps the linears (sampling) or the whole module (training)."""
+    """Linear, GELU (tanh approximation, as DiT and PixArt use), Linear."""
 
     def __init__(self, dim, hidden, out=None):
         super().__init__()
@@ -171,8 +163,6 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x):
-        if type(self.fc1) is type(self.fc2) is nn.Linear:
-            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 

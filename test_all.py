@@ -714,6 +714,52 @@ def test_frame_attention_kernel_equals_attention_along_frames():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the short-attention kernels are Triton kernels for CUDA (the GPU suite runs this)")
+def test_short_attention_kernels_equal_attention():
+    """Self-attention over few tokens in the Triton kernels (q, k, v read from the qkv projection's (B, N, 3D) rows,
+    dqkv written there, head sizes 72 and 80 as 64 + 16 columns): outputs and qkv gradients equal the plain formula
+    in bf16, for token counts that fill no tile, eagerly and compiled; an Attention module with
+    override(short_attention=True) runs them in training only, equals the module on the plain formula, and a
+    checkpointed block keeps their output (over more than SHORT_KEYS tokens)."""
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def plain(qkv, heads):
+        q, k, v = rearrange(qkv.float(), "B N (three h d) -> three B N h d", three=3, h=heads)
+        return rearrange(attention(q, k, v, impl="math"), "B N h d -> B N (h d)")
+    torch._dynamo.reset()
+    for op in (gpu_kernels.short_attention, torch.compile(gpu_kernels.short_attention)):
+        for B, N, h, d in ((2, 256, 4, 72), (3, 200, 2, 80), (1, 17, 3, 72)):
+            qkv = torch.randn(B, N, 3 * h * d, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+            grad = torch.randn(B, N, h * d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            out, ref = op(qkv, h), plain(qkv, h)
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+            got, = torch.autograd.grad(out, qkv, grad)
+            want, = torch.autograd.grad(ref, qkv, grad.float())
+            torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    with torch.device("cuda"):
+        fused, reference = M.Attention(144, 2), M.Attention(144, 2, impl="math")
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 150, 144, device="cuda", generator=gen, requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        qkv = fused.qkv(x)
+        assert not gpu_kernels.short_kernel_fits(qkv, 2, "auto")  # off by default
+        with gpu_kernels.override(short_attention=True):
+            assert gpu_kernels.short_kernel_fits(qkv, 2, "auto") and not gpu_kernels.short_kernel_fits(qkv, 2, "math")
+            with torch.no_grad():
+                assert not gpu_kernels.short_kernel_fits(qkv, 2, "auto")  # sampling keeps SDPA
+            torch._dynamo.reset()
+            out, code = run_and_get_code(torch.compile(fused), x)
+            assert "short_attention" in "\n".join(code)
+            ref = reference(x)
+            torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+            got = torch.autograd.grad(out.float().square().mean(), [x, *fused.parameters()])
+            want = torch.autograd.grad(ref.float().square().mean(), [x, *reference.parameters()])
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max().item(), rtol=5e-2)
+    must_save = gpu_kernels.CheckpointPolicy.MUST_SAVE  # 150 keys: more than SHORT_KEYS
+    assert gpu_kernels.keep_attention(None, torch.ops.opensora.short_attention.default, qkv, 2) == must_save
+
+
 def adaln_inputs(shape, dtype, gen, device, strided=False):
     """x and a of shape (B, N, D) or (B, T, S, D) and six per-sample modulation rows cut from one (B, 6, D) tensor
     as the blocks cut them (views with a sample stride of 6D), all leaves with gradients; strided: x and a are
@@ -817,76 +863,6 @@ def test_blocks_with_fused_norms_equal_the_plain_blocks(name, kw):
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=2e-2)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=5e-2)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused MLP's matmuls are Triton kernels for CUDA (the GPU suite runs this)")
-def test_fused_mlp_equals_the_reference():
-    """gpu_kernels.gelu_mlp (fc1 + bias + GELU in one Triton matmul, fc2's input gradient times GELU's derivative and
-    fc1's bias gradient in another) against model.py's reference under bf16 autocast with fp32 weights, as training
-    runs it: the output and the gradients of x and all four parameters are as close to float64 as the reference's
-    own, eagerly and compiled, for row counts that fill no tile; whole models (DiT and STDiT, compiled) give the loss
-    and gradients of override(fused_mlp=False) and run the op in every block; without gradients it stands aside."""
-    with gpu_kernels.override(fused_mlp=True):  # off by default until measured (bench.py --fused-mlp)
-        check_fused_mlp()
-
-
-def check_fused_mlp():
-    gen = torch.Generator("cuda").manual_seed(0)
-    for rows, D, H in ((300, 64, 256), (2 * 129, 1152, 4608)):
-        x = torch.randn(2, rows // 2, D, device="cuda", generator=gen, requires_grad=True)
-        params = [(torch.randn(H, D, device="cuda", generator=gen) * D ** -0.5).requires_grad_(),
-                  (torch.randn(H, device="cuda", generator=gen) * 0.5).requires_grad_(),
-                  (torch.randn(D, H, device="cuda", generator=gen) * H ** -0.5).requires_grad_(),
-                  (torch.randn(D, device="cuda", generator=gen) * 0.5).requires_grad_()]
-        grad = torch.randn(2, rows // 2, D, device="cuda", generator=gen)
-
-        def run(fn, cast=None, autocast=True):
-            inputs = [x, *params] if cast is None else [t.to(cast) for t in (x, *params)]
-            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                out = fn(*inputs)
-            return [out, *torch.autograd.grad(out, [x, *params], grad.to(out.dtype))]
-        exact = run(M.gelu_mlp_reference, torch.float64, autocast=False)
-        ref = run(M.gelu_mlp_reference)
-        assert gpu_kernels.mlp_kernel_fits(x.bfloat16(), *params)
-        torch._dynamo.reset()
-        for name, fn in (("eager", M.gelu_mlp), ("compiled", torch.compile(M.gelu_mlp))):
-            got = run(fn)
-            for what, g, r, e in zip(("out", "x", "w1", "b1", "w2", "b2"), got, ref, exact):
-                size = e.abs().max().item()
-                err, ref_err = ((t.double() - e).abs().max().item() for t in (g, r))
-                assert g.dtype == r.dtype and err <= 2 * ref_err + 1e-3 * size, (name, rows, what, err, ref_err, size)
-    with torch.autocast("cuda", torch.bfloat16):
-        _, code = run_and_get_code(torch.compile(lambda *t: M.gelu_mlp(*t).float().sum()), x, *params)
-    assert "gelu_mlp" in "\n".join(code)
-    half = x.detach().bfloat16()
-    with torch.no_grad():
-        assert not gpu_kernels.mlp_kernel_fits(half, *params)
-    with gpu_kernels.override(fused_mlp=False):
-        assert not gpu_kernels.mlp_kernel_fits(half, *params)
-    for name, kw in (("DiT-debug", dict(num_classes=10, cond="adaln")), ("STDiT-debug", TEXT)):
-        model = randomize(build_model(name, **kw), std=0.05).cuda().eval()
-        y, mask = condition(model, 3)
-        y, mask = y.cuda(), None if mask is None else mask.cuda()
-        x = torch.randn(3, 4, 4, 8, 8, device="cuda")
-        t = torch.tensor([10, 500, 900], device="cuda")
-
-        def loss_and_grads():
-            torch._dynamo.reset()
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = torch.compile(model)(x, t, y, mask).float().square().mean()
-            return loss, torch.autograd.grad(loss, list(model.parameters()))
-        launches, launch = [], gpu_kernels._launch_mm_gelu
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(gpu_kernels, "_launch_mm_gelu", lambda *args: launches.append(args[-1]) or launch(*args))
-            loss, grads = loss_and_grads()
-            assert launches.count(False) == launches.count(True) == model.cfg.depth, (name, launches)  # forward, backward
-            launches.clear()
-            with gpu_kernels.override(fused_mlp=False):
-                ref_loss, ref_grads = loss_and_grads()
-            assert not launches
-        torch.testing.assert_close(loss, ref_loss, atol=0, rtol=2e-2)
-        for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=5e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LayerNorm kernels are Triton kernels for CUDA (the GPU suite runs this)")
@@ -4199,7 +4175,7 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
 
 def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
-    machine then times auto with and without it. So do --no-fused-norm and --fused-mlp for their kernels."""
+    machine then times auto with and without it. So do --no-fused-norm and --short-attn for their kernels."""
     monkeypatch.setattr(gpu_kernels, "FLASH4", True)  # as where flash-attn 4 is installed
     monkeypatch.setattr(gpu_kernels, "half_on_gpu", lambda q: False)  # ... but never run here
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
@@ -4207,8 +4183,9 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
     assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None
     assert gpu_kernels.flash_version() == "4"  # only inside that run: the override ends with it
-    toggled, = run_bench(argv + ["--fused-mlp", "--no-fused-norm"], capsys)
-    assert toggled["fused_mlp"] and not toggled["fused_norm"] and not gpu_kernels.FUSED_MLP and gpu_kernels.FUSED_NORM
+    toggled, = run_bench(argv + ["--short-attn", "--no-fused-norm"], capsys)
+    assert toggled["short_attention"] and not toggled["fused_norm"]
+    assert not gpu_kernels.SHORT_ATTENTION and gpu_kernels.FUSED_NORM
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
