@@ -77,8 +77,9 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 @contextmanager
 def override(**settings):
     """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), fused_norm
-    (bool), short_attention (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the long-sequence paths) and for
-    bench.py --no-flash-attn; the one way to change this module's behaviour from outside."""
+    (bool), short_attention (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the
+    long-sequence paths) and for bench.py's --no-flash-attn, --no-fused-norm and --short-attn; the one way to change
+    this module's behaviour from outside."""
     names = {name: name.upper() for name in settings}
     known = ("FLASH_ATTN", "FUSED_NORM", "SHORT_ATTENTION", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")
     unknown = [name for name, upper in names.items() if upper not in known]
@@ -367,7 +368,7 @@ def short_kernel_fits(qkv, heads, impl):
 if triton is not None:
     @triton.jit
     def _short_load(ptr, tok, valid, col0, HEAD_DIM: tl.constexpr):
-        """One head's columns col0 .. col0 + HEAD_DIM of the rows at offsets tok, as a (rows, 64) and a (rows, 16) tile."""
+        """One head's columns col0 .. col0 + HEAD_DIM of the rows at offsets tok: a (rows, 64) and a (rows, 16) tile."""
         lo = tl.arange(0, 64)[None, :]
         hi = 64 + tl.arange(0, 16)[None, :]
         a = tl.load(ptr + tok[:, None] + col0 + lo, mask=valid[:, None], other=0.0)
@@ -384,6 +385,23 @@ if triton is not None:
     @triton.jit
     def _short_scores(qa, qb, ka, kb, scale):  # q k^T in log2 units (exp2 below), (BM, BN) fp32
         return (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))) * (scale * 1.4426950408889634)
+
+    @triton.jit
+    def _short_query_rows(qkv, grad, lse, rowsum, b, h, bh, rows, N, D, HEAD_DIM: tl.constexpr):
+        """The backward's inputs for rows of one (b, head): q, the output's gradient, log-sum-exp, row sums."""
+        qa, qb = _short_load(qkv, (b * N + rows).to(tl.int64) * 3 * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+        ga, gb = _short_load(grad, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, HEAD_DIM)
+        row_lse = tl.load(lse + bh * N + rows, mask=rows < N, other=0.0)
+        row_sum = tl.load(rowsum + bh * N + rows, mask=rows < N, other=0.0)
+        return qa, qb, ga, gb, row_lse, row_sum
+
+    @triton.jit
+    def _short_probs_grads(qa, qb, ka, kb, va, vb, ga, gb, row_lse, row_sum, scale, valid):
+        """The backward's tile: the probabilities p (recomputed from the forward's log-sum-exp) and the scores'
+        gradient p * (grad v^T - sum(grad * out)), both zero outside valid (BM, BN), fp32."""
+        p = tl.where(valid, tl.exp2(_short_scores(qa, qb, ka, kb, scale) - row_lse[:, None]), 0.0)
+        dp = tl.dot(ga, tl.trans(va)) + tl.dot(gb, tl.trans(vb))
+        return p, p * (dp - row_sum[:, None])
 
     @triton.jit
     def _short_fwd(qkv, out, lse, N: tl.constexpr, heads, scale, HEAD_DIM: tl.constexpr, BM: tl.constexpr,
@@ -444,17 +462,13 @@ if triton is not None:
         dva, dvb = tl.zeros([BN, 64], tl.float32), tl.zeros([BN, 16], tl.float32)
         for m0 in range(0, N, BM):
             rows = m0 + tl.arange(0, BM)
-            qa, qb = _short_load(qkv, (b * N + rows).to(tl.int64) * 3 * D, rows < N, h * HEAD_DIM, HEAD_DIM)
-            ga, gb = _short_load(grad, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, HEAD_DIM)
-            row_lse = tl.load(lse + bh * N + rows, mask=rows < N, other=0.0)
-            row_sum = tl.load(rowsum + bh * N + rows, mask=rows < N, other=0.0)
-            p = tl.exp2(_short_scores(qa, qb, ka, kb, scale) - row_lse[:, None])
-            p = tl.where((cols < N)[None, :] & (rows < N)[:, None], p, 0.0)
+            qa, qb, ga, gb, row_lse, row_sum = _short_query_rows(qkv, grad, lse, rowsum, b, h, bh, rows, N, D, HEAD_DIM)
+            p, ds = _short_probs_grads(qa, qb, ka, kb, va, vb, ga, gb, row_lse, row_sum, scale,
+                                       (rows < N)[:, None] & (cols < N)[None, :])
             pt = tl.trans(p.to(ga.dtype))
             dva += tl.dot(pt, ga)
             dvb += tl.dot(pt, gb)
-            dp = tl.dot(ga, tl.trans(va)) + tl.dot(gb, tl.trans(vb))
-            dst = tl.trans((p * (dp - row_sum[:, None])).to(qa.dtype))
+            dst = tl.trans(ds.to(qa.dtype))
             dka += tl.dot(dst, qa)
             dkb += tl.dot(dst, qb)
         _short_store(dqkv, tok, cols < N, D + h * HEAD_DIM, dka * scale, dkb * scale, HEAD_DIM)
@@ -468,23 +482,20 @@ if triton is not None:
         b, h = bh // heads, bh % heads
         D = heads * HEAD_DIM
         rows = m_tile * BM + tl.arange(0, BM)
-        tq = (b * N + rows).to(tl.int64) * 3 * D
-        qa, qb = _short_load(qkv, tq, rows < N, h * HEAD_DIM, HEAD_DIM)
-        ga, gb = _short_load(grad, (b * N + rows).to(tl.int64) * D, rows < N, h * HEAD_DIM, HEAD_DIM)
-        row_lse = tl.load(lse + bh * N + rows, mask=rows < N, other=0.0)
-        row_sum = tl.load(rowsum + bh * N + rows, mask=rows < N, other=0.0)
+        qa, qb, ga, gb, row_lse, row_sum = _short_query_rows(qkv, grad, lse, rowsum, b, h, bh, rows, N, D, HEAD_DIM)
         dqa, dqb = tl.zeros([BM, 64], tl.float32), tl.zeros([BM, 16], tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             tok = (b * N + cols).to(tl.int64) * 3 * D
             ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
             va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
-            p = tl.where((cols < N)[None, :], tl.exp2(_short_scores(qa, qb, ka, kb, scale) - row_lse[:, None]), 0.0)
-            dp = tl.dot(ga, tl.trans(va)) + tl.dot(gb, tl.trans(vb))
-            ds = (p * (dp - row_sum[:, None])).to(qa.dtype)
+            _, ds = _short_probs_grads(qa, qb, ka, kb, va, vb, ga, gb, row_lse, row_sum, scale,
+                                       (rows < N)[:, None] & (cols < N)[None, :])
+            ds = ds.to(qa.dtype)
             dqa += tl.dot(ds, ka)
             dqb += tl.dot(ds, kb)
-        _short_store(dqkv, tq, rows < N, h * HEAD_DIM, dqa * scale, dqb * scale, HEAD_DIM)
+        tok = (b * N + rows).to(tl.int64) * 3 * D
+        _short_store(dqkv, tok, rows < N, h * HEAD_DIM, dqa * scale, dqb * scale, HEAD_DIM)
 
 
 # Tiles of the short kernels: 64 queries x 64 keys, 4 warps, 3 stages, the fastest of five settings (docs/LOG.md,
