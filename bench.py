@@ -591,9 +591,9 @@ def main(argv=None):
     p.add_argument("--no-fused-norm", action="store_true",
                    help="adaLN's LayerNorm + modulate and residual add as Inductor compiles model.py's code, not gpu_kernels' "
                         "fused kernels (for before/after)")
-    p.add_argument("--short-attn", action="store_true",
-                   help="self-attention over up to 256 tokens in gpu_kernels' Triton kernels (training only): off by "
-                        "default until whole rows are timed with and without it (docs/LOG.md)")
+    p.add_argument("--no-short-attn", action="store_true",
+                   help="training self-attention over up to 256 tokens in SDPA, not gpu_kernels' Triton kernels (for "
+                        "before/after)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
@@ -627,7 +627,7 @@ def main(argv=None):
 
     # off: as if not installed (the result says null)
     with gpu_kernels.override(flash_attn=not args.no_flash_attn, fused_norm=not (args.no_fused_norm or args.baseline),
-                              short_attention=args.short_attn and not args.baseline):
+                              short_attention=not (args.no_short_attn or args.baseline)):
         return run(args, argv)
 
 

@@ -20,7 +20,7 @@ LayerNorm + modulate in plain PyTorch. Everything here is an optional speed path
   short kernels - self-attention over few tokens (DiT images, STDiT's spatial attention at 256 tokens) in
                  training as Triton kernels that read q, k, v where the projection wrote them and write dqkv
                  there, head size 72 as 64 + 16 columns: model.Attention calls `short_kernel_fits` and
-                 `short_attention` itself, beside the seam (off until whole rows are timed: SHORT_ATTENTION)
+                 `short_attention` itself, beside the seam (SHORT_ATTENTION)
   adaLN norms  - LayerNorm + modulate, and the residual add before it, as Triton kernels forward and backward:
                  `norm_modulate`, `add_norm_modulate`, called by model.py's seams of the same names; twins that
                  write e4m3 rows for fp8 sampling
@@ -61,9 +61,9 @@ except ImportError:
 # The auto policy's settings (change them only through override()).
 FLASH_ATTN = True  # False: behave as if no flash-attn were installed (bench.py --no-flash-attn)
 FUSED_NORM = True  # False: adaLN's LayerNorm and modulate as model.py writes them (bench.py --no-fused-norm)
-# True: self-attention over up to SHORT_SELF_KEYS tokens in training runs the Triton kernels below (short_attention).
-# Off until whole rows are timed: the ops alone were (docs/LOG.md, 2026-12-07); bench.py --short-attn
-SHORT_ATTENTION = False
+# True: self-attention over up to SHORT_SELF_KEYS tokens in training runs the Triton kernels below (short_attention):
+# DiT-XL/2 images 1.2% and STDiT-XL/2 16x256 0.7% faster on an H100 (docs/LOG.md); bench.py --no-short-attn
+SHORT_ATTENTION = True
 # up to this many keys: fwd + bwd 18% under cuDNN's at 256 tokens (H100), 11% over it at 1,024
 SHORT_SELF_KEYS = 256
 SHORT_KEYS = 128  # up to this many keys, the flash and cuDNN kernels' key tiles (64-128) are mostly empty
@@ -78,7 +78,7 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 def override(**settings):
     """Change the auto policy's settings inside a with block, restored at its end: flash_attn (bool), fused_norm
     (bool), short_attention (bool), short_keys, flash4_keys, query_rows. For tests (small tensors that should take the
-    long-sequence paths) and for bench.py's --no-flash-attn, --no-fused-norm and --short-attn; the one way to change
+    long-sequence paths) and for bench.py's --no-flash-attn, --no-fused-norm and --no-short-attn; the one way to change
     this module's behaviour from outside."""
     names = {name: name.upper() for name in settings}
     known = ("FLASH_ATTN", "FUSED_NORM", "SHORT_ATTENTION", "SHORT_KEYS", "FLASH4_KEYS", "QUERY_ROWS")

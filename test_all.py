@@ -735,14 +735,16 @@ def test_short_attention_kernels_equal_attention():
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
             got, = torch.autograd.grad(out, qkv, grad)
             want, = torch.autograd.grad(ref, qkv, grad.float())
-            torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
     with torch.device("cuda"):
         fused, reference = M.Attention(144, 2), M.Attention(144, 2, impl="math")
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(2, 150, 144, device="cuda", generator=gen, requires_grad=True)
     with torch.autocast("cuda", torch.bfloat16):
         qkv = fused.qkv(x)
-        assert not gpu_kernels.short_kernel_fits(qkv, 2, "auto")  # off by default
+        assert gpu_kernels.short_kernel_fits(qkv, 2, "auto")  # on by default
+        with gpu_kernels.override(short_attention=False):
+            assert not gpu_kernels.short_kernel_fits(qkv, 2, "auto")
         with gpu_kernels.override(short_attention=True):
             assert gpu_kernels.short_kernel_fits(qkv, 2, "auto") and not gpu_kernels.short_kernel_fits(qkv, 2, "math")
             with torch.no_grad():
@@ -4175,7 +4177,7 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
 
 def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
-    machine then times auto with and without it. So do --no-fused-norm and --short-attn for their kernels."""
+    machine then times auto with and without it. So do --no-fused-norm and --no-short-attn for their kernels."""
     monkeypatch.setattr(gpu_kernels, "FLASH4", True)  # as where flash-attn 4 is installed
     monkeypatch.setattr(gpu_kernels, "half_on_gpu", lambda q: False)  # ... but never run here
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
@@ -4183,9 +4185,10 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
     assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None
     assert gpu_kernels.flash_version() == "4"  # only inside that run: the override ends with it
-    toggled, = run_bench(argv + ["--short-attn", "--no-fused-norm"], capsys)
-    assert toggled["short_attention"] and not toggled["fused_norm"]
-    assert not gpu_kernels.SHORT_ATTENTION and gpu_kernels.FUSED_NORM
+    assert run_bench(argv, capsys)[0]["short_attention"]
+    toggled, = run_bench(argv + ["--no-short-attn", "--no-fused-norm"], capsys)
+    assert not toggled["short_attention"] and not toggled["fused_norm"]
+    assert gpu_kernels.SHORT_ATTENTION and gpu_kernels.FUSED_NORM
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):
