@@ -51,11 +51,11 @@ import gpu_kernels
 import sample
 import seqparallel
 import train
+import zero
 from fp8 import enable_fp8_training, quantize_fp8
 from model import PRESETS, build_model
 from text import TextEncoder
 from vae import build_vae
-from zero import ZeRO2
 
 # The published rows (8x H800, per GPU; T5 + SD-VAE online in the video rows; see the docstring): name -> settings,
 # (published samples/s/GPU, tokens/s/GPU). Batch sizes and the share of gradient-checkpointed blocks are ours, per GPU,
@@ -219,7 +219,7 @@ def bench_training(args, s, device, rank, world, log):
     # then DDP or FSDP2's sharding, and the optimizer on the parameters as they end up
     fused = device.type == "cuda" and not args.baseline
     if s["optimizer"] == "zero2":  # bf16 compute weights, fp32 master slices: what train.py --zero 2 trains with
-        net, opt = model, ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
+        net, opt = model, zero.ZeRO2(model, lr=1e-4, compute_dtype=torch.bfloat16)  # no EMA: DDP and FSDP2 keep none here
     if s["compile"]:
         for block in model.blocks:
             block.compile()
@@ -272,7 +272,7 @@ def bench_training(args, s, device, rank, world, log):
                   sp=s["sp"], sp_kind=args.sp_kind if s["sp"] > 1 else None,
                   overlap=not args.no_overlap if s["sp"] > 1 and args.sp_kind == "fastseq" else None, grad_checkpoint=s["ckpt"], compile=s["compile"],
                   attn=s["attn"], fp8_linears=fp8_linears, flash_attn=gpu_kernels.flash_version(),
-                  fused_norm=gpu_kernels.FUSED_NORM, short_attention=gpu_kernels.SHORT_ATTENTION, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
+                  fused_norm=gpu_kernels.FUSED_NORM, short_attention=gpu_kernels.SHORT_ATTENTION, fused_step=zero.FUSED_STEP, optimizer=s["optimizer"], mode="baseline" if args.baseline else "fast",
                   encoders="precomputed" if args.precomputed else "online", step_s=round(seconds, 4),
                   samples_per_s_per_gpu=round(B * dp / seconds / world, 3),
                   tokens_per_s_per_gpu=round(tokens * B * dp / seconds / world), model_tflops_per_gpu=round(tflops, 1))
@@ -594,6 +594,9 @@ def main(argv=None):
     p.add_argument("--no-short-attn", action="store_true",
                    help="training self-attention over up to 256 tokens in SDPA, not gpu_kernels' Triton kernels (for "
                         "before/after)")
+    p.add_argument("--fused-step", action="store_true",
+                   help="ZeRO-2's clip, AdamW, EMA and weight copy in one Triton kernel per slice (zero.FUSED_STEP): off "
+                        "by default until whole rows are timed with and without it (docs/LOG.md)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     p.add_argument("--optimizer", choices=["ddp", "zero2", "fsdp2"],
                    help="DDP + AdamW on fp32 weights (train.py's default), our ZeRO-2 with bf16 compute weights, or "
@@ -626,9 +629,13 @@ def main(argv=None):
         return write(args, all_rows(args, argv))
 
     # off: as if not installed (the result says null)
-    with gpu_kernels.override(flash_attn=not args.no_flash_attn, fused_norm=not (args.no_fused_norm or args.baseline),
-                              short_attention=not (args.no_short_attn or args.baseline)):
-        return run(args, argv)
+    fused_step, zero.FUSED_STEP = zero.FUSED_STEP, args.fused_step and not args.baseline
+    try:
+        with gpu_kernels.override(flash_attn=not args.no_flash_attn, fused_norm=not (args.no_fused_norm or args.baseline),
+                                  short_attention=not (args.no_short_attn or args.baseline)):
+            return run(args, argv)
+    finally:
+        zero.FUSED_STEP = fused_step
 
 
 def run(args, argv):

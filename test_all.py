@@ -2600,6 +2600,69 @@ def test_zero2_matches_adamw_on_one_process(world):
     _spawn(_zero_worker, world)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused step is a Triton kernel for CUDA (the GPU suite runs this)")
+def test_zero2_fused_step_equals_the_unfused_one(monkeypatch):
+    """zero.FUSED_STEP (off by default): one Triton kernel per slice for the clip, AdamW, the EMA and the bf16 compute
+    weights gives the unfused step's master weights, EMA and moments (one step, bf16 autocast, clipped), writes the
+    compute weights as the gathered master weights, leaves all of it on a skipped step, the step count too, and keeps
+    AdamW's state under torch's names (checkpoints the same)."""
+    assert not zero.FUSED_STEP
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        base = randomize(build_model("DiT-debug", cond="adaln", num_classes=10, dropout=0.0), seed=4).cuda()
+        x, t = torch.randn(4, 4, 1, 8, 8, device="cuda"), torch.tensor([1, 50, 300, 900], device="cuda")
+        labels = torch.arange(4, device="cuda")
+
+        def backward(model):
+            with torch.autocast("cuda", torch.bfloat16):
+                model(x, t, labels).float().square().mean().backward()
+
+        def snapshot(opt):
+            return (opt.full_state(), opt.full_state("ema"),
+                    [{k: v.clone() for k, v in opt.adamw.state[p].items()} for p in opt.parts])
+
+        runs = {}
+        for fused in (False, True):
+            monkeypatch.setattr(zero, "FUSED_STEP", fused)
+            model = copy.deepcopy(base)
+            opt = zero.ZeRO2(model, lr=1e-3, weight_decay=0.1, compute_dtype=torch.bfloat16, bucket_mb=0.05, ema_decay=0.9)
+            assert opt._fused() == fused and len(opt.parts) > 2
+            backward(model)
+            norm = opt.clip_grad_norm_(0.01)
+            assert norm > 0.01  # the clip acts
+            opt.step()
+            opt.zero_grad()
+            runs[fused] = norm, snapshot(opt)
+            gathered = opt.full_state()
+            for name, p in model.named_parameters():  # the compute weights hold the master weights in bf16
+                assert torch.equal(p.detach(), gathered[name].to("cuda", torch.bfloat16)), name
+            backward(model)
+            opt.clip_grad_norm_(0.01)
+            opt.step(torch.tensor(1.0, device="cuda"))  # train.py's non-finite step: nothing moves
+            opt.zero_grad()
+            for a, b in zip(tensors_of(snapshot(opt)), tensors_of(runs[fused][1])):
+                assert torch.equal(a, b)
+        (norm0, (master0, ema0, states0)), (norm1, (master1, ema1, states1)) = runs[False], runs[True]
+        assert torch.equal(norm0, norm1)
+        for want, got in ((master0, master1), (ema0, ema1)):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+        for want, got in zip(states0, states1):
+            assert want.keys() == got.keys() and got["step"].item() == 1 and got["step"].device == want["step"].device
+            torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(got["exp_avg_sq"], want["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def tensors_of(tree):
+    """The tensors of nested dicts, lists and tuples, in order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree
+    return [t for item in items for t in tensors_of(item)]
+
+
 # checkpoint.py: run folders written whole, resumed bit for bit or refused
 
 def test_checkpoints_are_atomic_and_resume_checks_them(tmp_path, tiny_t5):
@@ -4177,7 +4240,8 @@ def test_bench_online_encoders_fall_back_to_random_weights(monkeypatch, capsys):
 
 def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     """--no-flash-attn runs a row as if flash-attn were not installed, and the result says which ran: the same
-    machine then times auto with and without it. So do --no-fused-norm and --no-short-attn for their kernels."""
+    machine then times auto with and without it. So do --no-fused-norm and --no-short-attn for their kernels, and
+    --fused-step for ZeRO-2's (off by default)."""
     monkeypatch.setattr(gpu_kernels, "FLASH4", True)  # as where flash-attn 4 is installed
     monkeypatch.setattr(gpu_kernels, "half_on_gpu", lambda q: False)  # ... but never run here
     argv = ["--model", "DiT-debug", "--frames", "2", "--size", "32", "32", "--batch-size", "2", "--text-len", "8",
@@ -4185,10 +4249,11 @@ def test_bench_can_leave_flash_attn_out(monkeypatch, capsys):
     assert run_bench(argv, capsys)[0]["flash_attn"] == "4"
     assert run_bench(argv + ["--no-flash-attn"], capsys)[0]["flash_attn"] is None
     assert gpu_kernels.flash_version() == "4"  # only inside that run: the override ends with it
-    assert run_bench(argv, capsys)[0]["short_attention"]
-    toggled, = run_bench(argv + ["--no-short-attn", "--no-fused-norm"], capsys)
-    assert not toggled["short_attention"] and not toggled["fused_norm"]
-    assert gpu_kernels.SHORT_ATTENTION and gpu_kernels.FUSED_NORM
+    default, = run_bench(argv, capsys)
+    assert default["short_attention"] and not default["fused_step"]
+    toggled, = run_bench(argv + ["--no-short-attn", "--no-fused-norm", "--fused-step"], capsys)
+    assert not toggled["short_attention"] and not toggled["fused_norm"] and toggled["fused_step"]
+    assert gpu_kernels.SHORT_ATTENTION and gpu_kernels.FUSED_NORM and not zero.FUSED_STEP
 
 
 def test_bench_sampling_several_samplers_and_fp8(monkeypatch, capsys):

@@ -34,6 +34,58 @@ import torch.distributed as dist
 
 from seqparallel import all_gather, reduce_scatter
 
+try:  # the fused step's kernel: an optional speed path on CUDA
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# True: on CUDA, one Triton kernel per bucket slice clips the gradient, runs AdamW, moves the EMA and writes the
+# compute weights, which otherwise take four passes over the slices and a copy. Off until whole rows are timed
+# (docs/LOG.md, 2026-12-08): bench.py --fused-step
+FUSED_STEP = False
+FUSED_STEP_BLOCK = 4096  # values a program takes
+
+
+if triton is not None:
+    @triton.jit
+    def _adamw_ema_kernel(w, g, m, v, ema, out, n, clip, skip, step, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
+                          decay, ema_weight, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
+        """BLOCK values of a slice: AdamW as torch's fused kernel computes it, on the gradient times clip; then the EMA's
+        lerp toward the new weights, and the new weights in the compute dtype into out. Nothing where skip is set."""
+        if tl.load(skip) == 0:
+            at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            keep = at < n
+            t = tl.load(step)  # this step counted
+            grad = tl.load(g + at, mask=keep) * tl.load(clip)
+            p = tl.load(w + at, mask=keep)
+            p = p - lr * decay * p
+            m1 = beta1 * tl.load(m + at, mask=keep) + (1 - beta1) * grad
+            v1 = beta2 * tl.load(v + at, mask=keep) + (1 - beta2) * grad * grad
+            correction1 = 1 - tl.exp2(t * log2_beta1)  # 1 - beta1 ** t
+            correction2 = 1 - tl.exp2(t * log2_beta2)
+            p = p - (lr / correction1) * m1 / (tl.sqrt(v1) / tl.sqrt(correction2) + eps)
+            tl.store(w + at, p, mask=keep)
+            tl.store(m + at, m1, mask=keep)
+            tl.store(v + at, v1, mask=keep)
+            if HAS_EMA:
+                e = tl.load(ema + at, mask=keep)
+                tl.store(ema + at, e + ema_weight * (p - e), mask=keep)
+            tl.store(out + at, p.to(out.dtype.element_ty), mask=keep)
+
+
+def fused_adamw_ema(part, state, ema, out, clip, skip, lr, betas, eps, weight_decay, ema_decay):
+    """One AdamW step on the fp32 slice part (its .grad times clip; state as torch's AdamW keeps it), the EMA slice
+    moved toward it (ema_decay None: no EMA), and part in out's dtype written to out. skip: a 0-d tensor, 1.0 leaves
+    all of it (step count included) as it was."""
+    state["step"].add_(1 - skip)
+    beta1, beta2 = betas
+    n = part.numel()
+    _adamw_ema_kernel[(triton.cdiv(n, FUSED_STEP_BLOCK),)](
+        part, part.grad, state["exp_avg"], state["exp_avg_sq"], part if ema is None else ema, out, n, clip, skip,
+        state["step"], lr, beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay,
+        0.0 if ema_decay is None else 1 - ema_decay, HAS_EMA=ema is not None, BLOCK=FUSED_STEP_BLOCK)
+
 
 class ZeRO2:
     def __init__(self, model, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, compute_dtype=torch.bfloat16,
@@ -69,6 +121,7 @@ class ZeRO2:
         self.parts = [torch.nn.Parameter(part) for part in self._slices(master)]
         self.ema = master.clone() if ema_decay is not None else None
         self.ema_decay = ema_decay
+        self.clip = None  # the fused step's clip factor, from clip_grad_norm_
         self.adamw = torch.optim.AdamW(self.parts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                        fused=device.type == "cuda")
         # fp16 needs loss scaling: grow x2 after 2000 clean steps, halve and skip the step on inf/nan
@@ -194,9 +247,14 @@ class ZeRO2:
         square = torch.nn.utils.get_total_norm(self._grads()).square()
         dist.all_reduce(square, group=self.group)
         norm = square.sqrt()
-        if not self.overflow:
+        if self._fused():  # the step multiplies by it, as clip_grads_with_norm_ would have (no fp16: no overflow)
+            self.clip = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        elif not self.overflow:
             torch.nn.utils.clip_grads_with_norm_(self.parts, max_norm, norm)
         return norm
+
+    def _fused(self):
+        return FUSED_STEP and triton is not None and self.master.is_cuda and not self.dynamic
 
     @torch.no_grad()
     def step(self, skip=None):
@@ -208,6 +266,8 @@ class ZeRO2:
             self.skipped_steps += 1
             self.loss_scale /= 2
             self.good_steps = 0
+        elif self._fused():
+            self._fused_step(skip)
         elif skip is not None and not self.adamw.defaults.get("fused") and skip.item():
             pass  # a skipped step: weights, moments and EMA stay (a CPU tensor, read without waiting)
         else:
@@ -221,7 +281,24 @@ class ZeRO2:
                 if self.good_steps % 2000 == 0:
                     self.loss_scale *= 2
             self._gather_into_weights()
-        self.finished = False
+        self.finished, self.clip = False, None
+
+    def _fused_step(self, skip):
+        """step()'s work in one kernel per bucket slice (FUSED_STEP): the clip, AdamW, the EMA, the compute weights."""
+        group, device = self.adamw.param_groups[0], self.master.device
+        skip = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
+        clip = torch.ones((), device=device) if self.clip is None else self.clip
+        emas = [None] * len(self.parts) if self.ema is None else self._slices(self.ema)
+        for i, (part, ema) in enumerate(zip(self.parts, emas)):
+            state = self.adamw.state[part]
+            if not state:  # what torch's fused AdamW makes on its first step: checkpoints look the same
+                state.update(step=torch.zeros((), device=device), exp_avg=torch.zeros_like(part),
+                             exp_avg_sq=torch.zeros_like(part))
+            out = self.weights[i] if self.world == 1 else part.new_empty(self.chunk[i], dtype=self.compute_dtype)
+            fused_adamw_ema(part, state, ema, out, clip, skip, group["lr"], group["betas"], group["eps"],
+                            group["weight_decay"], self.ema_decay)
+            if self.world > 1:
+                all_gather(self.weights[i], out, group=self.group)
 
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none)  # the gradient slices
