@@ -49,21 +49,20 @@ FUSED_STEP_BLOCK = 4096  # values a program takes
 
 if triton is not None:
     @triton.jit
-    def _adamw_ema_kernel(w, g, m, v, ema, out, n, clip, skip, step, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
-                          decay, ema_weight, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
+    def _adamw_ema_kernel(w, g, m, v, ema, out, n, clip, skip, powers, lr, beta1, beta2, eps, decay, ema_weight,
+                          HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
         """BLOCK values of a slice: AdamW as torch's fused kernel computes it, on the gradient times clip; then the EMA's
         lerp toward the new weights, and the new weights in the compute dtype into out. Nothing where skip is set."""
         if tl.load(skip) == 0:
             at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             keep = at < n
-            t = tl.load(step)  # this step counted
             grad = tl.load(g + at, mask=keep) * tl.load(clip)
             p = tl.load(w + at, mask=keep)
             p = p - lr * decay * p
             m1 = beta1 * tl.load(m + at, mask=keep) + (1 - beta1) * grad
             v1 = beta2 * tl.load(v + at, mask=keep) + (1 - beta2) * grad * grad
-            correction1 = 1 - tl.exp2(t * log2_beta1)  # 1 - beta1 ** t
-            correction2 = 1 - tl.exp2(t * log2_beta2)
+            correction1 = 1 - tl.load(powers)  # 1 - beta1 ** step
+            correction2 = 1 - tl.load(powers + 1)
             p = p - (lr / correction1) * m1 / (tl.sqrt(v1) / tl.sqrt(correction2) + eps)
             tl.store(w + at, p, mask=keep)
             tl.store(m + at, m1, mask=keep)
@@ -74,17 +73,15 @@ if triton is not None:
             tl.store(out + at, p.to(out.dtype.element_ty), mask=keep)
 
 
-def fused_adamw_ema(part, state, ema, out, clip, skip, lr, betas, eps, weight_decay, ema_decay):
-    """One AdamW step on the fp32 slice part (its .grad times clip; state as torch's AdamW keeps it), the EMA slice
-    moved toward it (ema_decay None: no EMA), and part in out's dtype written to out. skip: a 0-d tensor, 1.0 leaves
-    all of it (step count included) as it was."""
-    state["step"].add_(1 - skip)
-    beta1, beta2 = betas
+def fused_adamw_ema(part, state, ema, out, clip, skip, powers, lr, betas, eps, weight_decay, ema_decay):
+    """One AdamW step on the fp32 slice part (its .grad times clip; state as torch's AdamW keeps it, its step already
+    counted; powers: (beta1 ** step, beta2 ** step) on the device), the EMA slice moved toward it (ema_decay None: no
+    EMA), and part in out's dtype written to out. skip: a 0-d tensor, 1.0 leaves all of it as it was."""
     n = part.numel()
     _adamw_ema_kernel[(triton.cdiv(n, FUSED_STEP_BLOCK),)](
-        part, part.grad, state["exp_avg"], state["exp_avg_sq"], part if ema is None else ema, out, n, clip, skip,
-        state["step"], lr, beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay,
-        0.0 if ema_decay is None else 1 - ema_decay, HAS_EMA=ema is not None, BLOCK=FUSED_STEP_BLOCK)
+        part, part.grad, state["exp_avg"], state["exp_avg_sq"], part if ema is None else ema, out, n, clip, skip, powers,
+        lr, *betas, eps, weight_decay, 0.0 if ema_decay is None else 1 - ema_decay, HAS_EMA=ema is not None,
+        BLOCK=FUSED_STEP_BLOCK)
 
 
 class ZeRO2:
@@ -122,6 +119,7 @@ class ZeRO2:
         self.ema = master.clone() if ema_decay is not None else None
         self.ema_decay = ema_decay
         self.clip = None  # the fused step's clip factor, from clip_grad_norm_
+        self.betas = torch.tensor(betas, device=device)  # the fused step's, on the device (a copy there would wait)
         self.adamw = torch.optim.AdamW(self.parts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                        fused=device.type == "cuda")
         # fp16 needs loss scaling: grow x2 after 2000 clean steps, halve and skip the step on inf/nan
@@ -288,14 +286,17 @@ class ZeRO2:
         group, device = self.adamw.param_groups[0], self.master.device
         skip = torch.zeros((), device=device) if skip is None else skip.to(device, torch.float32)
         clip = torch.ones((), device=device) if self.clip is None else self.clip
-        emas = [None] * len(self.parts) if self.ema is None else self._slices(self.ema)
-        for i, (part, ema) in enumerate(zip(self.parts, emas)):
-            state = self.adamw.state[part]
+        states = [self.adamw.state[part] for part in self.parts]
+        for part, state in zip(self.parts, states):
             if not state:  # what torch's fused AdamW makes on its first step: checkpoints look the same
                 state.update(step=torch.zeros((), device=device), exp_avg=torch.zeros_like(part),
                              exp_avg_sq=torch.zeros_like(part))
+            state["step"].add_(1 - skip)
+        powers = self.betas ** states[0]["step"]  # (beta1 ** step, beta2 ** step): all slices step together
+        emas = [None] * len(self.parts) if self.ema is None else self._slices(self.ema)
+        for i, (part, state, ema) in enumerate(zip(self.parts, states, emas)):
             out = self.weights[i] if self.world == 1 else part.new_empty(self.chunk[i], dtype=self.compute_dtype)
-            fused_adamw_ema(part, state, ema, out, clip, skip, group["lr"], group["betas"], group["eps"],
+            fused_adamw_ema(part, state, ema, out, clip, skip, powers, group["lr"], group["betas"], group["eps"],
                             group["weight_decay"], self.ema_decay)
             if self.world > 1:
                 all_gather(self.weights[i], out, group=self.group)
