@@ -303,6 +303,7 @@ class ZeRO2:
 
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none)  # the gradient slices
+        self.clip = None
         for p in self.params:
             p.grad = None
 
