@@ -269,8 +269,8 @@ class ZeRO2:
         elif skip is not None and not self.adamw.defaults.get("fused") and skip.item():
             pass  # a skipped step: weights, moments and EMA stay (a CPU tensor, read without waiting)
         else:
-            if skip is not None and self.adamw.defaults.get("fused"):
-                self.adamw.found_inf = skip
+            if self.adamw.defaults.get("fused"):
+                self.adamw.found_inf = skip  # None: this step runs (a flag left from an earlier step must not stay)
             self.adamw.step()  # updates the parts in place, so self.master too
             if self.ema is not None:
                 self.ema.lerp_(self.master, 1 - self.ema_decay if skip is None else (1 - self.ema_decay) * (1 - skip))
