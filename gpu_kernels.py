@@ -383,6 +383,14 @@ if triton is not None:
         tl.store(ptr + tok[:, None] + col0 + hi, b.to(ptr.dtype.element_ty), mask=valid[:, None] & (hi < HEAD_DIM))
 
     @triton.jit
+    def _short_keys(qkv, b, h, cols, N, D, HEAD_DIM: tl.constexpr):
+        """k and v of one (b, head) at key positions cols (64- and 16-column tiles each), and those rows' offsets."""
+        tok = (b * N + cols).to(tl.int64) * 3 * D
+        ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
+        va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+        return tok, ka, kb, va, vb
+
+    @triton.jit
     def _short_scores(qa, qb, ka, kb, scale):  # q k^T in log2 units (exp2 below), (BM, BN) fp32
         return (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))) * (scale * 1.4426950408889634)
 
@@ -419,9 +427,7 @@ if triton is not None:
         acc_b = tl.zeros([BM, 16], tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
-            tok = (b * N + cols).to(tl.int64) * 3 * D
-            ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
-            va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+            _, ka, kb, va, vb = _short_keys(qkv, b, h, cols, N, D, HEAD_DIM)
             s = tl.where((cols < N)[None, :], _short_scores(qa, qb, ka, kb, scale), float("-inf"))
             new_top = tl.maximum(top, tl.max(s, 1))
             p = tl.exp2(s - new_top[:, None])
@@ -455,9 +461,7 @@ if triton is not None:
         b, h = bh // heads, bh % heads
         D = heads * HEAD_DIM
         cols = n_tile * BN + tl.arange(0, BN)
-        tok = (b * N + cols).to(tl.int64) * 3 * D
-        ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
-        va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+        tok, ka, kb, va, vb = _short_keys(qkv, b, h, cols, N, D, HEAD_DIM)
         dka, dkb = tl.zeros([BN, 64], tl.float32), tl.zeros([BN, 16], tl.float32)
         dva, dvb = tl.zeros([BN, 64], tl.float32), tl.zeros([BN, 16], tl.float32)
         for m0 in range(0, N, BM):
@@ -486,9 +490,7 @@ if triton is not None:
         dqa, dqb = tl.zeros([BM, 64], tl.float32), tl.zeros([BM, 16], tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
-            tok = (b * N + cols).to(tl.int64) * 3 * D
-            ka, kb = _short_load(qkv, tok, cols < N, D + h * HEAD_DIM, HEAD_DIM)
-            va, vb = _short_load(qkv, tok, cols < N, 2 * D + h * HEAD_DIM, HEAD_DIM)
+            _, ka, kb, va, vb = _short_keys(qkv, b, h, cols, N, D, HEAD_DIM)
             _, ds = _short_probs_grads(qa, qb, ka, kb, va, vb, ga, gb, row_lse, row_sum, scale,
                                        (rows < N)[:, None] & (cols < N)[None, :])
             ds = ds.to(qa.dtype)

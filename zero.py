@@ -51,8 +51,9 @@ if triton is not None:
     @triton.jit
     def _adamw_ema_kernel(w, g, m, v, ema, out, n, clip, skip, powers, lr, beta1, beta2, eps, decay, ema_weight,
                           HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
-        """BLOCK values of a slice: AdamW as torch's fused kernel computes it, on the gradient times clip; then the EMA's
-        lerp toward the new weights, and the new weights in the compute dtype into out. Nothing where skip is set."""
+        """BLOCK values of a slice: AdamW as torch's fused kernel computes it, on the gradient times clip, with powers
+        (beta1 ** step, beta2 ** step) of the step already counted; then the EMA's lerp toward the new weights, and the
+        new weights in the compute dtype into out. Nothing where skip (a 0-d tensor) is set."""
         if tl.load(skip) == 0:
             at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             keep = at < n
@@ -72,16 +73,6 @@ if triton is not None:
                 tl.store(ema + at, e + ema_weight * (p - e), mask=keep)
             tl.store(out + at, p.to(out.dtype.element_ty), mask=keep)
 
-
-def fused_adamw_ema(part, state, ema, out, clip, skip, powers, lr, betas, eps, weight_decay, ema_decay):
-    """One AdamW step on the fp32 slice part (its .grad times clip; state as torch's AdamW keeps it, its step already
-    counted; powers: (beta1 ** step, beta2 ** step) on the device), the EMA slice moved toward it (ema_decay None: no
-    EMA), and part in out's dtype written to out. skip: a 0-d tensor, 1.0 leaves all of it as it was."""
-    n = part.numel()
-    _adamw_ema_kernel[(triton.cdiv(n, FUSED_STEP_BLOCK),)](
-        part, part.grad, state["exp_avg"], state["exp_avg_sq"], part if ema is None else ema, out, n, clip, skip, powers,
-        lr, *betas, eps, weight_decay, 0.0 if ema_decay is None else 1 - ema_decay, HAS_EMA=ema is not None,
-        BLOCK=FUSED_STEP_BLOCK)
 
 
 class ZeRO2:
@@ -296,8 +287,10 @@ class ZeRO2:
         emas = [None] * len(self.parts) if self.ema is None else self._slices(self.ema)
         for i, (part, state, ema) in enumerate(zip(self.parts, states, emas)):
             out = self.weights[i] if self.world == 1 else part.new_empty(self.chunk[i], dtype=self.compute_dtype)
-            fused_adamw_ema(part, state, ema, out, clip, skip, powers, group["lr"], group["betas"], group["eps"],
-                            group["weight_decay"], self.ema_decay)
+            _adamw_ema_kernel[(triton.cdiv(part.numel(), FUSED_STEP_BLOCK),)](
+                part, part.grad, state["exp_avg"], state["exp_avg_sq"], part if ema is None else ema, out, part.numel(),
+                clip, skip, powers, group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                0.0 if ema is None else 1 - self.ema_decay, HAS_EMA=ema is not None, BLOCK=FUSED_STEP_BLOCK)
             if self.world > 1:
                 all_gather(self.weights[i], out, group=self.group)
 
